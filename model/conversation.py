@@ -1,0 +1,113 @@
+"""Conversations in the checkpoint's own chat template, and their training labels.
+
+One image per conversation, in the first user turn; any number of (question, answer) turns. The
+image is therefore encoded once however many questions are asked about it.
+
+Labels are -100 everywhere except the assistant replies. The reply spans are found from the chat
+template itself: the token sequence that opens an assistant turn (the template's generation prompt)
+and the token that closes a turn are derived by rendering small probe conversations, so no offset
+is hard-coded and any Qwen template (with or without a default system prompt) works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def build_messages(turns: list[tuple[str, str | None]], with_image: bool = True) -> list[dict]:
+    """Chat messages for one image and several turns.
+
+    Args:
+        turns: (question, answer) pairs; the answer of the last turn may be None, leaving the
+            conversation open for generation.
+    """
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        content = [{"type": "text", "text": question}]
+        if index == 0 and with_image:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+@dataclass(frozen=True)
+class TemplateMarkers:
+    """Token ids that delimit assistant replies in a chat template."""
+
+    reply_start: tuple[int, ...]  # tokens that open an assistant turn (the generation prompt)
+    turn_end: int  # the token that closes a turn (trained, so the model learns to stop)
+
+
+def template_markers(processor) -> TemplateMarkers:
+    """The reply delimiters of the processor's chat template (cached per tokenizer and template)."""
+    return _template_markers(processor.tokenizer, processor.chat_template)
+
+
+@lru_cache(maxsize=8)
+def _template_markers(tokenizer, chat_template: str) -> TemplateMarkers:
+    probe_reply = "PROBE_REPLY_TEXT"
+    user = build_messages([("hello", None)], with_image=False)
+    without_prompt = tokenizer.apply_chat_template(user, chat_template=chat_template, tokenize=False)
+    with_prompt = tokenizer.apply_chat_template(
+        user, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+    if not with_prompt.startswith(without_prompt) or with_prompt == without_prompt:
+        raise ValueError("the chat template's generation prompt is not a suffix of the conversation")
+    reply_start = tokenizer(with_prompt[len(without_prompt):], add_special_tokens=False)["input_ids"]
+    full = tokenizer.apply_chat_template(
+        build_messages([("hello", probe_reply)], with_image=False), chat_template=chat_template, tokenize=False
+    )
+    after_reply = full[full.index(probe_reply) + len(probe_reply):]
+    turn_end = tokenizer(after_reply, add_special_tokens=False)["input_ids"][0]
+    return TemplateMarkers(tuple(reply_start), turn_end)
+
+
+def assistant_labels(input_ids: torch.Tensor, markers: TemplateMarkers) -> torch.Tensor:
+    """Labels for a 1-D token sequence: the reply tokens (and their turn-end token), -100 elsewhere."""
+    ids = input_ids.tolist()
+    labels = [IGNORE_INDEX] * len(ids)
+    start = markers.reply_start
+    i = 0
+    while i <= len(ids) - len(start):
+        if tuple(ids[i : i + len(start)]) != start:
+            i += 1
+            continue
+        j = i + len(start)
+        while j < len(ids):
+            labels[j] = ids[j]
+            if ids[j] == markers.turn_end:
+                break
+            j += 1
+        i = j + 1
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def encode_conversation(processor, image: np.ndarray, turns: list[tuple[str, str | None]]) -> dict:
+    """Tokenise one image and its turns with the processor; add ``labels`` for training.
+
+    Returns the processor's outputs whole (1-D ``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids``; ``pixel_values`` [patches, D]; ``image_grid_thw`` [1, 3]) plus
+    ``labels``. An open last turn (answer None) gets the generation prompt and no labels there.
+    """
+    add_generation_prompt = turns[-1][1] is None
+    text = processor.apply_chat_template(
+        build_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    encoded = processor(text=[text], images=[image], return_tensors="pt")
+    sample = {}
+    for key, value in encoded.items():
+        # Per-token fields lose their batch dimension; the image fields are already per-image.
+        sample[key] = value[0] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+    labels = assistant_labels(sample["input_ids"], template_markers(processor))
+    if add_generation_prompt:
+        labels[:] = IGNORE_INDEX
+    sample["labels"] = labels
+    return sample

@@ -1,0 +1,32 @@
+"""Mask losses with ignore pixels (ground truth 255) left out of both terms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_LABEL = 255
+
+
+def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sigmoid BCE of one mask, averaged over its valid pixels.
+
+    Args:
+        logits: [H, W] float mask logits.
+        target: [H, W] uint8 ground truth (1 target, 0 background, 255 ignore).
+    Returns:
+        scalar; 0 (still attached to ``logits``) when every pixel is ignored.
+    """
+    valid = target != IGNORE_LABEL
+    per_pixel = F.binary_cross_entropy_with_logits(logits, (target == 1).to(logits.dtype), reduction="none")
+    return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def mask_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Dice loss on sigmoid probabilities of one mask over its valid pixels (LISA's smoothing of 1)."""
+    valid = (target != IGNORE_LABEL).to(logits.dtype)
+    prob = logits.sigmoid() * valid
+    gt = (target == 1).to(logits.dtype)
+    numerator = 2 * (prob * gt).sum() + smooth
+    denominator = prob.sum() + gt.sum() + smooth
+    return 1 - numerator / denominator

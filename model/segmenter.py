@@ -1,0 +1,468 @@
+"""The reasoning segmenter: a Qwen-VL that emits ``[SEG]`` tokens, prompting a SAM mask decoder.
+
+Which hidden state stands for a ``[SEG]``
+-----------------------------------------
+The language model's final hidden state (after its last norm) *at the position of the* ``[SEG]``
+*token itself*, i.e. in the forward pass where ``[SEG]`` is the input token. Training and
+teacher-forced evaluation read it from the full forward pass; generation reads it from the KV-cache
+decoding step that consumes the ``[SEG]`` just produced. Both paths use the same capture (a hook
+on the final norm, :class:`FinalHiddenStates`), and a test checks they give the same vectors.
+Generation runs one decoding step past ``max_new_tokens`` so that a ``[SEG]`` produced last still
+has its state; that extra token is dropped.
+
+Shapes: B images, T tokens, H text hidden size, P SAM prompt size, S SAM input side,
+n_i masks for image i, N masks in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from utils.masks import mask_to_box
+
+from .batch import collate, encode_sample, vlm_inputs
+from .config import SegmenterConfig
+from .losses import mask_bce_loss, mask_dice_loss
+from .processor import load_processor, save_processor
+from .projection import SegProjection
+from .sam import SamTransform, build_sam, freeze_for_segmentation, postprocess_masks, sam_prompt_embed_dim
+from .vlm import (
+    LoraSettings,
+    SEG_TOKEN,
+    apply_lora,
+    ensure_seg_token,
+    load_vlm,
+    make_language_model_trainable,
+    text_hidden_size,
+    vlm_family,
+)
+
+logger = logging.getLogger(__name__)
+
+SAM_WEIGHTS = "sam.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+VLM_DIR = "vlm"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class SegmenterOutput:
+    """Training / teacher-forced forward output.
+
+    Attributes:
+        loss: weighted total.
+        ce_loss, bce_loss, dice_loss: the parts (mask losses averaged over the N masks).
+        mask_logits: per image, [n_i, H_i, W_i] logits at the original image size.
+        num_masks: N.
+    """
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    bce_loss: torch.Tensor
+    dice_loss: torch.Tensor
+    mask_logits: list[torch.Tensor]
+    num_masks: int
+
+
+@dataclass
+class SegmentationResult:
+    """One answer: its text, and one mask and box per ``[SEG]`` in it.
+
+    Attributes:
+        text: the generated answer, ``[SEG]`` kept, end-of-turn tokens removed.
+        masks: HxW bool masks at the original image size, in the order of the ``[SEG]``s.
+        boxes: XYXY boxes (exclusive x1, y1) derived from the masks; None for an empty mask.
+        token_ids: the generated token ids.
+        seg_states: [n, H] hidden states of the ``[SEG]`` tokens (None when there are none).
+    """
+
+    text: str
+    masks: list[np.ndarray] = field(default_factory=list)
+    boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    seg_states: torch.Tensor | None = None
+
+
+class FinalHiddenStates:
+    """Captures the language model's final-norm outputs ([B, t, H] per forward call)."""
+
+    def __init__(self, vlm: nn.Module) -> None:
+        self.norm = _final_norm(vlm)
+        self.outputs: list[torch.Tensor] = []
+
+    @contextmanager
+    def capture(self) -> Iterator[list[torch.Tensor]]:
+        self.outputs = []
+        handle = self.norm.register_forward_hook(lambda _m, _i, output: self.outputs.append(output))
+        try:
+            yield self.outputs
+        finally:
+            handle.remove()
+
+
+def _final_norm(vlm: nn.Module) -> nn.Module:
+    for name, module in vlm.named_modules():
+        if name.endswith("language_model.norm"):
+            return module
+    raise ValueError("could not find the language model's final norm (language_model.norm)")
+
+
+class ReasonSegmenter(nn.Module):
+    """Qwen-VL + projection + SAM.
+
+    Trainable: the VLM's LoRA and ``[SEG]`` rows (or the whole language model), the projection,
+    and SAM's mask decoder except its IoU head (unused by the loss, so frozen: DDP then never
+    sees a trainable parameter without a gradient). SAM's image and prompt encoders are frozen
+    and stay in eval mode.
+    """
+
+    def __init__(self, config: SegmenterConfig, vlm: nn.Module, processor, sam: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.vlm = vlm
+        self.processor = processor
+        self.sam = sam
+        self.projection = SegProjection(config.hidden_size, config.prompt_dim)
+        self.sam_transform = SamTransform.from_sam(sam)
+        self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(config.seg_token)
+        self.hidden_states = FinalHiddenStates(vlm)
+        freeze_for_segmentation(sam)
+        sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+
+    # ------------------------------------------------------------------ construction and I/O
+
+    @classmethod
+    def from_components(
+        cls,
+        vlm_path: str | os.PathLike,
+        sam_variant: str,
+        sam_checkpoint: str | os.PathLike | None = None,
+        lora: LoraSettings | None = None,
+        train_language_model: bool = False,
+        dtype: torch.dtype = torch.float32,
+        **config_overrides,
+    ) -> "ReasonSegmenter":
+        """A new segmenter from a Qwen-VL directory and a SAM checkpoint (the start of training).
+
+        Args:
+            lora: wrap the VLM with LoRA (None: a frozen VLM, or see ``train_language_model``).
+            train_language_model: train the whole language model instead of LoRA.
+        """
+        family = vlm_family(vlm_path)
+        processor = load_processor(vlm_path, family)
+        vlm = load_vlm(vlm_path, dtype=dtype)
+        seg_id = ensure_seg_token(vlm, processor.tokenizer)
+        vlm.requires_grad_(False)
+        if train_language_model:
+            make_language_model_trainable(vlm)
+        elif lora is not None:
+            vlm = apply_lora(vlm, lora, seg_id)
+        sam = build_sam(sam_variant, sam_checkpoint)
+        config = SegmenterConfig(
+            vlm_family=family,
+            sam_variant=sam_variant,
+            hidden_size=text_hidden_size(vlm.config),
+            prompt_dim=sam_prompt_embed_dim(sam),
+            vlm_path=str(vlm_path),
+            sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
+            lora=dict(vars(lora)) if (lora is not None and not train_language_model) else {},
+            train_language_model=train_language_model,
+            **config_overrides,
+        )
+        return cls(config, vlm, processor, sam)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        is_trainable: bool = False,
+        base_model: str | os.PathLike | None = None,
+        sam_checkpoint: str | os.PathLike | None = None,
+    ) -> "ReasonSegmenter":
+        """Load a directory written by :meth:`save_pretrained` (full or trainable-only).
+
+        Args:
+            is_trainable: keep a LoRA adapter trainable (resuming training).
+            base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files).
+            sam_checkpoint: override the official SAM file of a checkpoint without SAM weights.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+        config = SegmenterConfig.from_pretrained(directory)
+        if config.adapter_path:
+            vlm_path = Path(base_model) if base_model else _resolve(directory, config.vlm_path)
+            processor_path = directory / config.adapter_path
+        else:
+            vlm_path = processor_path = directory / config.vlm_path
+        if not Path(vlm_path).exists():
+            raise FileNotFoundError(
+                f"{directory} is a LoRA checkpoint of the base model {vlm_path}, which does not exist; "
+                "pass the base model's directory (--version / base_model)"
+            )
+        if vlm_family(vlm_path) != config.vlm_family:
+            raise ValueError(
+                f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {vlm_family(vlm_path)}"
+            )
+        processor = load_processor(processor_path, config.vlm_family)
+        vlm = load_vlm(vlm_path, dtype=dtype)
+        ensure_seg_token(vlm, processor.tokenizer)
+        vlm.requires_grad_(False)
+        if config.adapter_path:
+            from peft import PeftModel
+
+            vlm = PeftModel.from_pretrained(vlm, directory / config.adapter_path, is_trainable=is_trainable)
+        if (directory / SAM_WEIGHTS).is_file():
+            sam_file = directory / SAM_WEIGHTS
+        elif sam_checkpoint or config.sam_checkpoint:
+            sam_file = Path(sam_checkpoint or config.sam_checkpoint)
+        else:
+            raise FileNotFoundError(
+                f"{directory} holds no SAM weights ({SAM_WEIGHTS}) and names no SAM checkpoint; "
+                "pass --vision_pretrained with the official SAM file"
+            )
+        sam = build_sam(config.sam_variant, sam_file)
+        model = cls(config, vlm, processor, sam)
+        head_file = directory / HEAD_WEIGHTS
+        if not head_file.is_file():
+            raise FileNotFoundError(f"{head_file} not found: the segmentation head of {directory} is missing")
+        model.load_head_state(load_file(head_file))
+        return model.to(dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike, include_sam: bool = True) -> None:
+        """Write a segmenter directory.
+
+        Layout: ``config.json``; the VLM as ``vlm/`` (full weights) or ``adapter/`` (a peft LoRA
+        adapter with the ``[SEG]`` rows, referring to the base model), each with the processor
+        and ``[SEG]``; ``head.safetensors`` (projection and SAM mask decoder); and, when
+        ``include_sam``, ``sam.safetensors`` (the whole SAM with its official keys). Without
+        SAM, the config names the official SAM file to rebuild it from (training checkpoints).
+        """
+        from peft import PeftModel
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = SegmenterConfig(**vars(self.config))
+        if isinstance(self.vlm, PeftModel):
+            config.adapter_path = ADAPTER_DIR
+            self.vlm.save_pretrained(directory / ADAPTER_DIR)
+            save_processor(self.processor, directory / ADAPTER_DIR, config.vlm_family)
+        else:
+            config.vlm_path, config.adapter_path = VLM_DIR, None
+            self.vlm.save_pretrained(directory / VLM_DIR)
+            save_processor(self.processor, directory / VLM_DIR, config.vlm_family)
+        if include_sam:
+            save_file(_contiguous(self.sam.state_dict()), directory / SAM_WEIGHTS)
+            config.sam_checkpoint = None
+        elif not config.sam_checkpoint:
+            raise ValueError("cannot leave SAM out: this model was not built from a SAM checkpoint file")
+        save_file(_contiguous(self.head_state()), directory / HEAD_WEIGHTS)
+        config.save_pretrained(directory)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The segmentation head's weights: ``projection.*`` and ``mask_decoder.*``."""
+        state = {f"projection.{k}": v for k, v in self.projection.state_dict().items()}
+        state.update({f"mask_decoder.{k}": v for k, v in self.sam.mask_decoder.state_dict().items()})
+        return state
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        projection = {k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")}
+        decoder = {k[len("mask_decoder."):]: v for k, v in state.items() if k.startswith("mask_decoder.")}
+        self.projection.load_state_dict(projection, strict=True)
+        self.sam.mask_decoder.load_state_dict(decoder, strict=True)
+
+    def train(self, mode: bool = True) -> "ReasonSegmenter":
+        super().train(mode)
+        self.sam.image_encoder.eval()
+        self.sam.prompt_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ building blocks
+
+    def prepare(self, image: np.ndarray, turns: list[tuple[str, str | None]], masks=(), **extra) -> dict:
+        """One model-ready sample (see :func:`model.batch.encode_sample`)."""
+        return encode_sample(self.processor, self.sam_transform, image, turns, masks, **extra)
+
+    def collate(self, samples: list[dict], padding_side: str = "right") -> dict:
+        return collate(samples, self.processor.tokenizer.pad_token_id, padding_side)
+
+    @torch.no_grad()
+    def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] SAM inputs -> [B, P, S/16, S/16] image embeddings (frozen encoder)."""
+        encoder = self.sam.image_encoder
+        return encoder(sam_pixel_values.to(encoder.patch_embed.proj.weight.dtype))
+
+    def decode_masks(
+        self,
+        image_embedding: torch.Tensor,
+        seg_states: torch.Tensor,
+        input_size: Sequence[int],
+        original_size: Sequence[int],
+    ) -> torch.Tensor:
+        """Masks for one image.
+
+        Args:
+            image_embedding: [P, h, w] SAM embedding of the image.
+            seg_states: [n, H] ``[SEG]`` hidden states.
+        Returns:
+            [n, H_orig, W_orig] mask logits.
+        """
+        sparse = self.projection(seg_states.to(self.projection.fc1.weight.dtype))
+        _, dense = self.sam.prompt_encoder(points=None, boxes=None, masks=None)
+        decoder_dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=image_embedding[None].to(decoder_dtype),
+            image_pe=self.sam.prompt_encoder.get_dense_pe().to(decoder_dtype),
+            sparse_prompt_embeddings=sparse.to(decoder_dtype),
+            dense_prompt_embeddings=dense.to(decoder_dtype),
+            multimask_output=False,
+        )
+        return postprocess_masks(low_res.float(), input_size, original_size, self.sam_transform.image_size)[:, 0]
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, batch: dict) -> SegmenterOutput:
+        """Teacher-forced forward with losses.
+
+        Args:
+            batch: from :meth:`collate` (right padding), with ``labels`` and ``masks``.
+        """
+        output, seg_states = self.teacher_forced_seg_states(batch)
+        image_embeddings = self.encode_images(batch["sam_pixel_values"])
+        mask_logits, bce_terms, dice_terms = [], [], []
+        for index, gt_masks in enumerate(batch["masks"]):
+            states = seg_states[index]
+            if len(states) != len(gt_masks):
+                raise ValueError(
+                    f"sample {index} ({batch['extra'][index].get('image_path', 'no path')}): "
+                    f"{len(states)} {SEG_TOKEN} tokens in the answers but {len(gt_masks)} ground-truth masks"
+                )
+            if len(states) == 0:
+                mask_logits.append(output.hidden.new_zeros((0, *batch["original_size"][index])))
+                continue
+            logits = self.decode_masks(
+                image_embeddings[index], states, batch["sam_input_size"][index], batch["original_size"][index]
+            )
+            mask_logits.append(logits)
+            gt = gt_masks.to(logits.device)
+            for mask_index in range(len(gt)):
+                bce_terms.append(mask_bce_loss(logits[mask_index], gt[mask_index]))
+                dice_terms.append(mask_dice_loss(logits[mask_index], gt[mask_index]))
+        num_masks = len(bce_terms)
+        if num_masks:
+            bce_loss = torch.stack(bce_terms).mean()
+            dice_loss = torch.stack(dice_terms).mean()
+        else:
+            # No [SEG] in the batch: the projection and decoder still join the graph (with zero
+            # weight) so every trainable parameter gets a gradient and DDP does not wait for one.
+            dummy = self.decode_masks(image_embeddings[0], output.hidden[0, :1], *self._first_sizes(batch))
+            bce_loss = dice_loss = dummy.sum() * 0.0
+        ce_loss = output.loss
+        loss = (
+            self.config.ce_weight * ce_loss + self.config.bce_weight * bce_loss + self.config.dice_weight * dice_loss
+        )
+        return SegmenterOutput(loss, ce_loss, bce_loss, dice_loss, mask_logits, num_masks)
+
+    def teacher_forced_seg_states(self, batch: dict) -> tuple:
+        """Run the VLM on a right-padded batch with labels.
+
+        Returns:
+            (the VLM output with ``.loss`` and ``.hidden`` [B, T, H] final hidden states,
+            per sample the [n_i, H] states of the ``[SEG]`` tokens in its answers).
+        """
+        with self.hidden_states.capture() as captured:
+            output = self.vlm(**vlm_inputs(batch), labels=batch["labels"])
+        output.hidden = captured[-1]
+        seg_positions = batch["labels"] == self.seg_token_id  # answer [SEG] tokens only
+        return output, [output.hidden[i][seg_positions[i]] for i in range(len(seg_positions))]
+
+    @staticmethod
+    def _first_sizes(batch: dict) -> tuple:
+        return batch["sam_input_size"][0], batch["original_size"][0]
+
+    # ------------------------------------------------------------------ prediction
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 64, **generate_kwargs) -> list[SegmentationResult]:
+        """Answer a left-padded batch (open last turns), gathering ``[SEG]`` states on the way.
+
+        Greedy decoding with the KV cache; the vision encoders run once per image; no second
+        forward pass. ``generate_kwargs`` go to the VLM's ``generate`` (e.g. a logits processor).
+        """
+        inputs = vlm_inputs(batch)
+        prompt_length = inputs["input_ids"].shape[1]
+        with self.hidden_states.capture() as captured:
+            sequences = self.vlm.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens + 1,
+                do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+        generated = sequences[:, prompt_length:]
+        image_embeddings = self.encode_images(batch["sam_pixel_values"])
+        stop_ids = self._stop_token_ids()
+        results = []
+        for index in range(len(generated)):
+            tokens = generated[index, :max_new_tokens].tolist()
+            end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+            tokens = tokens[:end]
+            # The state of generated token j comes from decoding step j + 1 (step 0 is the prompt).
+            seg_steps = [j + 1 for j, token in enumerate(tokens) if token == self.seg_token_id]
+            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
+            result = SegmentationResult(text=text, token_ids=tokens)
+            if seg_steps:
+                states = torch.stack([captured[step][index, -1] for step in seg_steps])
+                result.seg_states = states
+                logits = self.decode_masks(
+                    image_embeddings[index], states, batch["sam_input_size"][index], batch["original_size"][index]
+                )
+                result.masks = [mask.cpu().numpy() for mask in logits > 0]
+                result.boxes = [mask_to_box(mask) for mask in result.masks]
+            results.append(result)
+        return results
+
+    def _stop_token_ids(self) -> set[int]:
+        tokenizer = self.processor.tokenizer
+        ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+        eos = self.vlm.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return {i for i in ids if i is not None}
+
+    def predict(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs
+    ) -> list[SegmentationResult]:
+        """Answer one request per image (a batch, generated together)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        samples = [self.prepare(image, [(prompt, None)]) for image, prompt in zip(images, prompts)]
+        batch = self.collate(samples, padding_side="left")
+        return self.generate(_to_device(batch, self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.fc1.weight.device
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _resolve(directory: Path, path: str) -> Path:
+    """A path from a config: relative to the checkpoint directory if it exists there."""
+    return directory / path if (directory / path).exists() else Path(path)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,131 @@
+"""The vision-language model: loading Qwen-VL, the ``[SEG]`` token and LoRA.
+
+Supported generations are chosen from the checkpoint config's ``model_type``; the processor is
+the image-only one from :mod:`model.processor` (works without torchvision).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
+
+logger = logging.getLogger(__name__)
+
+SEG_TOKEN = "[SEG]"
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    model_type: str
+    model_class: type
+
+
+VLM_FAMILIES = {
+    "qwen2_vl": VLMFamily("qwen2_vl", Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": VLMFamily("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": VLMFamily("qwen3_vl", Qwen3VLForConditionalGeneration),
+}
+
+
+def vlm_family(path_or_config) -> str:
+    """``model_type`` of a checkpoint directory (or config), checked against the supported ones."""
+    if isinstance(path_or_config, (str, os.PathLike)):
+        path = Path(path_or_config)
+        if path.exists() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        config = AutoConfig.from_pretrained(path_or_config)
+    else:
+        config = path_or_config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in VLM_FAMILIES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {path_or_config if isinstance(path_or_config, (str, os.PathLike)) else 'config'}; "
+            f"supported: {', '.join(sorted(VLM_FAMILIES))} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)"
+        )
+    return model_type
+
+
+def text_hidden_size(config) -> int:
+    """The language model's hidden size (``text_config.hidden_size``; the top level has none)."""
+    return config.text_config.hidden_size
+
+
+def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    """Load a Qwen-VL model of any supported generation from a directory or hub id."""
+    family = vlm_family(path)
+    model = VLM_FAMILIES[family].model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    return model
+
+
+def ensure_seg_token(model: nn.Module, tokenizer) -> int:
+    """Register ``[SEG]`` as a special token and return its id.
+
+    Qwen's embedding matrices have spare rows past the tokenizer's length; they are never shrunk.
+    The matrices grow only when the tokenizer outgrows them, and a new ``[SEG]`` row starts from
+    the mean of the existing rows (a neutral, in-distribution start).
+    """
+    if SEG_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [SEG_TOKEN]}, replace_extra_special_tokens=False)
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        logger.info("grew the embedding matrices from %d to %d rows for %s", rows, len(tokenizer), SEG_TOKEN)
+    return seg_id
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model's linear layers (never the vision tower)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def target_regex(self) -> str:
+        names = "|".join(sorted(set(self.target_modules)))
+        return rf".*language_model.*\.({names})$"
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, seg_token_id: int):
+    """Wrap ``model`` with peft LoRA; the ``[SEG]`` rows of the embedding and LM head train too.
+
+    Only the ``[SEG]`` rows are trainable (peft ``trainable_token_indices``), not the whole
+    matrices: for Qwen2.5-VL-7B that is 7 K parameters instead of about 1.09 B.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    token_indices = {"embed_tokens": [seg_token_id]}
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        token_indices["lm_head"] = [seg_token_id]
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_regex(),
+        trainable_token_indices=token_indices,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    wrapped_vision = [n for n, _ in peft_model.named_modules() if "visual" in n and "lora_" in n]
+    if wrapped_vision:
+        raise RuntimeError(f"LoRA reached the vision tower ({wrapped_vision[0]}); check the target modules")
+    return peft_model
+
+
+def make_language_model_trainable(model: nn.Module) -> None:
+    """Train the whole language model (for small models): everything but the vision tower."""
+    for name, param in model.named_parameters():
+        param.requires_grad = "visual" not in name

@@ -1,0 +1,288 @@
+"""The segmenter end to end on tiny random models saved as real Hugging Face directories."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import REPO, load_photo
+from model.losses import mask_bce_loss, mask_dice_loss
+from model.segmenter import ReasonSegmenter
+from model.vlm import LoraSettings, ensure_seg_token, load_vlm, vlm_family
+from utils.masks import mask_to_box
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Makes greedy decoding produce a scripted answer, whatever the random weights say."""
+
+    def __init__(self, token_ids: list[int], prompt_length: int):
+        self.token_ids = token_ids
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        forced = self.token_ids[min(step, len(self.token_ids) - 1)]
+        scores = torch.full_like(scores, -1e9)
+        scores[:, forced] = 0
+        return scores
+
+
+def forced(model, answer: str, prompt_length: int) -> LogitsProcessorList:
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return LogitsProcessorList([ForcedAnswer(ids, prompt_length)])
+
+
+def rectangle_mask(shape, box, ignore_rows=0):
+    mask = np.zeros(shape, np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 1
+    mask[:ignore_rows] = 255
+    return mask
+
+
+@pytest.fixture
+def lora_model(tiny_vlm_dir):
+    torch.manual_seed(0)
+    return ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", lora=LoraSettings())
+
+
+def training_batch(model, image):
+    mask = rectangle_mask(image.shape[:2], (200, 100, 500, 300), ignore_rows=10)
+    first = model.prepare(
+        image,
+        [("Where is the dog?", "It is [SEG]."), ("And the grass?", "Sure, [SEG] and [SEG].")],
+        [mask, mask, 1 - mask.clip(0, 1)],
+    )
+    second = model.prepare(image[:300, :450], [("How many dogs?", "One.")], [])
+    return model.collate([first, second])
+
+
+def test_forward_shapes_and_loss_parts(lora_model, dog):
+    lora_model.train()
+    batch = training_batch(lora_model, dog)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["sam_pixel_values"].shape == (2, 3, 256, 256)
+    output = lora_model(batch)
+    assert output.num_masks == 3
+    assert [tuple(m.shape) for m in output.mask_logits] == [(3, *dog.shape[:2]), (0, 300, 450)]
+    assert output.mask_logits[0].dtype == torch.float32
+    for part in (output.ce_loss, output.bce_loss, output.dice_loss):
+        assert part.ndim == 0 and torch.isfinite(part) and part > 0
+    expected = output.ce_loss + 2.0 * output.bce_loss + 0.5 * output.dice_loss
+    assert torch.allclose(output.loss, expected)
+    assert not lora_model.sam.image_encoder.training and not lora_model.sam.prompt_encoder.training
+    assert lora_model.sam.mask_decoder.training
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainable_parameters_are_exactly_the_intended_ones(lora_model):
+    names = trainable_names(lora_model)
+    assert names, "nothing is trainable"
+    for name in names:
+        assert (
+            "lora_" in name
+            or "trainable_tokens" in name
+            or name.startswith("projection.")
+            or (name.startswith("sam.mask_decoder.") and "iou_prediction_head" not in name)
+        ), name
+    assert not any("visual" in n for n in names)
+    assert any("embed_tokens" in n and "trainable_tokens" in n for n in names)
+    assert any("lm_head" in n and "trainable_tokens" in n for n in names)
+    # The [SEG] rows, not the whole matrices.
+    rows = [p for n, p in lora_model.named_parameters() if "trainable_tokens" in n and p.requires_grad]
+    assert all(p.numel() == lora_model.config.hidden_size for p in rows)
+
+
+@pytest.mark.parametrize("with_seg", [True, False])
+def test_every_trainable_parameter_gets_a_gradient(lora_model, dog, with_seg):
+    lora_model.train()
+    if with_seg:
+        batch = training_batch(lora_model, dog)
+    else:
+        batch = lora_model.collate([lora_model.prepare(dog, [("How many dogs?", "One.")], [])])
+    lora_model.zero_grad(set_to_none=True)
+    lora_model(batch).loss.backward()
+    missing = [n for n, p in lora_model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    frozen_with_grad = [n for n, p in lora_model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert not frozen_with_grad
+    if with_seg:
+        assert lora_model.projection.fc1.weight.grad.abs().sum() > 0
+
+
+def test_seg_count_mismatch_is_a_clear_error(lora_model, dog):
+    sample = lora_model.prepare(dog, [("Where?", "It is [SEG].")], [], image_path="x.jpg")
+    with pytest.raises(ValueError, match=r"x\.jpg.*1 \[SEG\].*0 ground-truth"):
+        lora_model(lora_model.collate([sample]))
+
+
+def test_mask_losses_ignore_255_pixels():
+    torch.manual_seed(0)
+    target = torch.zeros(8, 8, dtype=torch.uint8)
+    target[2:5, 2:5] = 1
+    target[:, 6:] = 255
+    logits = torch.randn(8, 8)
+    changed = logits.clone()
+    changed[:, 6:] = 50.0  # only ignored pixels change
+    assert torch.allclose(mask_bce_loss(logits, target), mask_bce_loss(changed, target))
+    assert torch.allclose(mask_dice_loss(logits, target), mask_dice_loss(changed, target))
+    # A perfect prediction scores (nearly) zero on both.
+    perfect = torch.where(target == 1, 20.0, -20.0)
+    assert mask_bce_loss(perfect, target) < 1e-6 and mask_dice_loss(perfect, target) < 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_seg_states_equal_teacher_forced_states(tiny_vlm_dir, family, dog):
+    """The one [SEG] convention: KV-cache generation gives the teacher-forced forward's states."""
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir(family), "tiny", lora=LoraSettings()).eval()
+    sample = model.prepare(dog, [("Where is the dog?", None)])
+    batch = model.collate([sample], padding_side="left")
+    prompt_length = batch["input_ids"].shape[1]
+    answer = "Sure, [SEG] and [SEG]."
+    [result] = model.generate(batch, max_new_tokens=16, logits_processor=forced(model, answer, prompt_length))
+    assert result.text == answer
+    assert len(result.masks) == 2 and result.seg_states.shape == (2, model.config.hidden_size)
+    # Teacher-forced pass over exactly the generated sequence.
+    tokens = torch.tensor(result.token_ids + [model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    full = {k: v for k, v in batch.items()}
+    full["input_ids"] = torch.cat([batch["input_ids"], tokens[None]], dim=1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)[None]], dim=1)
+    full["labels"] = torch.cat([torch.full((1, prompt_length), -100), tokens[None]], dim=1)
+    with torch.no_grad():
+        _, states = model.teacher_forced_seg_states(full)
+    torch.testing.assert_close(result.seg_states, states[0], rtol=1e-4, atol=1e-4)
+
+
+def test_seg_produced_at_the_token_limit_still_gets_its_state(lora_model, dog):
+    lora_model.eval()
+    batch = lora_model.collate([lora_model.prepare(dog, [("Where?", None)])], padding_side="left")
+    script = forced(lora_model, "It is [SEG]", batch["input_ids"].shape[1])
+    n_tokens = len(lora_model.processor.tokenizer("It is [SEG]", add_special_tokens=False)["input_ids"])
+    [result] = lora_model.generate(batch, max_new_tokens=n_tokens, logits_processor=script)
+    assert result.text == "It is [SEG]" and len(result.masks) == 1
+
+
+def test_batched_left_padded_generation_matches_single(lora_model, dog):
+    lora_model.eval()
+    truck = load_photo("truck.jpg")
+    images, prompts = [dog, truck], ["Where is the dog?", "Find the truck wheel in this picture please."]
+    answer = "It is [SEG]."
+    batch = lora_model.collate([lora_model.prepare(i, [(p, None)]) for i, p in zip(images, prompts)], "left")
+    together = lora_model.generate(batch, 8, logits_processor=forced(lora_model, answer, batch["input_ids"].shape[1]))
+    for image, prompt, joint in zip(images, prompts, together):
+        single_batch = lora_model.collate([lora_model.prepare(image, [(prompt, None)])], "left")
+        script = forced(lora_model, answer, single_batch["input_ids"].shape[1])
+        [alone] = lora_model.generate(single_batch, 8, logits_processor=script)
+        assert joint.text == alone.text == answer
+        torch.testing.assert_close(joint.seg_states, alone.seg_states, rtol=1e-4, atol=1e-4)
+        assert joint.masks[0].shape == image.shape[:2]
+
+
+def test_prediction_boxes_come_from_masks(lora_model, dog):
+    lora_model.eval()
+    batch = lora_model.collate([lora_model.prepare(dog, [("Where?", None)])], padding_side="left")
+    [result] = lora_model.generate(batch, 8, logits_processor=forced(lora_model, "[SEG]", batch["input_ids"].shape[1]))
+    assert result.masks[0].dtype == bool
+    assert result.boxes == [mask_to_box(result.masks[0])]
+
+
+def test_no_seg_answer_gives_no_masks(lora_model, dog):
+    lora_model.eval()
+    batch = lora_model.collate([lora_model.prepare(dog, [("How many?", None)])], padding_side="left")
+    [result] = lora_model.generate(batch, 8, logits_processor=forced(lora_model, "One.", batch["input_ids"].shape[1]))
+    assert result.text == "One." and result.masks == [] and result.boxes == []
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_save_and_reload_reproduce_the_masks(tiny_vlm_dir, tmp_path, dog, with_lora):
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", lora=LoraSettings() if with_lora else None)
+    # Make the trainable parts non-trivial so that a reload that drops them would show.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = ReasonSegmenter.from_pretrained(tmp_path / "ckpt").eval()
+    assert (tmp_path / "ckpt" / ("adapter" if with_lora else "vlm")).is_dir()
+    batch = model.collate([model.prepare(dog, [("Where is the dog?", None)])], padding_side="left")
+    script = forced(model, "It is [SEG] and [SEG].", batch["input_ids"].shape[1])
+    [before] = model.generate(batch, 12, logits_processor=script)
+    [after] = reloaded.generate(batch, 12, logits_processor=script)
+    torch.testing.assert_close(before.seg_states, after.seg_states)
+    for a, b in zip(before.masks, after.masks):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_generation_trains_and_predicts_from_a_saved_directory(tiny_segmenter_dir, family, dog):
+    model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir(family))
+    assert model.config.vlm_family == family
+    model.train()
+    batch = model.collate([model.prepare(dog, [("Segment the dog.", "[SEG].")], [rectangle_mask(dog.shape[:2], (1, 1, 50, 50))])])
+    output = model(batch)
+    output.loss.backward()
+    assert model.projection.fc2.weight.grad is not None
+    model.eval()
+    [result] = model.predict([dog], ["Where is the dog?"], max_new_tokens=6)
+    assert isinstance(result.text, str) and len(result.token_ids) <= 6
+
+
+def test_seg_token_is_special_and_matrices_never_shrink(tiny_vlm_dir):
+    from model.processor import load_processor
+
+    directory = tiny_vlm_dir("qwen2_5_vl")
+    processor = load_processor(directory, "qwen2_5_vl")
+    vlm = load_vlm(directory)
+    rows = vlm.get_input_embeddings().weight.shape[0]
+    assert rows > len(processor.tokenizer)  # Qwen-style spare rows
+    seg_id = ensure_seg_token(vlm, processor.tokenizer)
+    assert vlm.get_input_embeddings().weight.shape[0] == rows
+    assert processor.tokenizer.convert_ids_to_tokens(seg_id) == "[SEG]"
+    assert processor.tokenizer("a [SEG] b", add_special_tokens=False)["input_ids"].count(seg_id) == 1
+    # A tokenizer that outgrows the matrix makes it grow, never shrink.
+    processor.tokenizer.add_tokens([f"<extra_{i}>" for i in range(rows)])
+    ensure_seg_token(vlm, processor.tokenizer)
+    assert vlm.get_input_embeddings().weight.shape[0] == len(processor.tokenizer) > rows
+
+
+def test_lora_targets_are_configurable_and_stay_out_of_the_vision_tower(tiny_vlm_dir):
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "gate_proj", "down_proj"])
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", lora=settings)
+    lora_names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert lora_names and not any("visual" in n for n in lora_names)
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora_names} == {"q_proj", "k_proj", "gate_proj", "down_proj"}
+    assert all(p.shape[0] == 4 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_whole_language_model_option(tiny_vlm_dir):
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", train_language_model=True)
+    names = trainable_names(model)
+    assert any("language_model.layers.0.mlp" in n for n in names)
+    assert not any("visual" in n for n in names)
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(ValueError, match="qwen2_5_vl.*qwen2_vl.*qwen3_vl"):
+        vlm_family(tmp_path)
+
+
+def test_no_torchvision_is_imported():
+    code = (
+        "import sys; from model.segmenter import ReasonSegmenter; from model.tiny import make_tiny_segmenter;"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

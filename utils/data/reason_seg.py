@@ -1,0 +1,251 @@
+"""ReasonSeg: labelme-style polygon JSON next to each image, with reasoning queries.
+
+On disk (``<dataset_dir>/reason_seg/ReasonSeg/``)::
+
+    train/NAME.jpg + train/NAME.json      # also val/, test/
+    explanatory/train.json                # [{"image": NAME.jpg, "query": ..., "outputs": ...}]
+
+A JSON holds ``text`` (1-5 queries, all about the same target), ``is_sentence`` (long query or
+short phrase) and ``shapes`` (``{"label": "target"|"ignore"|"flag", "points": [[x, y], ...]}``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from utils.data import templates
+from utils.data.base import Mode, RawDataset, missing_path_error
+from utils.data.io import load_image_rgb, read_json, read_json_lenient
+from utils.data.rng import sample_without_replacement
+from utils.data.sample import IGNORE_VALUE, CorruptSampleError, EmptySampleError, RawSample
+
+logger = logging.getLogger(__name__)
+
+ValQueries = Literal["all", "first"]
+
+ANSWER_KIND_MASK = "mask"
+ANSWER_KIND_EXPLAINED = "mask+explanation"
+ANSWER_KIND_TEXT = "text"
+
+
+@dataclass(frozen=True)
+class ReasonSegAnnotation:
+    """The parsed content of one ReasonSeg JSON file."""
+
+    mask: np.ndarray  # H x W uint8: 1 target, 255 ignore, 0 background
+    queries: list[str]
+    is_sentence: bool
+
+
+def _polygon(points: Any) -> np.ndarray:
+    # Truncating float coordinates to int32 is the reference rasterisation (LISA's).
+    return np.array([points], dtype=np.int32)
+
+
+def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """Fill ReasonSeg polygons into one mask, exactly as the reference evaluation does.
+
+    ``flag`` shapes are skipped; the others are filled largest area first (ties keep file
+    order), each with its outline (1 px) and interior: ``ignore`` shapes with 255, all other
+    shapes (``target``) with 1. A smaller shape drawn later overwrites a larger one.
+    """
+    drawable: list[tuple[int, int, np.ndarray, int]] = []
+    for order, shape in enumerate(shapes):
+        label = str(shape.get("label", "")).lower()
+        if label == "flag":
+            continue
+        points = shape.get("points") or []
+        if len(points) == 0:
+            continue
+        polygon = _polygon(points)
+        value = IGNORE_VALUE if "ignore" in label else 1
+        area_mask = np.zeros((height, width), dtype=np.uint8)
+        cv2.polylines(area_mask, polygon, True, 1, 1)
+        cv2.fillPoly(area_mask, polygon, 1)
+        drawable.append((-int(area_mask.sum()), order, polygon, value))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for _, _, polygon, value in sorted(drawable, key=lambda item: (item[0], item[1])):
+        cv2.polylines(mask, polygon, True, value, 1)
+        cv2.fillPoly(mask, polygon, value)
+    return mask
+
+
+def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotation:
+    """Parse a ReasonSeg JSON (UTF-8 or cp1252) and rasterise its polygons.
+
+    Raises:
+        CorruptSampleError: unreadable file or missing keys (the message names the file).
+    """
+    content = read_json_lenient(json_path)
+    try:
+        queries = [str(text).strip() for text in content["text"]]
+        return ReasonSegAnnotation(
+            mask=rasterize_shapes(content.get("shapes", []), height, width),
+            queries=[query for query in queries if query],
+            is_sentence=bool(content["is_sentence"]),
+        )
+    except (KeyError, TypeError, ValueError, cv2.error) as error:
+        raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
+
+
+def count_queries(json_path: str) -> int:
+    """Number of non-empty queries in a ReasonSeg JSON (for indexing val items)."""
+    content = read_json_lenient(json_path)
+    return sum(1 for text in content.get("text", []) if str(text).strip())
+
+
+class ReasonSegDataset(RawDataset):
+    """ReasonSeg images with their queries and polygon masks.
+
+    Items:
+        * train: one per image. Up to ``num_questions_per_image`` of its queries are asked (all
+          about the same target, so every turn gets the same mask). For images listed in the
+          explanatory file, the whole sample is, with probability ``text_only_rate``, a
+          text-only one (the bare query answered by the explanation, no ``[SEG]``, no mask), or
+          with probability ``explanatory_rate`` a "mask + explanation" one (explanatory question,
+          answer ``"Sure, [SEG]. <explanation>"``), otherwise plain. LISA's ``--explanatory 0.1``
+          equals ``text_only_rate=0.1, explanatory_rate=0.45``.
+        * val: one per (image, query) with ``val_queries="all"`` so that every query is scored;
+          ``val_queries="first"`` keeps only the first query of each image (LISA's protocol, for
+          comparing with published numbers).
+
+    Meta: ``is_sentence`` (bool), ``query_indices`` (list[int]), ``answer_kind`` (``"mask"``,
+    ``"mask+explanation"`` or ``"text"``), ``no_target`` (list[bool], all False).
+    """
+
+    name = "reason_seg"
+
+    def __init__(
+        self,
+        dataset_dir: str,
+        split: str = "train",
+        mode: Mode = "train",
+        seed: int = 0,
+        num_questions_per_image: int = 3,
+        explanatory_rate: float = 0.45,
+        text_only_rate: float = 0.1,
+        val_queries: ValQueries = "all",
+        folder: str = "ReasonSeg",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(mode, seed, num_questions_per_image, name)
+        if not (0 <= explanatory_rate and 0 <= text_only_rate and explanatory_rate + text_only_rate <= 1):
+            raise ValueError(
+                f"need 0 <= explanatory_rate, text_only_rate and their sum <= 1, got "
+                f"{explanatory_rate}, {text_only_rate}"
+            )
+        if val_queries not in ("all", "first"):
+            raise ValueError(f"val_queries must be 'all' or 'first', got {val_queries!r}")
+        self.root = os.path.join(dataset_dir, "reason_seg", folder)
+        self.split = split
+        self.explanatory_rate = explanatory_rate
+        self.text_only_rate = text_only_rate
+        self.image_paths = self._index_images(split)
+        self.explanations: dict[str, str] = {}
+        if self.is_train and (explanatory_rate > 0 or text_only_rate > 0):
+            self.explanations = self._read_explanations()
+        # val items: (image index, query index)
+        self.val_items: list[tuple[int, int]] = []
+        if not self.is_train:
+            for image_index, image_path in enumerate(self.image_paths):
+                count = count_queries(_json_path(image_path))
+                count = min(count, 1) if val_queries == "first" else count
+                self.val_items.extend((image_index, query) for query in range(count))
+        logger.info("%s %s (%s): %d images, %d items", self.name, split, mode, len(self.image_paths), len(self))
+
+    def _index_images(self, split: str) -> list[str]:
+        paths: list[str] = []
+        for part in split.split("_"):  # "train_val" = train + val (LISA's spelling)
+            folder = os.path.join(self.root, part)
+            if not os.path.isdir(folder):
+                raise missing_path_error(f"ReasonSeg split {part!r}", folder, self.root)
+            images = sorted(glob.glob(os.path.join(folder, "*.jpg")))
+            with_json = [path for path in images if os.path.isfile(_json_path(path))]
+            if len(with_json) < len(images):
+                logger.warning("%s: %d images without a JSON are left out", folder, len(images) - len(with_json))
+            paths.extend(with_json)
+        if not paths:
+            raise FileNotFoundError(f"no ReasonSeg image with a JSON in {self.root} split {split!r}")
+        return paths
+
+    def _read_explanations(self) -> dict[str, str]:
+        path = os.path.join(self.root, "explanatory", "train.json")
+        if not os.path.isfile(path):
+            logger.warning("%s not found: ReasonSeg samples get no explanatory answers", path)
+            return {}
+        return {item["image"]: str(item["outputs"]) for item in read_json(path)}
+
+    def __len__(self) -> int:
+        return len(self.image_paths) if self.is_train else len(self.val_items)
+
+    def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
+        if self.is_train:
+            image_index, query_indices = index, None
+        else:
+            image_index, query = self.val_items[index]
+            query_indices = [query]
+        image_path = self.image_paths[image_index]
+        image = load_image_rgb(image_path)
+        annotation = read_annotation(_json_path(image_path), *image.shape[:2])
+        if not annotation.queries:
+            raise EmptySampleError(f"ReasonSeg annotation {_json_path(image_path)} has no query")
+        if query_indices is None:
+            query_indices = sample_without_replacement(
+                rng, self.num_questions_per_image, len(annotation.queries)
+            )
+        elif query_indices[0] >= len(annotation.queries):
+            raise CorruptSampleError(f"{_json_path(image_path)} changed since indexing")
+        requests = [annotation.queries[i] for i in query_indices]
+        answer_kind, explanation = self._answer_kind(os.path.basename(image_path), rng)
+        turns, masks = [], []
+        for request in requests:
+            if answer_kind == ANSWER_KIND_TEXT:
+                turns.append((request, explanation))
+                continue
+            if answer_kind == ANSWER_KIND_EXPLAINED:
+                turns.append((templates.explanatory_question(request, rng), templates.explanatory_answer(explanation, rng)))
+            else:
+                question_rng = rng if self.is_train else None
+                turns.append(
+                    (
+                        templates.segmentation_question(request, annotation.is_sentence, question_rng),
+                        templates.segmentation_answer(1, question_rng),
+                    )
+                )
+            masks.append(annotation.mask)
+        return RawSample(
+            image=image,
+            image_path=image_path,
+            dataset=self.name,
+            turns=turns,
+            masks=masks,
+            requests=requests,
+            meta={
+                "is_sentence": annotation.is_sentence,
+                "query_indices": query_indices,
+                "answer_kind": answer_kind,
+                "no_target": [False] * len(turns),
+            },
+        )
+
+    def _answer_kind(self, image_name: str, rng: np.random.Generator) -> tuple[str, str]:
+        explanation = self.explanations.get(image_name) if self.is_train else None
+        if explanation is None:
+            return ANSWER_KIND_MASK, ""
+        draw = rng.random()
+        if draw < self.text_only_rate:
+            return ANSWER_KIND_TEXT, explanation
+        if draw < self.text_only_rate + self.explanatory_rate:
+            return ANSWER_KIND_EXPLAINED, explanation
+        return ANSWER_KIND_MASK, ""
+
+
+def _json_path(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + ".json"

@@ -1,0 +1,90 @@
+"""The record every raw dataset returns, and the errors raised while building one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SEG_TOKEN = "[SEG]"
+"""The placeholder an answer carries once per target mask."""
+
+IGNORE_VALUE = 255
+"""Mask value of pixels that are neither target nor background (not scored, not trained on)."""
+
+
+class CorruptSampleError(Exception):
+    """An image or annotation file cannot be read or is inconsistent.
+
+    The message always names the offending file, so a skipped sample can be traced.
+    """
+
+
+class EmptySampleError(CorruptSampleError):
+    """The files are readable but yield nothing to ask about (e.g. a label map with no class)."""
+
+
+@dataclass
+class RawSample:
+    """One image with one conversation about it, before any tokenisation.
+
+    Attributes:
+        image: ``H x W x 3`` uint8 RGB array, EXIF orientation applied.
+        image_path: path of the source image file as found on disk.
+        dataset: source name, e.g. ``"reason_seg"``, ``"refcoco"``, ``"ade20k"``.
+        turns: ``(question, answer)`` pairs about this one image, in conversation order. Each
+            answer contains one ``[SEG]`` per target mask; a text-only answer has none. Questions
+            carry no image placeholder (the processor adds the image).
+        masks: one ``H x W`` uint8 mask per ``[SEG]`` across all turns, in order; values 1
+            (target), 0 (background), 255 (ignore).
+        requests: the raw request of each turn (class name, referring expression or query).
+        meta: everything else. Keys set by every loader: ``no_target`` (``list[bool]``, one per
+            turn: the request names nothing in the image, the answer has no ``[SEG]``). See
+            ``dataset/README.md`` for the other keys.
+    """
+
+    image: np.ndarray
+    image_path: str
+    dataset: str
+    turns: list[tuple[str, str]]
+    masks: list[np.ndarray]
+    requests: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_seg_tokens(self) -> int:
+        """Number of ``[SEG]`` placeholders across all answers."""
+        return sum(answer.count(SEG_TOKEN) for _, answer in self.turns)
+
+    def masks_per_turn(self) -> list[list[np.ndarray]]:
+        """Split ``masks`` by turn, following the ``[SEG]`` count of each answer."""
+        grouped: list[list[np.ndarray]] = []
+        start = 0
+        for _, answer in self.turns:
+            count = answer.count(SEG_TOKEN)
+            grouped.append(self.masks[start : start + count])
+            start += count
+        return grouped
+
+    def validate(self) -> None:
+        """Check the invariants of the contract; raise ``CorruptSampleError`` if one fails."""
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise CorruptSampleError(
+                f"{self.image_path}: image must be HxWx3 uint8, got {self.image.shape} {self.image.dtype}"
+            )
+        if len(self.requests) != len(self.turns):
+            raise CorruptSampleError(
+                f"{self.image_path}: {len(self.requests)} requests for {len(self.turns)} turns"
+            )
+        if self.num_seg_tokens != len(self.masks):
+            raise CorruptSampleError(
+                f"{self.image_path}: {self.num_seg_tokens} [SEG] tokens but {len(self.masks)} masks"
+            )
+        height, width = self.image.shape[:2]
+        for mask in self.masks:
+            if mask.shape != (height, width) or mask.dtype != np.uint8:
+                raise CorruptSampleError(
+                    f"{self.image_path}: mask {mask.shape} {mask.dtype} does not match image "
+                    f"{(height, width)} uint8"
+                )

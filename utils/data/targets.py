@@ -1,0 +1,194 @@
+"""Shared logic of the annotation-based sources: targets (annotation sets) with their texts.
+
+A :class:`Target` is what one request points at: a set of COCO-style annotations of one image
+(their union is the mask) plus one or more texts that name it (referring sentences, or the
+phrasings of a category name). Referring datasets, PACO-LVIS, PASCAL-Part and generic COCO
+files all reduce to a list of targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from utils.data import templates
+from utils.data.base import Mode, RawDataset
+from utils.data.coco_format import segmentation_to_mask
+from utils.data.io import load_image_rgb
+from utils.data.sample import IGNORE_VALUE, CorruptSampleError, RawSample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to segment: annotations of one image, and the texts that name it."""
+
+    target_id: int
+    image_id: int
+    ann_ids: tuple[int, ...]  # empty: the texts name nothing in the image
+    texts: tuple[str, ...]
+
+    @property
+    def no_target(self) -> bool:
+        return not self.ann_ids
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Where an image is and the size its annotations were made for."""
+
+    path: str
+    height: int
+    width: int
+
+
+def union_mask(annotations: list[dict[str, Any]], height: int, width: int, where: str) -> np.ndarray:
+    """Union of the annotations' segmentations: 1 target, 0 background.
+
+    Crowd annotations (``iscrowd``) are ignore regions (255) unless they are all there is.
+
+    Raises:
+        CorruptSampleError: a segmentation cannot be decoded (names ``where``).
+    """
+    regular = [ann for ann in annotations if not ann.get("iscrowd", 0)]
+    crowd = [ann for ann in annotations if ann.get("iscrowd", 0)] if regular else []
+    mask = np.zeros((height, width), dtype=np.uint8)
+    try:
+        for annotation in crowd:
+            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = IGNORE_VALUE
+        for annotation in regular or annotations:
+            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = 1
+    except (KeyError, ValueError, TypeError) as error:
+        raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+    return mask
+
+
+class TargetDataset(RawDataset):
+    """Samples built from a list of :class:`Target`.
+
+    Items:
+        * train: one per image; up to ``num_questions_per_image`` requests, distinct targets
+          first (one random text each), then further texts of the same targets. Random
+          question/answer templates.
+        * val: one per (target, text) pair, in order; canonical templates; every text is scored.
+
+    With ``one_text_per_target`` the texts are paraphrases of one name (e.g. "the wheel of the
+    car" / "car wheel"): train asks each target once with a random one, val uses the first.
+
+    A no-target request gets a text answer without ``[SEG]``, no mask, ``meta["no_target"]``
+    True for its turn and an all-zero ``H x W`` uint8 ground truth appended to
+    ``meta["no_target_gt"]`` (one per no-target turn, in turn order), so an evaluator can score
+    it against an empty mask.
+
+    Meta: ``<target_id_key>`` (list[int], one per turn), ``no_target``, ``no_target_gt``,
+    ``is_sentence``.
+    """
+
+    target_id_key = "target_ids"
+
+    def __init__(
+        self,
+        targets: list[Target],
+        images: dict[int, ImageRecord],
+        annotations: dict[int, dict[str, Any]],
+        mode: Mode = "train",
+        seed: int = 0,
+        num_questions_per_image: int = 3,
+        name: str | None = None,
+        is_sentence: bool = False,
+        one_text_per_target: bool = False,
+    ) -> None:
+        super().__init__(mode, seed, num_questions_per_image, name)
+        self.is_sentence = is_sentence
+        self.one_text_per_target = one_text_per_target
+        self.set_targets(targets, images, annotations)
+
+    def set_targets(
+        self, targets: list[Target], images: dict[int, ImageRecord], annotations: dict[int, dict[str, Any]]
+    ) -> None:
+        """Install the targets and build the item index."""
+        self.targets = [target for target in targets if target.texts]
+        self.images = images
+        self.annotations = annotations
+        by_image: dict[int, list[int]] = defaultdict(list)
+        for position, target in enumerate(self.targets):
+            by_image[target.image_id].append(position)
+        self.targets_by_image = dict(by_image)
+        self.image_ids = sorted(self.targets_by_image)
+        self.val_items = [
+            (position, text)
+            for position, target in enumerate(self.targets)
+            for text in range(1 if self.one_text_per_target else len(target.texts))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.image_ids) if self.is_train else len(self.val_items)
+
+    def _train_choices(self, image_id: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+        positions = list(self.targets_by_image[image_id])
+        rng.shuffle(positions)
+        queues = {position: [int(i) for i in rng.permutation(len(self.targets[position].texts))] for position in positions}
+        if self.one_text_per_target:
+            queues = {position: queue[:1] for position, queue in queues.items()}
+        choices: list[tuple[int, int]] = []
+        while len(choices) < self.num_questions_per_image and any(queues.values()):
+            for position in positions:
+                if queues[position] and len(choices) < self.num_questions_per_image:
+                    choices.append((position, queues[position].pop(0)))
+        return choices
+
+    def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
+        if self.is_train:
+            image_id = self.image_ids[index]
+            choices = self._train_choices(image_id, rng)
+            template_rng: np.random.Generator | None = rng
+        else:
+            position, text = self.val_items[index]
+            image_id = self.targets[position].image_id
+            choices = [(position, text)]
+            template_rng = None
+        record = self.images[image_id]
+        image = load_image_rgb(record.path)
+        height, width = image.shape[:2]
+        if (height, width) != (record.height, record.width):
+            raise CorruptSampleError(
+                f"{record.path}: image is {height}x{width}, annotation says {record.height}x{record.width}"
+            )
+        turns, masks, requests, no_target, no_target_gt = [], [], [], [], []
+        for position, text in choices:
+            target = self.targets[position]
+            request = target.texts[text]
+            question = templates.segmentation_question(request, self.is_sentence, template_rng)
+            requests.append(request)
+            no_target.append(target.no_target)
+            if target.no_target:
+                turns.append((question, templates.no_target_answer(template_rng)))
+                no_target_gt.append(np.zeros((height, width), dtype=np.uint8))
+                continue
+            turns.append((question, templates.segmentation_answer(1, template_rng)))
+            masks.append(self._target_mask(target, height, width, record.path))
+        return RawSample(
+            image=image,
+            image_path=record.path,
+            dataset=self.name,
+            turns=turns,
+            masks=masks,
+            requests=requests,
+            meta={
+                self.target_id_key: [self.targets[position].target_id for position, _ in choices],
+                "no_target": no_target,
+                "no_target_gt": no_target_gt,
+                "is_sentence": self.is_sentence,
+            },
+        )
+
+    def _target_mask(self, target: Target, height: int, width: int, image_path: str) -> np.ndarray:
+        annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]
+        if not annotations:
+            raise CorruptSampleError(f"{image_path}: annotations {target.ann_ids} of target {target.target_id} are missing")
+        return union_mask(annotations, height, width, f"{image_path} target {target.target_id}")

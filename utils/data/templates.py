@@ -1,0 +1,108 @@
+"""Every question and answer wording of the data layer, in one place.
+
+Questions carry no image placeholder: the processor inserts the image itself. Answers carry one
+``[SEG]`` per target mask. Each function takes an optional ``rng``: with a generator a template is
+drawn at random (training); with ``None`` the first, canonical template is used (validation, so
+every evaluation prompt is fixed and matches LISA's evaluation wording).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from utils.data.rng import choose
+from utils.data.sample import SEG_TOKEN
+
+SHORT_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "What is {class_name} in this image? Please output segmentation mask.",
+    "Can you segment the {class_name} in this image?",
+    "Please segment the {class_name} in this image.",
+    "What is {class_name} in this image? Please respond with segmentation mask.",
+)
+"""For short requests: class names, referring expressions, short ReasonSeg phrases."""
+
+LONG_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "{sent} Please output segmentation mask.",
+    "{sent} Please respond with segmentation mask.",
+)
+"""For long requests: ReasonSeg sentences (``is_sentence``)."""
+
+EXPLANATORY_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "{sent} Please output segmentation mask and explain why.",
+    "{sent} Please output segmentation mask and explain the reason.",
+    "{sent} Please output segmentation mask and give some explanation.",
+)
+"""For ReasonSeg turns whose answer is a mask followed by an explanation."""
+
+ANSWER_TEMPLATES: tuple[str, ...] = (
+    "{segs}.",
+    "It is {segs}.",
+    "Sure, {segs}.",
+    "Sure, it is {segs}.",
+    "Sure, the segmentation result is {segs}.",
+)
+"""Mask answers; ``{segs}`` becomes ``[SEG]``, ``[SEG] and [SEG]``, ``[SEG], [SEG] and [SEG]``..."""
+
+NO_TARGET_ANSWER_TEMPLATES: tuple[str, ...] = (
+    "There is no such object in this image.",
+    "I cannot find it in this image.",
+    "Nothing in this image matches the description.",
+    "Sorry, there is no such object in the image.",
+)
+"""Text answers (no ``[SEG]``) for requests that name nothing in the image (gRefCOCO)."""
+
+IMAGE_PLACEHOLDER = "<image>"
+"""The image marker of LLaVA-style conversations, removed from human turns."""
+
+
+def _pick(templates: tuple[str, ...], rng: np.random.Generator | None) -> str:
+    return templates[0] if rng is None else choose(rng, templates)
+
+
+def join_seg_tokens(count: int) -> str:
+    """``count`` ``[SEG]`` tokens joined as in English: ``[SEG], [SEG] and [SEG]``."""
+    if count < 1:
+        raise ValueError(f"a mask answer needs at least one [SEG], got {count}")
+    tokens = [SEG_TOKEN] * count
+    if count == 1:
+        return SEG_TOKEN
+    return ", ".join(tokens[:-1]) + " and " + tokens[-1]
+
+
+def segmentation_question(
+    request: str, is_sentence: bool, rng: np.random.Generator | None = None
+) -> str:
+    """A question asking for the mask of ``request``.
+
+    Short requests are lower-cased (as LISA does) and put in a short template; sentences keep
+    their case and go in a long template.
+    """
+    request = request.strip()
+    if is_sentence:
+        return _pick(LONG_QUESTION_TEMPLATES, rng).format(sent=request)
+    return _pick(SHORT_QUESTION_TEMPLATES, rng).format(class_name=request.lower())
+
+
+def explanatory_question(request: str, rng: np.random.Generator | None = None) -> str:
+    """A question asking for the mask of ``request`` and an explanation."""
+    return _pick(EXPLANATORY_QUESTION_TEMPLATES, rng).format(sent=request.strip())
+
+
+def segmentation_answer(num_masks: int = 1, rng: np.random.Generator | None = None) -> str:
+    """An answer with ``num_masks`` ``[SEG]`` tokens (canonical: ``"[SEG]."``)."""
+    return _pick(ANSWER_TEMPLATES, rng).format(segs=join_seg_tokens(num_masks))
+
+
+def explanatory_answer(explanation: str, rng: np.random.Generator | None = None) -> str:
+    """A one-mask answer followed by ``explanation``."""
+    return f"{segmentation_answer(1, rng)} {explanation.strip()}"
+
+
+def no_target_answer(rng: np.random.Generator | None = None) -> str:
+    """A text answer saying the request names nothing in the image (no ``[SEG]``)."""
+    return _pick(NO_TARGET_ANSWER_TEMPLATES, rng)
+
+
+def strip_image_placeholder(text: str) -> str:
+    """Remove LLaVA's ``<image>`` marker and the blank space it leaves."""
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()

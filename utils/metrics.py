@@ -1,0 +1,584 @@
+"""Segmentation metrics, exactly as LISA defines them, plus box and no-target metrics.
+
+This is the only implementation of metrics in the project: training validation,
+test.py and the evaluation of every benchmark call it.
+
+Inputs
+------
+* **prediction** ``[H, W]`` (numpy or torch): boolean (``True`` = foreground),
+  floating point = **logits**, thresholded at ``> 0`` (do *not* pass
+  probabilities: ``sigmoid(x) > 0`` is always true), or integer = non-zero is
+  foreground.
+* **ground truth** ``[H, W]``: integer label map with ``1`` = target, ``0`` =
+  background, ``255`` = ignore (any other value raises ``ValueError``), or a
+  boolean mask (no ignore pixels). Floating ground truths holding exactly
+  0/1/255 are accepted too.
+
+Per mask (LISA)
+---------------
+Pixels whose ground truth is 255 are removed from both prediction and target.
+Then ``I = |pred & gt|``, ``U = |pred | gt|`` and
+``IoU = I / (U + 1e-5)``, except ``IoU = 1.0`` when ``U == 0`` (empty target and
+empty prediction).
+
+Over a split
+------------
+* ``giou`` = mean per-mask IoU; ``ciou`` = ``sum(I) / (sum(U) + 1e-10)`` (so 0.0
+  if every mask is empty/empty, as in LISA).
+* ``precision@t`` = share of masks whose IoU >= t, for t in 0.5 .. 0.9. The
+  comparison uses the exact ratio ``I / U`` (1.0 when ``U == 0``) in integer
+  arithmetic, so an IoU of exactly 0.5 passes @0.5 (LISA's ``+1e-5`` would put
+  it a hair below).
+* ``box_iou`` = mean IoU of the tight box of the prediction vs the tight box of
+  the target (both after removing ignore pixels; both empty = 1.0, one empty =
+  0.0); ``box_acc@0.5`` = share of masks with box IoU >= 0.5 (exact ratio again).
+  Boxes are ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1`` (see ``utils.masks``).
+* ``n_acc`` (gRefCOCO / GRES "N-acc") = among masks whose target is empty, the
+  share whose prediction is empty, i.e. no-target samples correctly predicted
+  as no-target; ``None`` if the split has no empty target. ``t_acc`` likewise =
+  among masks with a non-empty target, the share with a non-empty prediction.
+  "Empty" is judged after removing ignore pixels.
+
+All scores are fractions in [0, 1] (multiply by 100 for papers).
+
+Exact distributed accumulation
+------------------------------
+:class:`SegmentationMeter` keeps only Python-int sums (per-mask IoUs are
+accumulated in fixed point, ``round(iou * 2**40)``), so summing states is exact
+and order-independent: one meter over all masks and several meters merged (or
+all-reduced across ranks with :func:`reduce_state_across_ranks`) give identical
+scores. The fixed point costs < 1e-12 per mask; int64 sums hold ~8 million
+masks per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from utils.masks import (
+    IGNORE_LABEL,
+    Box,
+    box_intersection_union,
+    box_iou,
+    mask_to_box,
+    to_numpy,
+)
+
+__all__ = [
+    "IOU_EPS",
+    "CIOU_EPS",
+    "IOU_FIXED_POINT_SCALE",
+    "DEFAULT_PRECISION_THRESHOLDS",
+    "DEFAULT_BOX_THRESHOLDS",
+    "MaskCounts",
+    "prepare_masks",
+    "compute_counts",
+    "intersection_union",
+    "mask_iou",
+    "segmentation_scores",
+    "no_target_accuracy",
+    "SegmentationMeter",
+    "scores_from_state",
+    "merge_states",
+    "reduce_state_across_ranks",
+]
+
+#: LISA's per-mask epsilon: IoU = I / (U + IOU_EPS).
+IOU_EPS = 1e-5
+#: LISA's cumulative epsilon: cIoU = sum(I) / (sum(U) + CIOU_EPS).
+CIOU_EPS = 1e-10
+#: Per-mask IoUs are summed as ``round(iou * IOU_FIXED_POINT_SCALE)`` (exact integer sums).
+IOU_FIXED_POINT_SCALE = 2**40
+DEFAULT_PRECISION_THRESHOLDS: Tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_BOX_THRESHOLDS: Tuple[float, ...] = (0.5,)
+
+_INT64_MAX = 2**63 - 1
+GroupArg = Union[None, str, Iterable[str]]
+
+
+# --------------------------------------------------------------------------- per mask
+
+
+@dataclass(frozen=True)
+class MaskCounts:
+    """Everything the metrics need from one (prediction, target) pair.
+
+    ``pred_box``/``gt_box`` are tight boxes after removing ignore pixels
+    (``None`` = empty). Build it with :func:`compute_counts`, or directly when
+    the counts were computed elsewhere (e.g. on GPU).
+    """
+
+    intersection: int
+    union: int
+    pred_box: Optional[Box]
+    gt_box: Optional[Box]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.intersection <= self.union:
+            raise ValueError(
+                f"need 0 <= intersection <= union, got I={self.intersection}, U={self.union}"
+            )
+
+    @property
+    def iou(self) -> float:
+        """LISA per-mask IoU: ``I / (U + 1e-5)``, 1.0 when ``U == 0``."""
+        return _lisa_iou(self.intersection, self.union)
+
+    @property
+    def box_iou(self) -> float:
+        """IoU of the two tight boxes (both empty = 1.0, one empty = 0.0)."""
+        return box_iou(self.pred_box, self.gt_box)
+
+    @property
+    def pred_empty(self) -> bool:
+        return self.pred_box is None
+
+    @property
+    def gt_empty(self) -> bool:
+        return self.gt_box is None
+
+
+def _lisa_iou(intersection: int, union: int) -> float:
+    if union == 0:
+        return 1.0
+    return intersection / (union + IOU_EPS)
+
+
+def _as_prediction(pred: Any) -> np.ndarray:
+    arr = to_numpy(pred)
+    if arr.dtype == np.bool_:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr > 0
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr != 0
+    raise TypeError(f"prediction has unsupported dtype {arr.dtype}")
+
+
+def _as_target(gt: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(foreground, ignore or None)`` of a ground truth."""
+    arr = to_numpy(gt)
+    if arr.dtype == np.bool_:
+        return arr, None
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"ground truth has unsupported dtype {arr.dtype}")
+    fg = arr == 1
+    ignore = arr == IGNORE_LABEL
+    n_fg, n_ignore = np.count_nonzero(fg), np.count_nonzero(ignore)
+    if n_fg + n_ignore + np.count_nonzero(arr == 0) != arr.size:
+        bad = np.unique(arr[(arr != 0) & ~fg & ~ignore])[:5]
+        raise ValueError(
+            "ground truth must contain only 0 (background), 1 (target) and "
+            f"{IGNORE_LABEL} (ignore); found other values such as {bad.tolist()}"
+        )
+    return fg, (ignore if n_ignore else None)
+
+
+def prepare_masks(pred: Any, gt: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """Boolean ``(pred, target)`` with ignore pixels removed from both (see module docstring).
+
+    Raises ``ValueError`` if the shapes differ or are not 2-D.
+    """
+    p = _as_prediction(pred)
+    g, ignore = _as_target(gt)
+    if p.ndim != 2 or p.shape != g.shape:
+        raise ValueError(
+            f"prediction and ground truth must be 2-D masks of the same shape, got "
+            f"pred {tuple(p.shape)} and gt {tuple(g.shape)}"
+        )
+    if ignore is not None:
+        p = p & ~ignore
+    return p, g
+
+
+def compute_counts(pred: Any, gt: Any) -> MaskCounts:
+    """I, U and tight boxes of one (prediction, ground truth) pair."""
+    p, g = prepare_masks(pred, gt)
+    n_pred, n_gt = int(np.count_nonzero(p)), int(np.count_nonzero(g))
+    inter = int(np.count_nonzero(p & g)) if n_pred and n_gt else 0
+    union = n_pred + n_gt - inter
+    pred_box = mask_to_box(p) if n_pred else None
+    gt_box = mask_to_box(g) if n_gt else None
+    return MaskCounts(intersection=inter, union=union, pred_box=pred_box, gt_box=gt_box)
+
+
+def intersection_union(pred: Any, gt: Any) -> Tuple[int, int]:
+    """``(I, U)`` of one pair, ignore pixels removed from both."""
+    c = compute_counts(pred, gt)
+    return c.intersection, c.union
+
+
+def mask_iou(pred: Any, gt: Any) -> float:
+    """LISA per-mask IoU of one pair: ``I / (U + 1e-5)``, 1.0 when ``U == 0``."""
+    p, g = prepare_masks(pred, gt)
+    inter = int(np.count_nonzero(p & g))
+    union = int(np.count_nonzero(p | g))
+    return _lisa_iou(inter, union)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def _threshold_fraction(t: float) -> Fraction:
+    frac = Fraction(str(t))  # 0.7 -> 7/10 exactly
+    if not 0 < frac <= 1:
+        raise ValueError(f"thresholds must be in (0, 1], got {t}")
+    return frac
+
+
+def _threshold_tag(t: float) -> str:
+    return f"{float(t):g}"
+
+
+def _passes(inter: int, union: int, frac: Fraction) -> bool:
+    """Exact ``I / U >= t`` (``U == 0`` counts as ratio 1)."""
+    if union == 0:
+        return True
+    return inter * frac.denominator >= frac.numerator * union
+
+
+def _box_passes(pred_box: Optional[Box], gt_box: Optional[Box], frac: Fraction) -> bool:
+    """Exact ``box_iou >= t`` with :func:`utils.masks.box_iou`'s ``None`` rules."""
+    if pred_box is None and gt_box is None:
+        return True
+    inter, union = box_intersection_union(pred_box, gt_box)
+    if union <= 0:
+        return False
+    return inter * frac.denominator >= frac.numerator * union
+
+
+# --------------------------------------------------------------------------- state
+
+
+_PRECISION_PREFIX = "precision_hits@"
+_BOX_PREFIX = "box_hits@"
+_BASE_FIELDS = (
+    "count",
+    "sum_intersection",
+    "sum_union",
+    "sum_iou_fixed",
+    "sum_box_iou_fixed",
+    "no_target_count",
+    "no_target_correct",
+    "target_count",
+    "target_correct",
+)
+
+
+def _field_names(precision_tags: Sequence[str], box_tags: Sequence[str]) -> List[str]:
+    return (
+        list(_BASE_FIELDS)
+        + [_PRECISION_PREFIX + t for t in precision_tags]
+        + [_BOX_PREFIX + t for t in box_tags]
+    )
+
+
+def _split_key(key: str) -> Tuple[Optional[str], str]:
+    if "/" in key:
+        group, field = key.split("/", 1)
+        return group, field
+    return None, key
+
+
+def _check_group_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"group names must be non-empty strings without '/', got {name!r}")
+    return name
+
+
+def _groups_of(group: GroupArg) -> List[str]:
+    if group is None:
+        return []
+    if isinstance(group, str):
+        return [_check_group_name(group)]
+    return [_check_group_name(g) for g in group]
+
+
+def scores_from_state(state: Mapping[str, Any], group: Optional[str] = None) -> Dict[str, Any]:
+    """Scores from a meter state (e.g. after :func:`reduce_state_across_ranks`).
+
+    Returns ``count``, ``giou``, ``ciou``, ``precision@t`` per threshold,
+    ``box_iou``, ``box_acc@t`` per box threshold, ``n_acc`` (``None`` when there
+    is no empty target), ``no_target_count``, ``t_acc`` (``None`` when there is
+    no non-empty target), ``target_count``, and the raw ``sum_intersection`` and
+    ``sum_union``. ``group=None`` gives the overall scores.
+
+    Raises ``ValueError`` if the group has no masks (an empty split is an
+    error, not a score) and ``KeyError`` for an unknown group.
+    """
+    prefix = "" if group is None else _check_group_name(group) + "/"
+    if prefix + "count" not in state:
+        known = sorted({g for g, _ in map(_split_key, state) if g is not None})
+        raise KeyError(f"no group {group!r} in state (known groups: {known})")
+    s = {k[len(prefix):]: int(v) for k, v in state.items() if k.startswith(prefix)
+         and "/" not in k[len(prefix):]}
+    count = s["count"]
+    if count <= 0:
+        where = "overall" if group is None else f"group {group!r}"
+        raise ValueError(f"no masks were accumulated ({where}); an empty split has no score")
+    scale = float(IOU_FIXED_POINT_SCALE) * count
+    out: Dict[str, Any] = {
+        "count": count,
+        "giou": s["sum_iou_fixed"] / scale,
+        "ciou": s["sum_intersection"] / (s["sum_union"] + CIOU_EPS),
+    }
+    precision_tags = sorted(
+        (k[len(_PRECISION_PREFIX):] for k in s if k.startswith(_PRECISION_PREFIX)), key=float
+    )
+    for tag in precision_tags:
+        out[f"precision@{tag}"] = s[_PRECISION_PREFIX + tag] / count
+    out["box_iou"] = s["sum_box_iou_fixed"] / scale
+    box_tags = sorted((k[len(_BOX_PREFIX):] for k in s if k.startswith(_BOX_PREFIX)), key=float)
+    for tag in box_tags:
+        out[f"box_acc@{tag}"] = s[_BOX_PREFIX + tag] / count
+    n_nt, n_t = s["no_target_count"], s["target_count"]
+    out["n_acc"] = s["no_target_correct"] / n_nt if n_nt else None
+    out["no_target_count"] = n_nt
+    out["t_acc"] = s["target_correct"] / n_t if n_t else None
+    out["target_count"] = n_t
+    out["sum_intersection"] = s["sum_intersection"]
+    out["sum_union"] = s["sum_union"]
+    return out
+
+
+def merge_states(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, int]:
+    """Key-wise sum of two states. Overall fields must match (same thresholds);
+    a group present in only one state is taken as is."""
+    overall_a = {k for k in a if "/" not in k}
+    overall_b = {k for k in b if "/" not in k}
+    if overall_a != overall_b:
+        raise ValueError(
+            "cannot merge meter states with different fields (different thresholds?): "
+            f"{sorted(overall_a ^ overall_b)}"
+        )
+    out = {k: int(v) for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+# --------------------------------------------------------------------------- meter
+
+
+class SegmentationMeter:
+    """Accumulates per-mask counts for a split, overall and per named group.
+
+    Example::
+
+        meter = SegmentationMeter(groups=("short", "long"))
+        for pred_logits, gt, is_sentence in samples:
+            meter.update(pred_logits, gt, group="long" if is_sentence else "short")
+        state = reduce_state_across_ranks(meter.state())   # exact; no-op without DDP
+        overall = scores_from_state(state)
+        long_only = scores_from_state(state, group="long")
+
+    Every update counts towards the overall scores and towards each group it names.
+    Declare groups in the constructor when running distributed so that every rank
+    has the same keys (:func:`reduce_state_across_ranks` also copes when they do not).
+    """
+
+    def __init__(
+        self,
+        groups: Iterable[str] = (),
+        precision_thresholds: Sequence[float] = DEFAULT_PRECISION_THRESHOLDS,
+        box_thresholds: Sequence[float] = DEFAULT_BOX_THRESHOLDS,
+    ) -> None:
+        self._precision = [(_threshold_tag(t), _threshold_fraction(t)) for t in precision_thresholds]
+        self._box = [(_threshold_tag(t), _threshold_fraction(t)) for t in box_thresholds]
+        self._fields = _field_names([t for t, _ in self._precision], [t for t, _ in self._box])
+        self._declared = _groups_of(list(groups))
+        self._state: Dict[str, int] = {}
+        self.reset()
+
+    # -- bookkeeping
+    def reset(self) -> None:
+        """Zero all sums; keep only the groups declared in the constructor."""
+        self._state = {f: 0 for f in self._fields}
+        for g in self._declared:
+            self._ensure_group(g)
+
+    def _ensure_group(self, group: str) -> None:
+        if group + "/count" not in self._state:
+            for f in self._fields:
+                self._state[f"{group}/{f}"] = 0
+
+    @property
+    def groups(self) -> List[str]:
+        """Names of the groups seen or declared, sorted."""
+        return sorted({g for g, _ in map(_split_key, self._state) if g is not None})
+
+    def __len__(self) -> int:
+        return self._state["count"]
+
+    # -- accumulation
+    def update(self, pred: Any, gt: Any, group: GroupArg = None) -> MaskCounts:
+        """Add one (prediction, ground truth) pair; returns its :class:`MaskCounts`.
+
+        ``group`` is ``None``, a group name, or several names.
+        """
+        counts = compute_counts(pred, gt)
+        self.update_counts(counts, group=group)
+        return counts
+
+    def update_counts(self, counts: MaskCounts, group: GroupArg = None) -> None:
+        """Add one mask's precomputed counts (e.g. computed on GPU)."""
+        inter, union = int(counts.intersection), int(counts.union)
+        delta = {
+            "count": 1,
+            "sum_intersection": inter,
+            "sum_union": union,
+            "sum_iou_fixed": int(round(_lisa_iou(inter, union) * IOU_FIXED_POINT_SCALE)),
+            "sum_box_iou_fixed": int(
+                round(box_iou(counts.pred_box, counts.gt_box) * IOU_FIXED_POINT_SCALE)
+            ),
+        }
+        if counts.gt_box is None:
+            delta["no_target_count"] = 1
+            delta["no_target_correct"] = int(counts.pred_box is None)
+        else:
+            delta["target_count"] = 1
+            delta["target_correct"] = int(counts.pred_box is not None)
+        for tag, frac in self._precision:
+            delta[_PRECISION_PREFIX + tag] = int(_passes(inter, union, frac))
+        for tag, frac in self._box:
+            delta[_BOX_PREFIX + tag] = int(_box_passes(counts.pred_box, counts.gt_box, frac))
+
+        prefixes = [""] + [g + "/" for g in _groups_of(group)]
+        for prefix in prefixes:
+            if prefix:
+                self._ensure_group(prefix[:-1])
+            for k, v in delta.items():
+                self._state[prefix + k] += v
+
+    # -- state
+    def state(self) -> Dict[str, int]:
+        """A copy of the plain integer sums (flat; group fields are ``"<group>/<field>"``)."""
+        return dict(self._state)
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Replace the sums by ``state`` (e.g. the all-reduced one)."""
+        self._state = merge_states({f: 0 for f in self._fields}, state)
+
+    def merge(self, other: Union["SegmentationMeter", Mapping[str, Any]]) -> None:
+        """Add another meter (or state) into this one."""
+        other_state = other.state() if isinstance(other, SegmentationMeter) else other
+        self._state = merge_states(self._state, other_state)
+
+    def scores(self, group: Optional[str] = None) -> Dict[str, Any]:
+        """Scores overall (``group=None``) or for one group; see :func:`scores_from_state`."""
+        return scores_from_state(self._state, group=group)
+
+    def all_scores(self) -> Dict[str, Dict[str, Any]]:
+        """``{"overall": ..., "<group>": ...}`` for the overall split and every non-empty group."""
+        out = {"overall": self.scores()}
+        for g in self.groups:
+            if self._state[g + "/count"]:
+                out[g] = self.scores(g)
+        return out
+
+
+# --------------------------------------------------------------------------- one-shot helpers
+
+
+def segmentation_scores(
+    pred_masks: Sequence[Any],
+    gt_masks: Sequence[Any],
+    precision_thresholds: Sequence[float] = DEFAULT_PRECISION_THRESHOLDS,
+    box_thresholds: Sequence[float] = DEFAULT_BOX_THRESHOLDS,
+) -> Dict[str, Any]:
+    """Scores of a whole split given parallel lists of predictions and ground truths.
+
+    Same values as a :class:`SegmentationMeter` fed with the pairs in order (see
+    :func:`scores_from_state` for the keys). Raises ``ValueError`` for empty
+    lists, different lengths, or a pair whose shapes differ (naming the index).
+    """
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError(f"got {len(pred_masks)} predictions but {len(gt_masks)} ground truths")
+    if len(pred_masks) == 0:
+        raise ValueError("no masks given: an empty split has no score")
+    meter = SegmentationMeter(
+        precision_thresholds=precision_thresholds, box_thresholds=box_thresholds
+    )
+    for i, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
+        try:
+            meter.update(pred, gt)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"mask {i}: {exc}") from exc
+    return meter.scores()
+
+
+def no_target_accuracy(
+    predicted_empty: Sequence[bool], gt_empty: Sequence[bool]
+) -> Dict[str, Any]:
+    """GRES's N-acc and T-acc from per-expression emptiness flags.
+
+    ``n_acc`` = among expressions whose ground truth is empty (no target), the
+    share predicted empty (``None`` if there is none); ``t_acc`` = among those
+    with a target, the share predicted non-empty. Use it when "no target" is
+    decided by something other than mask emptiness (the meter already reports
+    both from the masks).
+    """
+    if len(predicted_empty) != len(gt_empty):
+        raise ValueError(
+            f"got {len(predicted_empty)} predictions but {len(gt_empty)} ground truths"
+        )
+    if len(gt_empty) == 0:
+        raise ValueError("no samples given")
+    pe = np.asarray(predicted_empty, dtype=bool)
+    ge = np.asarray(gt_empty, dtype=bool)
+    n_nt = int(np.count_nonzero(ge))
+    n_t = int(ge.size - n_nt)
+    nt_correct = int(np.count_nonzero(pe & ge))
+    t_correct = int(np.count_nonzero(~pe & ~ge))
+    return {
+        "n_acc": nt_correct / n_nt if n_nt else None,
+        "no_target_count": n_nt,
+        "no_target_correct": nt_correct,
+        "t_acc": t_correct / n_t if n_t else None,
+        "target_count": n_t,
+        "target_correct": t_correct,
+    }
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def reduce_state_across_ranks(
+    state: Mapping[str, Any], process_group: Any = None, device: Any = None
+) -> Dict[str, int]:
+    """Sum a meter state over all ranks (exact: int64 ``all_reduce``).
+
+    A no-op copy when ``torch.distributed`` is unavailable or not initialised.
+    Keys missing on some ranks (groups seen on only some ranks) are filled with 0
+    after an ``all_gather_object`` of the key sets. Every rank must call it.
+    ``device`` defaults to the current CUDA device for the NCCL backend, else CPU.
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a project dependency
+        return {k: int(v) for k, v in state.items()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: int(v) for k, v in state.items()}
+
+    world = dist.get_world_size(group=process_group)
+    gathered: List[Any] = [None] * world
+    dist.all_gather_object(gathered, sorted(state), group=process_group)
+    keys = sorted(set().union(*map(set, gathered)))
+    values = [int(state.get(k, 0)) for k in keys]
+    if any(abs(v) > _INT64_MAX // max(world, 1) for v in values):
+        raise OverflowError("meter state too large for an exact int64 all_reduce")
+    if device is None:
+        backend = dist.get_backend(process_group)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if str(backend) == "nccl"
+            else torch.device("cpu")
+        )
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    return dict(zip(keys, (int(v) for v in tensor.tolist())))
