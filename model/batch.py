@@ -92,3 +92,28 @@ VLM_INPUT_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_v
 def vlm_inputs(batch: dict) -> dict:
     """The fields of a batch that go to the Qwen-VL model (labels excluded)."""
     return {k: batch[k] for k in VLM_INPUT_FIELDS if k in batch}
+
+
+class SampleEncoder:
+    """``RawSample -> model-ready sample`` (runs in the DataLoader workers).
+
+    Carries the request texts, source dataset, image path and skip count through ``extra``.
+    """
+
+    def __init__(self, processor, sam_transform: SamTransform) -> None:
+        self.processor = processor
+        self.sam_transform = sam_transform
+
+    def __call__(self, raw) -> dict:
+        return encode_sample(
+            self.processor,
+            self.sam_transform,
+            raw.image,
+            list(raw.turns),
+            raw.masks,
+            image_path=raw.image_path,
+            dataset=raw.dataset,
+            requests=list(raw.requests),
+            meta={k: v for k, v in raw.meta.items() if k != "skipped_errors"},
+            num_skipped=int(raw.meta.get("num_skipped", 0)),
+        )

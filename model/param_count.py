@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .sam import SAM_VARIANTS
 from .vlm import VLM_FAMILIES, LoraSettings
 
 RECIPES = ("ours", "lisa")
@@ -296,7 +297,7 @@ def _setup(
     if seg_id >= spec.text["vocab_size"]:
         raise RuntimeError(f"{spec.hf_id}: [SEG] id {seg_id} does not fit the {spec.text['vocab_size']} rows")
     notes: list[str] = []
-    seg_rows_method = "none"
+    seg_rows_method = ""
     vlm = build_meta_vlm(spec)
     vlm.requires_grad_(False)  # as ReasonSegmenter.from_components
     with warnings.catch_warnings():
@@ -305,9 +306,11 @@ def _setup(
             vlm = _plain_lora(vlm, lora)
             for module in (vlm.get_input_embeddings(), vlm.get_output_embeddings()):
                 module.weight.requires_grad_(True)
+            seg_rows_method = "n/a: the whole embed_tokens and lm_head train"
             notes.append("lisa recipe: LoRA + whole embed_tokens and lm_head + projection + whole mask decoder")
         elif train_language_model:
             make_language_model_trainable(vlm)
+            seg_rows_method = "n/a: the whole language model trains"
             notes.append("whole language model trained (make_language_model_trainable), no LoRA")
         else:
             try:
@@ -375,6 +378,8 @@ def count_parameters(
         raise ValueError("train_language_model applies to the 'ours' recipe only")
     key = resolve_model_name(model)
     spec = VLM_SPECS[key]
+    if sam_variant not in SAM_VARIANTS:  # checked before any building
+        raise ValueError(f"unknown SAM variant {sam_variant!r}; valid variants: {', '.join(SAM_VARIANTS)}")
     lora = lora if lora is not None else LoraSettings()
     setup = _setup(spec, sam_variant, recipe, lora, train_language_model)
     segmenter = setup.segmenter
@@ -416,7 +421,7 @@ def count_parameters(
     trainable_by_part = {k: trainable[k] for k in order if k in trainable}
     trainable_by_part.update({k: v for k, v in trainable.items() if k not in trainable_by_part})
     notes = list(setup.notes)
-    if recipe == "lisa" and spec.tie_word_embeddings:
+    if spec.tie_word_embeddings and "embed_tokens" in trainable_by_part:
         notes.append("tied embeddings: embed_tokens and lm_head are one matrix, counted once")
     lora_used = recipe == "lisa" or not train_language_model
     report: dict[str, Any] = {

@@ -233,6 +233,11 @@ class ReasonSegmenter(nn.Module):
                 "pass --vision_pretrained with the official SAM file"
             )
         sam = build_sam(config.sam_variant, sam_file)
+        # In memory the config points at the files this model came from, so that a trainable-only
+        # checkpoint saved later can name its base model and SAM file.
+        config.sam_checkpoint = str(Path(sam_file).resolve())
+        if not config.adapter_path:
+            config.vlm_path = str(Path(vlm_path).resolve())
         model = cls(config, vlm, processor, sam)
         head_file = directory / HEAD_WEIGHTS
         if not head_file.is_file():
@@ -269,6 +274,25 @@ class ReasonSegmenter(nn.Module):
             raise ValueError("cannot leave SAM out: this model was not built from a SAM checkpoint file")
         save_file(_contiguous(self.head_state()), directory / HEAD_WEIGHTS)
         config.save_pretrained(directory)
+
+    def configure_training(self, lora: LoraSettings | None, train_language_model: bool = False) -> None:
+        """Choose what of the VLM trains: LoRA (with the ``[SEG]`` rows) or the whole language model.
+
+        For a model whose VLM is not wrapped yet (a new or standalone directory). A LoRA
+        checkpoint being resumed is loaded with ``from_pretrained(..., is_trainable=True)`` instead.
+        """
+        from peft import PeftModel
+
+        if isinstance(self.vlm, PeftModel):
+            raise ValueError("the VLM already carries a LoRA adapter")
+        self.vlm.requires_grad_(False)
+        if train_language_model:
+            make_language_model_trainable(self.vlm)
+            self.config.lora = {}
+        elif lora is not None:
+            self.vlm = apply_lora(self.vlm, lora, self.seg_token_id)
+            self.config.lora = dict(vars(lora))
+        self.config.train_language_model = train_language_model
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The segmentation head's weights: ``projection.*`` and ``mask_decoder.*``."""

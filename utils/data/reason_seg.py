@@ -108,7 +108,8 @@ class ReasonSegDataset(RawDataset):
         * train: one per image. Up to ``num_questions_per_image`` of its queries are asked (all
           about the same target, so every turn gets the same mask). For images listed in the
           explanatory file, the whole sample is, with probability ``text_only_rate``, a
-          text-only one (the bare query answered by the explanation, no ``[SEG]``, no mask), or
+          text-only one (the query asked as is, or "What is X in this image?" for a short
+          phrase, answered by the explanation: no ``[SEG]``, no mask), or
           with probability ``explanatory_rate`` a "mask + explanation" one (explanatory question,
           answer ``"Sure, [SEG]. <explanation>"``), otherwise plain. LISA's ``--explanatory 0.1``
           equals ``text_only_rate=0.1, explanatory_rate=0.45``.
@@ -207,10 +208,15 @@ class ReasonSegDataset(RawDataset):
         turns, masks = [], []
         for request in requests:
             if answer_kind == ANSWER_KIND_TEXT:
-                turns.append((request, explanation))
+                turns.append((templates.text_question(request, annotation.is_sentence), explanation))
                 continue
             if answer_kind == ANSWER_KIND_EXPLAINED:
-                turns.append((templates.explanatory_question(request, rng), templates.explanatory_answer(explanation, rng)))
+                turns.append(
+                    (
+                        templates.explanatory_question(request, annotation.is_sentence, rng),
+                        templates.explanatory_answer(explanation, rng),
+                    )
+                )
             else:
                 question_rng = rng if self.is_train else None
                 turns.append(

@@ -32,7 +32,17 @@ EXPLANATORY_QUESTION_TEMPLATES: tuple[str, ...] = (
     "{sent} Please output segmentation mask and explain the reason.",
     "{sent} Please output segmentation mask and give some explanation.",
 )
-"""For ReasonSeg turns whose answer is a mask followed by an explanation."""
+"""For ReasonSeg sentences whose answer is a mask followed by an explanation."""
+
+SHORT_EXPLANATORY_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "Can you segment the {class_name} in this image and explain why?",
+    "Please segment the {class_name} in this image and explain the reason.",
+    "What is {class_name} in this image? Please output segmentation mask and give some explanation.",
+)
+"""For short ReasonSeg phrases whose answer is a mask followed by an explanation."""
+
+SHORT_TEXT_QUESTION_TEMPLATE = "What is {class_name} in this image?"
+"""For short ReasonSeg phrases answered by text only (sentences are asked as they are)."""
 
 ANSWER_TEMPLATES: tuple[str, ...] = (
     "{segs}.",
@@ -69,23 +79,38 @@ def join_seg_tokens(count: int) -> str:
     return ", ".join(tokens[:-1]) + " and " + tokens[-1]
 
 
+def _fill_short(template: str, request: str) -> str:
+    """Put a short request in a template: lower-cased (as LISA does), and without a leading
+    "the" where the template already has one ("segment the the red circle")."""
+    request = request.strip().lower()
+    if "the {class_name}" in template and request.startswith("the "):
+        request = request[len("the ") :]
+    return template.format(class_name=request)
+
+
 def segmentation_question(
     request: str, is_sentence: bool, rng: np.random.Generator | None = None
 ) -> str:
     """A question asking for the mask of ``request``.
 
-    Short requests are lower-cased (as LISA does) and put in a short template; sentences keep
-    their case and go in a long template.
+    Short requests go in a short template (see :func:`_fill_short`); sentences keep their case
+    and go in a long template.
     """
-    request = request.strip()
     if is_sentence:
-        return _pick(LONG_QUESTION_TEMPLATES, rng).format(sent=request)
-    return _pick(SHORT_QUESTION_TEMPLATES, rng).format(class_name=request.lower())
+        return _pick(LONG_QUESTION_TEMPLATES, rng).format(sent=request.strip())
+    return _fill_short(_pick(SHORT_QUESTION_TEMPLATES, rng), request)
 
 
-def explanatory_question(request: str, rng: np.random.Generator | None = None) -> str:
+def explanatory_question(request: str, is_sentence: bool, rng: np.random.Generator | None = None) -> str:
     """A question asking for the mask of ``request`` and an explanation."""
-    return _pick(EXPLANATORY_QUESTION_TEMPLATES, rng).format(sent=request.strip())
+    if is_sentence:
+        return _pick(EXPLANATORY_QUESTION_TEMPLATES, rng).format(sent=request.strip())
+    return _fill_short(_pick(SHORT_EXPLANATORY_QUESTION_TEMPLATES, rng), request)
+
+
+def text_question(request: str, is_sentence: bool) -> str:
+    """A question about ``request`` that expects a text answer only (no mask)."""
+    return request.strip() if is_sentence else _fill_short(SHORT_TEXT_QUESTION_TEMPLATE, request)
 
 
 def segmentation_answer(num_masks: int = 1, rng: np.random.Generator | None = None) -> str:

@@ -1,0 +1,60 @@
+"""Train the reasoning segmenter.
+
+    python train_ddp.py --version DIR --vision_pretrained SAM.pth --dataset_dir dataset ...
+    torchrun --nproc_per_node=8 train_ddp.py ...            (NCCL on CUDA, gloo on CPU)
+    torchrun ... train_ddp.py --deepspeed configs/ds_zero2.json ...
+
+See `python train_ddp.py --help` and the README. The loop lives in utils/trainer.py.
+"""
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from utils.distributed import cleanup_distributed, init_distributed  # noqa: E402
+from utils.train_args import accumulation_for, parse_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist_info = init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if dist_info.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {dist_info.rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    from utils.data.builders import build_train_dataset, build_val_dataset
+    from utils.trainer import Trainer
+
+    try:
+        accumulation = accumulation_for(args, dist_info.world_size)
+        per_rank_samples = args.steps_per_epoch * args.batch_size * accumulation
+        train_data = None
+        if not args.eval_only:
+            train_data = build_train_dataset(
+                args, samples_per_epoch=per_rank_samples, seed=args.seed, rank=dist_info.rank
+            )
+        val_data = None
+        if not args.no_eval:
+            val_data = build_val_dataset(args.val_dataset, args.dataset_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"data configuration error: {error}") from None
+    trainer = Trainer(args, dist_info, train_data, val_data)
+    if dist_info.is_main:
+        print(trainer.describe(), flush=True)
+    try:
+        if args.eval_only:
+            scores = trainer.validate()
+        else:
+            scores = trainer.train()
+        if dist_info.is_main and scores:
+            print(f"validation {args.val_dataset} (teacher_forced): gIoU {scores['giou']:.4f} cIoU {scores['ciou']:.4f}", flush=True)
+    finally:
+        trainer.close()
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""The training loop behind train_ddp.py: DDP (or DeepSpeed ZeRO-2), exact resume, preemption-safe.
+
+Data order is a pure function of (seed, epoch, rank, index) (see ``utils.data.hybrid``): optimizer
+step ``s`` of epoch ``e`` on rank ``r`` always reads items ``[s * b * a, (s + 1) * b * a)`` of that
+rank's epoch stream (b = batch size, a = accumulation). A checkpoint stores the global step, the
+optimizer, scheduler and every rank's torch RNG (LoRA dropout), so a resumed run continues with
+the same batches, the same dropout masks and therefore the same weights and losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.batch import SampleEncoder
+from model.config import SegmenterConfig
+from model.segmenter import ReasonSegmenter
+from model.vlm import LoraSettings
+from utils import checkpoint as ckpt
+from utils.distributed import DistInfo, all_reduce_sum, barrier
+from utils.evaluation import _to_device, autocast_context, evaluate_teacher_forced
+from utils.optim import build_optimizer, build_scheduler
+from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def lora_settings(args: argparse.Namespace) -> LoraSettings:
+    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+
+
+def build_model(args: argparse.Namespace, resume_from: Path | None, dtype: torch.dtype) -> ReasonSegmenter:
+    """The model to train: resumed, from a segmenter directory, or from Qwen-VL + SAM."""
+    loss_weights = dict(ce_weight=args.ce_loss_weight, bce_weight=args.bce_loss_weight, dice_weight=args.dice_loss_weight)
+    if resume_from is not None:
+        model = ReasonSegmenter.from_pretrained(
+            resume_from, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained
+        )
+        if args.train_language_model:
+            model.configure_training(None, train_language_model=True)
+    elif SegmenterConfig.is_segmenter_directory(args.version):
+        model = ReasonSegmenter.from_pretrained(args.version, dtype=dtype, sam_checkpoint=args.vision_pretrained)
+        model.configure_training(lora_settings(args), args.train_language_model)
+    else:
+        from model.sam import infer_variant_from_checkpoint
+
+        variant = args.vision_model or infer_variant_from_checkpoint(args.vision_pretrained)
+        model = ReasonSegmenter.from_components(
+            args.version,
+            variant,
+            args.vision_pretrained,
+            lora=lora_settings(args),
+            train_language_model=args.train_language_model,
+            dtype=dtype,
+        )
+    for name, value in loss_weights.items():
+        setattr(model.config, name, value)
+    return model
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after the current step, then exiting", self.signal_name)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, train_data, val_data) -> None:
+        """
+        Args:
+            train_data: a ``HybridDataset`` of raw samples (its transform is set here).
+            val_data: a raw validation dataset, or None.
+        """
+        self.args = args
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.run_dir = Path(args.log_base_dir) / args.exp_name
+        self.accumulation = accumulation_for(args, dist_info.world_size)
+        self.total_steps = args.max_steps or args.epochs * args.steps_per_epoch
+        self.stop = _StopRequest()
+        self.global_step = 0
+        self.best_giou = -1.0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.samples_seen = 0
+        self.samples_skipped = 0
+
+        torch.manual_seed(args.seed + dist_info.rank)
+        resume_from = self._resume_checkpoint()
+        saved_state = ckpt.read_state(resume_from) if resume_from else None
+        if saved_state:
+            check_resume_compatible(saved_state.get("args", {}), args, resume_from)
+        dtype = torch.bfloat16 if (self.device.type == "cuda" and args.precision == "bf16") else torch.float32
+        self.model = build_model(args, resume_from, dtype=torch.float32).to(self.device)
+        if dtype != torch.float32:
+            # Frozen weights in bf16 save memory; trainable parameters stay fp32 (master weights).
+            for param in self.model.vlm.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
+        if args.gradient_checkpointing:
+            self.model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.vlm.enable_input_require_grads()
+        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, (args.beta1, args.beta2))
+        self.scheduler = build_scheduler(self.optimizer, args.warmup_steps, self.total_steps, args.lr_schedule)
+        self.engine = None
+        self.ddp = None
+        if args.deepspeed:
+            self._init_deepspeed()
+        elif dist_info.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        if saved_state:
+            self._load_training_state(resume_from, saved_state)
+
+        self.train_data = train_data
+        if train_data is not None:
+            train_data.transform = SampleEncoder(self.model.processor, self.model.sam_transform)
+            train_data.set_rank(dist_info.rank)
+        self.val_data = val_data
+        self.writer = None
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.global_step or None)
+
+    # ------------------------------------------------------------------ set-up
+
+    def describe(self) -> str:
+        args, world = self.args, self.dist.world_size
+        effective = args.batch_size * self.accumulation * world
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (
+            f"effective batch {effective} = batch_size {args.batch_size} x accumulation {self.accumulation} x "
+            f"{world} processes; {self.total_steps} optimizer steps; {trainable:,} trainable parameters; "
+            f"device {self.device}; {'DeepSpeed' if self.engine else 'DDP' if self.ddp else 'single process'}"
+        )
+
+    def _resume_checkpoint(self) -> Path | None:
+        if self.args.resume:
+            path = Path(self.args.resume)
+            if not ckpt.is_complete(path):
+                raise SystemExit(f"--resume {path}: not a complete checkpoint (no {ckpt.STATE_FILE})")
+            return path
+        if self.args.auto_resume:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if latest is not None:
+                logger.info("auto-resume from %s", latest)
+            return latest
+        return None
+
+    def _init_deepspeed(self) -> None:
+        import deepspeed
+
+        config = json.loads(Path(self.args.deepspeed).read_text())
+        config["train_micro_batch_size_per_gpu"] = self.args.batch_size
+        config["gradient_accumulation_steps"] = self.accumulation
+        config["train_batch_size"] = self.args.batch_size * self.accumulation * self.dist.world_size
+        config["gradient_clipping"] = self.args.max_grad_norm
+        config.setdefault("zero_allow_untested_optimizer", True)
+        config["bf16"] = {"enabled": self.device.type == "cuda" and self.args.precision == "bf16"}
+        config["fp16"] = {"enabled": False}
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
+            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+        )
+
+    def _load_training_state(self, checkpoint: Path, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.best_giou = float(state.get("best_giou", -1.0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.samples_skipped = int(state.get("samples_skipped", 0))
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(checkpoint / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=True)
+        else:
+            self.optimizer.load_state_dict(ckpt.load_torch(checkpoint / "optimizer.pt"))
+            self.scheduler.load_state_dict(ckpt.load_torch(checkpoint / "scheduler.pt"))
+        rng_file = checkpoint / f"rng_state_rank{self.dist.rank}.pt"
+        if rng_file.is_file():
+            rng = ckpt.load_torch(rng_file)
+            torch.set_rng_state(rng["cpu"])
+            if torch.cuda.is_available() and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            logger.warning("%s missing (another number of processes?): dropout noise will differ", rng_file.name)
+        logger.info("resumed from %s at step %d", checkpoint, self.global_step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        """Train until ``total_steps``; returns the last validation scores (or {})."""
+        args = self.args
+        self.stop.install()
+        logger.info(self.describe())
+        scores: dict = {}
+        per_step = args.batch_size * self.accumulation
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc="train", disable=not self.dist.is_main)
+        self.model.train()
+        while self.global_step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.global_step, args.steps_per_epoch)
+            self.train_data.set_epoch(epoch)
+            loader = DataLoader(
+                self.train_data,
+                batch_size=args.batch_size,
+                sampler=range(step_in_epoch * per_step, args.steps_per_epoch * per_step),
+                collate_fn=partial(self.model.collate, padding_side="right"),
+                num_workers=args.workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            batches = iter(loader)
+            while step_in_epoch < args.steps_per_epoch and self.global_step < self.total_steps:
+                started = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(self.accumulation)]
+                record = self._optimizer_step(micro_batches)
+                self.global_step += 1
+                step_in_epoch += 1
+                record["samples_per_second"] = record["samples"] / max(time.perf_counter() - started, 1e-9)
+                self._log(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                last = self.global_step >= self.total_steps
+                validate = not args.no_eval and self.val_data is not None and (
+                    last or (args.eval_steps and self.global_step % args.eval_steps == 0)
+                )
+                if validate:
+                    scores = self.validate()
+                if last or validate or self.global_step % args.save_steps == 0 or record["stop"]:
+                    self.save_checkpoint(scores.get("giou") if validate else None)
+                if record["stop"]:
+                    logger.warning("stopped at step %d on %s; resume with --auto_resume", self.global_step, self.stop.signal_name or "a signal")
+                    progress.close()
+                    return scores
+        progress.close()
+        return scores
+
+    def _forward(self, batch: dict):
+        module = self.engine or self.ddp or self.model
+        with autocast_context(self.device, self.args.precision):
+            return module(batch)
+
+    def _optimizer_step(self, micro_batches: list[dict]) -> dict:
+        sums = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0}
+        nonfinite = False
+        samples = skipped = 0
+        for index, batch in enumerate(micro_batches):
+            final = index == len(micro_batches) - 1
+            samples += len(batch["masks"])
+            skipped += sum(extra.get("num_skipped", 0) for extra in batch["extra"])
+            batch = _to_device(batch, self.device)
+            sync = nullcontext() if (final or self.ddp is None) else self.ddp.no_sync()
+            with sync:
+                output = self._forward(batch)
+                nonfinite |= not bool(torch.isfinite(output.loss))
+                if self.engine is not None:
+                    self.engine.backward(output.loss)
+                else:
+                    (output.loss / len(micro_batches)).backward()
+            for key in sums:
+                sums[key] += float(getattr(output, key).detach()) / len(micro_batches)
+        # One all-reduce carries the losses, the counters and the flags of every rank.
+        reduced = all_reduce_sum(
+            [*sums.values(), samples, skipped, float(nonfinite), float(self.stop.requested)], self.device
+        )
+        world = self.dist.world_size
+        record = {key: value / world for key, value in zip(sums, reduced[:4])}
+        samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:]
+        grad_norm = self._apply_gradients(skip=nonfinite_any > 0)
+        self.samples_seen += int(samples_all)
+        self.samples_skipped += int(skipped_all)
+        if nonfinite_any:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            logger.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step + 1, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row > self.args.max_nonfinite_steps:
+                raise SystemExit(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row (--max_nonfinite_steps "
+                    f"{self.args.max_nonfinite_steps}): lower --lr or check the data"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
+        attempted = self.samples_seen + self.samples_skipped
+        if attempted >= 50 and self.samples_skipped / attempted > self.args.max_skipped_share:
+            raise SystemExit(
+                f"{self.samples_skipped} of {attempted} samples were unreadable, more than --max_skipped_share "
+                f"{self.args.max_skipped_share}: check --dataset_dir (tools/inspect_data.py shows what is read)"
+            )
+        record.update(
+            step=self.global_step + 1,
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=grad_norm,
+            samples=samples_all,
+            skipped_samples=self.samples_skipped,
+            nonfinite_steps=self.nonfinite_total,
+            stop=bool(stop_any),
+        )
+        return record
+
+    def _apply_gradients(self, skip: bool) -> float:
+        if self.engine is not None:
+            if skip:
+                self.engine.zero_grad()
+            self.engine.step()  # DeepSpeed clips, steps the optimizer and the scheduler
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        grad_norm = 0.0
+        if not skip:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.args.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    # ------------------------------------------------------------------ logging, validation, checkpoints
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        clean = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"kind": "train", **clean}) + "\n")
+        if self.writer is not None and (record["step"] % max(1, self.args.log_steps) == 0 or record["step"] == 1):
+            for key in ("loss", "ce_loss", "bce_loss", "dice_loss", "lr", "grad_norm", "samples_per_second", "skipped_samples", "nonfinite_steps"):
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+            self.writer.flush()
+
+    def validate(self) -> dict:
+        """Teacher-forced validation on every rank's shard; the model returns to training mode."""
+        data = self.val_data
+        if self.args.max_val_samples:
+            data = torch.utils.data.Subset(data, range(min(len(data), self.args.max_val_samples)))
+        scores = evaluate_teacher_forced(
+            self.model,
+            data,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            batch_size=self.args.batch_size,
+            workers=min(self.args.workers, 2),
+            precision=self.args.precision,
+            description=f"validate {self.args.val_dataset}",
+            show_progress=self.dist.is_main,
+        )
+        if self.dist.is_main:
+            logger.info(
+                "step %d validation on %s (teacher_forced): gIoU %.4f cIoU %.4f over %d masks",
+                self.global_step, self.args.val_dataset, scores["giou"], scores["ciou"], scores["count"],
+            )
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"kind": "val", "step": self.global_step, "protocol": "teacher_forced",
+                                      "split": self.args.val_dataset, **_plain(scores)}) + "\n")
+            if self.writer is not None:
+                for key in ("giou", "ciou"):
+                    self.writer.add_scalar(f"val/{key}", scores[key], self.global_step)
+                self.writer.flush()
+        return scores
+
+    def save_checkpoint(self, giou: float | None = None) -> Path | None:
+        """Write the checkpoint of the current step (all ranks call this)."""
+        step = self.global_step
+        if self.dist.is_main:
+            tmp = ckpt.begin_checkpoint(self.run_dir, step)
+        barrier()
+        tmp = ckpt.temporary_path(self.run_dir, step)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        ckpt.save_torch(rng, tmp / f"rng_state_rank{self.dist.rank}.pt")
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        elif self.dist.is_main:
+            ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        if self.dist.is_main:
+            self.model.save_pretrained(tmp, include_sam=False)
+        barrier()
+        final = None
+        if self.dist.is_main:
+            improved = giou is not None and giou > self.best_giou
+            if improved:
+                self.best_giou = giou
+            state = {
+                "global_step": step,
+                "epoch": step // self.args.steps_per_epoch,
+                "best_giou": self.best_giou,
+                "last_giou": giou,
+                "nonfinite_total": self.nonfinite_total,
+                "samples_seen": self.samples_seen,
+                "samples_skipped": self.samples_skipped,
+                "world_size": self.dist.world_size,
+                "accumulation": self.accumulation,
+                "args": {k: v for k, v in vars(self.args).items()},
+            }
+            final = ckpt.finish_checkpoint(self.run_dir, step, state)
+            if improved:
+                ckpt.mark_best(self.run_dir, final)
+            ckpt.rotate_checkpoints(self.run_dir, self.args.save_total_limit)
+            logger.info("saved %s%s", final, " (best so far)" if improved else "")
+        barrier()
+        return final
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(scores: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
+
+
+__all__ = ["Trainer", "build_model", "lora_settings", "STRUCTURE_FLAGS"]
