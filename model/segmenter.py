@@ -189,6 +189,7 @@ class ReasonSegmenter(nn.Module):
         is_trainable: bool = False,
         base_model: str | os.PathLike | None = None,
         sam_checkpoint: str | os.PathLike | None = None,
+        **vlm_kwargs,
     ) -> "ReasonSegmenter":
         """Load a directory written by :meth:`save_pretrained` (full or trainable-only).
 
@@ -196,6 +197,7 @@ class ReasonSegmenter(nn.Module):
             is_trainable: keep a LoRA adapter trainable (resuming training).
             base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files).
             sam_checkpoint: override the official SAM file of a checkpoint without SAM weights.
+            vlm_kwargs: passed to the VLM's ``from_pretrained`` (e.g. ``quantization_config``).
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -216,7 +218,7 @@ class ReasonSegmenter(nn.Module):
                 f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {vlm_family(vlm_path)}"
             )
         processor = load_processor(processor_path, config.vlm_family)
-        vlm = load_vlm(vlm_path, dtype=dtype)
+        vlm = load_vlm(vlm_path, dtype=dtype, **vlm_kwargs)
         ensure_seg_token(vlm, processor.tokenizer)
         vlm.requires_grad_(False)
         if config.adapter_path:
@@ -254,12 +256,15 @@ class ReasonSegmenter(nn.Module):
         ``include_sam``, ``sam.safetensors`` (the whole SAM with its official keys). Without
         SAM, the config names the official SAM file to rebuild it from (training checkpoints).
         """
-        from peft import PeftModel
+        try:
+            from peft import PeftModel
+        except ImportError:  # peft is only needed for LoRA models; a full VLM saves without it
+            PeftModel = None
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = SegmenterConfig(**vars(self.config))
-        if isinstance(self.vlm, PeftModel):
+        if PeftModel is not None and isinstance(self.vlm, PeftModel):
             config.adapter_path = ADAPTER_DIR
             self.vlm.save_pretrained(directory / ADAPTER_DIR)
             save_processor(self.processor, directory / ADAPTER_DIR, config.vlm_family)

@@ -9,12 +9,12 @@ and a few meta fields.
 
 Examples::
 
-    python tools/inspect_data.py --dataset_dir dataset --dataset reason_seg --split "ReasonSeg|val" --num 8 --out /tmp/insp
-    python tools/inspect_data.py --dataset_dir dataset --dataset refer_seg --split "refcoco|unc|val" --num 8 --out /tmp/insp
-    python tools/inspect_data.py --dataset_dir dataset --dataset sem_seg --split ade20k --mode train --num 8 --out /tmp/insp
-    python tools/inspect_data.py --dataset_dir dataset --dataset vqa --split llava_instruct_150k --num 4 --out /tmp/insp
-    python tools/inspect_data.py --dataset_dir dataset --dataset coco --split "my/instances.json|my/images" --num 4 --out /tmp/insp
-    python tools/inspect_data.py --dataset_dir synthetic_root --dataset "synthetic|val" --num 8 --out /tmp/insp
+    python tools/inspect_data.py --dataset_dir dataset --dataset reason_seg --split "ReasonSeg|val" --out /tmp/i
+    python tools/inspect_data.py --dataset_dir dataset --dataset refer_seg --split "refcoco|unc|val" --out /tmp/i
+    python tools/inspect_data.py --dataset_dir dataset --dataset sem_seg --split ade20k --mode train --out /tmp/i
+    python tools/inspect_data.py --dataset_dir dataset --dataset vqa --split llava_instruct_150k --out /tmp/i
+    python tools/inspect_data.py --dataset_dir dataset --dataset coco --split "mine/ann.json|mine/images" --out /tmp/i
+    python tools/inspect_data.py --dataset_dir synthetic_root --dataset "synthetic|val" --num 16 --out /tmp/i
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     written = 0
     indices = range(args.start, len(dataset))
-    with open(os.path.join(out_dir, "samples.jsonl"), "w", encoding="utf-8") as jsonl, tqdm(total=args.num, desc="samples") as bar:
+    jsonl_path = os.path.join(out_dir, "samples.jsonl")
+    with open(jsonl_path, "w", encoding="utf-8") as jsonl, tqdm(total=args.num, desc="samples") as bar:
         for index in indices:
             if written >= args.num:
                 break

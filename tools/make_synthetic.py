@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out, args.seed, args.num_train, args.num_val, overwrite=args.overwrite, show_progress=not args.no_progress
     )
     flags = " ".join(f'--{key} "{value}"' for key, value in marker["train_flags"].items())
-    print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out} in {time.perf_counter() - start:.1f}s")
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.num_train} train + {args.num_val} val scenes to {args.out} in {elapsed:.1f}s")
     print(f"train with: --dataset_dir {args.out} {flags}")
 
 

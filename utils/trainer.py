@@ -234,6 +234,10 @@ class Trainer:
                 collate_fn=partial(self.model.collate, padding_side="right"),
                 num_workers=args.workers,
                 pin_memory=self.device.type == "cuda",
+                worker_init_fn=_ignore_stop_signals,
+                # Its own generator: drawing worker seeds from the global RNG would shift the
+                # dropout noise of a resumed run (its loader starts at another step).
+                generator=torch.Generator().manual_seed(args.seed * 1000 + epoch),
             )
             batches = iter(loader)
             while step_in_epoch < args.steps_per_epoch and self.global_step < self.total_steps:
@@ -292,6 +296,7 @@ class Trainer:
         world = self.dist.world_size
         record = {key: value / world for key, value in zip(sums, reduced[:4])}
         samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         grad_norm = self._apply_gradients(skip=nonfinite_any > 0)
         self.samples_seen += int(samples_all)
         self.samples_skipped += int(skipped_all)
@@ -314,7 +319,7 @@ class Trainer:
             )
         record.update(
             step=self.global_step + 1,
-            lr=self.scheduler.get_last_lr()[0],
+            lr=lr,
             grad_norm=grad_norm,
             samples=samples_all,
             skipped_samples=self.samples_skipped,
@@ -430,6 +435,13 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the trainer, which saves before exiting
+    (a cluster signals the whole process group; a dead worker would abort the save)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _plain(scores: dict) -> dict:

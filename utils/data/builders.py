@@ -196,12 +196,16 @@ def build_train_dataset(
     kinds = split_names(config.dataset)
     rates = parse_sample_rates(config.sample_rates)
     if len(rates) != len(kinds):
-        raise ValueError(f"--sample_rates {config.sample_rates!r} has {len(rates)} rates for {len(kinds)} sources {kinds}")
+        raise ValueError(
+            f"--sample_rates {config.sample_rates!r} has {len(rates)} rates for {len(kinds)} sources {kinds}"
+        )
     sources: dict[str, list[RawDataset]] = {}
     for kind in kinds:
         options = config.reason_seg_rates() if kind == "reason_seg" else {}
         sources[kind] = [
-            build_source_dataset(kind, spec, config.dataset_dir, "train", config.seed, config.num_questions_per_image, **options)
+            build_source_dataset(
+                kind, spec, config.dataset_dir, "train", config.seed, config.num_questions_per_image, **options
+            )
             for spec in config.source_specs(kind)
         ]
     return HybridDataset(

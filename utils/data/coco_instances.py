@@ -8,6 +8,7 @@ whose annotations carry a text field (``sentences``, ``sentence``, ``caption``, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -129,7 +130,7 @@ class PacoLvisDataset(CocoCategoryDataset):
                  num_questions_per_image: int = 3, name: str = "paco_lvis") -> None:
         annotation_file = os.path.join(dataset_dir, "vlpart", "paco", "annotations", f"paco_lvis_v1_{split}.json")
         coco_root = os.path.join(dataset_dir, "coco")
-        super().__init__(annotation_file, lambda file_name: os.path.join(coco_root, file_name), part_phrasings,
+        super().__init__(annotation_file, functools.partial(os.path.join, coco_root), part_phrasings,
                          mode, seed, num_questions_per_image, name)
 
 
@@ -141,7 +142,7 @@ class PascalPartDataset(CocoCategoryDataset):
                  num_questions_per_image: int = 3, name: str = "pascal_part") -> None:
         root = os.path.join(dataset_dir, "vlpart", "pascal_part")
         image_dir = os.path.join(root, "VOCdevkit", "VOC2010", "JPEGImages")
-        super().__init__(os.path.join(root, f"{split}.json"), lambda file_name: os.path.join(image_dir, file_name),
+        super().__init__(os.path.join(root, f"{split}.json"), functools.partial(os.path.join, image_dir),
                          part_phrasings, mode, seed, num_questions_per_image, name)
 
 
@@ -162,7 +163,7 @@ class CocoInstancesDataset(TargetDataset):
             targets = category_targets(index, plain_phrasing)
         self.target_id_key = "ann_ids" if self.uses_expressions else "category_ids"
         super().__init__(
-            targets, _image_records(index, lambda file_name: os.path.join(image_dir, file_name)), _annotations(index),
+            targets, _image_records(index, functools.partial(os.path.join, image_dir)), _annotations(index),
             mode, seed, num_questions_per_image, name,
             is_sentence=is_sentence and self.uses_expressions, one_text_per_target=not self.uses_expressions,
         )

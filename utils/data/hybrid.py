@@ -136,7 +136,10 @@ class HybridDataset(torch.utils.data.Dataset):
             name: {
                 "probability": round(float(probability), 4),
                 "sub_datasets": {
-                    getattr(dataset, "name", type(dataset).__name__): {"size": len(dataset), "probability": round(float(p), 4)}
+                    getattr(dataset, "name", type(dataset).__name__): {
+                        "size": len(dataset),
+                        "probability": round(float(p), 4),
+                    }
                     for dataset, p in zip(datasets, sub_probabilities)
                 },
             }

@@ -124,7 +124,9 @@ class ReferSegDataset(TargetDataset):
         wanted_images = {target.image_id for target in targets}
         wanted_anns = {ann_id for target in targets for ann_id in target.ann_ids}
         images = {
-            image["id"]: ImageRecord(os.path.join(image_dir, image["file_name"]), int(image["height"]), int(image["width"]))
+            image["id"]: ImageRecord(
+                os.path.join(image_dir, image["file_name"]), int(image["height"]), int(image["width"])
+            )
             for image in content["images"]
             if image["id"] in wanted_images
         }

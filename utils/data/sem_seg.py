@@ -96,7 +96,7 @@ class LabelMapDataset(RawDataset):
         self.label_paths = label_paths
         self.class_names = tuple(class_names)
         self.value_to_class = np.asarray(value_to_class, dtype=np.int64)
-        self.askable = np.ones(len(self.class_names), dtype=bool) if askable is None else np.asarray(askable, dtype=bool)
+        self.askable = np.asarray([True] * len(self.class_names) if askable is None else askable, dtype=bool)
         self.palette = palette
         logger.info("%s (%s): %d images, %d classes", self.name, mode, len(self), len(self.class_names))
 
@@ -121,7 +121,9 @@ class LabelMapDataset(RawDataset):
         image = load_image_rgb(image_path)
         class_map = self.class_map(load_label_map(label_path), label_path)
         if class_map.shape != image.shape[:2]:
-            raise CorruptSampleError(f"{label_path}: label map {class_map.shape} vs image {image.shape[:2]} of {image_path}")
+            raise CorruptSampleError(
+                f"{label_path}: label map {class_map.shape} vs image {image.shape[:2]} of {image_path}"
+            )
         present = [int(c) for c in np.unique(class_map) if c != IGNORE_CLASS and self.askable[c]]
         if not present:
             raise EmptySampleError(f"{label_path}: no labelled class to ask about")
@@ -132,7 +134,10 @@ class LabelMapDataset(RawDataset):
             chosen, template_rng = present, None
         requests = [self.class_names[c] for c in chosen]
         turns = [
-            (templates.segmentation_question(request, False, template_rng), templates.segmentation_answer(1, template_rng))
+            (
+                templates.segmentation_question(request, False, template_rng),
+                templates.segmentation_answer(1, template_rng),
+            )
             for request in requests
         ]
         return RawSample(
@@ -142,7 +147,12 @@ class LabelMapDataset(RawDataset):
             turns=turns,
             masks=class_masks(class_map, chosen),
             requests=requests,
-            meta={"class_ids": chosen, "label_path": label_path, "no_target": [False] * len(turns), "is_sentence": False},
+            meta={
+                "class_ids": chosen,
+                "label_path": label_path,
+                "no_target": [False] * len(turns),
+                "is_sentence": False,
+            },
         )
 
 
@@ -167,7 +177,9 @@ class Ade20kDataset(LabelMapDataset):
     def __init__(self, dataset_dir: str, split: str = "training", mode: Mode = "train", seed: int = 0,
                  num_questions_per_image: int = 3, name: str = "ade20k") -> None:
         root = os.path.join(dataset_dir, "ade20k")
-        images, labels = pair_images_with_labels(os.path.join(root, "annotations", split), os.path.join(root, "images", split))
+        images, labels = pair_images_with_labels(
+            os.path.join(root, "annotations", split), os.path.join(root, "images", split)
+        )
         names = load_class_names(root, ADE20K_CLASSES)
         value_to_class = np.full(256, IGNORE_CLASS, dtype=np.int64)
         count = min(len(names), 255)
@@ -187,13 +199,17 @@ class CocoStuffDataset(LabelMapDataset):
     def __init__(self, dataset_dir: str, split: str = "train2017", mode: Mode = "train", seed: int = 0,
                  num_questions_per_image: int = 3, name: str = "cocostuff") -> None:
         label_root = os.path.join(dataset_dir, "cocostuff")
-        images, labels = pair_images_with_labels(os.path.join(label_root, split), os.path.join(dataset_dir, "coco", split))
+        images, labels = pair_images_with_labels(
+            os.path.join(label_root, split), os.path.join(dataset_dir, "coco", split)
+        )
         names = load_class_names(label_root, COCO_STUFF_CLASSES)
         value_to_class = np.full(256, IGNORE_CLASS, dtype=np.int64)
         count = min(len(names), 255)
         value_to_class[:count] = np.arange(count)
         askable = ["-" not in class_name for class_name in names]
-        super().__init__(images, labels, names, value_to_class, askable, None, mode, seed, num_questions_per_image, name)
+        super().__init__(
+            images, labels, names, value_to_class, askable, None, mode, seed, num_questions_per_image, name
+        )
 
 
 class MapillaryDataset(LabelMapDataset):
@@ -222,4 +238,6 @@ class MapillaryDataset(LabelMapDataset):
         images, labels = pair_images_with_labels(
             os.path.join(root, split, version, "labels"), os.path.join(root, split, "images")
         )
-        super().__init__(images, labels, names, value_to_class, askable, palette, mode, seed, num_questions_per_image, name)
+        super().__init__(
+            images, labels, names, value_to_class, askable, palette, mode, seed, num_questions_per_image, name
+        )

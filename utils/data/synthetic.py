@@ -126,7 +126,9 @@ def shape_polygon(kind: str, cx: float, cy: float, radius: float) -> np.ndarray:
         points = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
     elif kind == "square":
         half = radius / np.sqrt(2)
-        points = np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+        points = np.array(
+            [[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]]
+        )
     elif kind == "triangle":
         angles = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
         points = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
@@ -279,7 +281,9 @@ def vqa_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     for index, shape in enumerate(scene.shapes):
         if _is_unique_kind(scene, index):
             candidates.append((f"What colour is the {shape.kind}?", f"The {shape.kind} is {shape.colour}."))
-        candidates.append((f"What shape is the {shape.colour} object?", f"The {shape.colour} object is {with_article(shape.kind)}."))
+        candidates.append(
+            (f"What shape is the {shape.colour} object?", f"The {shape.colour} object is {with_article(shape.kind)}.")
+        )
         if "largest" in extremes(scene, index):
             candidates.append(("Which shape is the largest?", f"The {shape.name} is the largest."))
     absent = absent_expression(scene, rng).removeprefix("the ")

@@ -143,7 +143,8 @@ class SyntheticDatasetWriter:
     def write(self, show_progress: bool = False) -> dict[str, Any]:
         """Generate all scenes and write all files; return the marker content."""
         scenes = [("train", i) for i in range(self.num_train)] + [("val", i) for i in range(self.num_val)]
-        for image_id, (split, index) in enumerate(tqdm(scenes, desc="synthetic scenes", disable=not show_progress), start=1):
+        progress = tqdm(scenes, desc="synthetic scenes", disable=not show_progress)
+        for image_id, (split, index) in enumerate(progress, start=1):
             self._write_scene(split, index, image_id)
         self._write_index_files()
         marker = {
@@ -175,7 +176,9 @@ class SyntheticDatasetWriter:
     def _write_coco_instances(self, scene: Scene, split: str, image_id: int, jpeg: bytes) -> list[int]:
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         _write_bytes(self.path("refer_seg", "images", "mscoco", "images", "train2014", file_name), jpeg)
-        self.collected.coco_images.append({"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width})
+        self.collected.coco_images.append(
+            {"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width}
+        )
         ann_ids = []
         for shape_index, shape in enumerate(scene.shapes):
             ann_id = image_id * 10 + shape_index + 1
@@ -307,7 +310,9 @@ def prepare_output_dir(root: str, overwrite: bool) -> None:
     if not is_synthetic_root(root):
         raise FileExistsError(f"{root} is not empty and holds no {MARKER_FILE}: refusing to write into it")
     if not overwrite:
-        raise FileExistsError(f"{root} already holds a synthetic dataset; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(
+            f"{root} already holds a synthetic dataset; pass overwrite=True (--overwrite) to replace it"
+        )
     for relative in GENERATED_PATHS:
         target = os.path.join(root, relative)
         if os.path.isdir(target):

@@ -132,7 +132,9 @@ class TargetDataset(RawDataset):
     def _train_choices(self, image_id: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         positions = list(self.targets_by_image[image_id])
         rng.shuffle(positions)
-        queues = {position: [int(i) for i in rng.permutation(len(self.targets[position].texts))] for position in positions}
+        queues = {
+            position: [int(i) for i in rng.permutation(len(self.targets[position].texts))] for position in positions
+        }
         if self.one_text_per_target:
             queues = {position: queue[:1] for position, queue in queues.items()}
         choices: list[tuple[int, int]] = []
@@ -190,5 +192,7 @@ class TargetDataset(RawDataset):
     def _target_mask(self, target: Target, height: int, width: int, image_path: str) -> np.ndarray:
         annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]
         if not annotations:
-            raise CorruptSampleError(f"{image_path}: annotations {target.ann_ids} of target {target.target_id} are missing")
+            raise CorruptSampleError(
+                f"{image_path}: annotations {target.ann_ids} of target {target.target_id} are missing"
+            )
         return union_mask(annotations, height, width, f"{image_path} target {target.target_id}")

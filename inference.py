@@ -1,0 +1,71 @@
+"""Ask the segmenter about images: interactively, once, or for a whole JSONL file.
+
+Interactive (asks for a request, then an image path; an empty input quits):
+    python inference.py --version MODEL_DIR [--vis_save_path vis_output]
+
+One request:
+    python inference.py --version MODEL_DIR --image photo.jpg --prompt "Where is the dog?"
+
+A batch ({"image": PATH, "prompt": TEXT} per line -> text, boxes and COCO-RLE masks per line):
+    python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl
+
+Each answer prints its text and, per [SEG], the mask's box; the interactive and one-shot modes
+save one mask PNG and one overlay PNG per [SEG] into --vis_save_path. MODEL_DIR is a merged
+directory from transform_weight.py, a training checkpoint (with --base_model /
+--vision_pretrained to override the paths it records) or a run directory (its latest checkpoint).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from utils.inference import (  # noqa: E402
+    add_model_arguments,
+    interactive_loop,
+    one_shot,
+    run_batch,
+    session_from_args,
+    setup_logging,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--vis_save_path", default="./vis_output", help="where mask and overlay PNGs go")
+    parser.add_argument("--image", help="one-shot: the image (with --prompt)")
+    parser.add_argument("--prompt", help="one-shot: the request (with --image)")
+    parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line')
+    parser.add_argument("--output_jsonl", help="batch: where the answers go (default: INPUT.out.jsonl)")
+    parser.add_argument("--image_root", help="batch: base of relative image paths (default: the input file's directory)")
+    parser.add_argument("--no_progress", action="store_true", help="batch: no progress bar")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    one = args.image is not None or args.prompt is not None
+    if one and (args.image is None or args.prompt is None):
+        parser.error("a one-shot request needs both --image and --prompt")
+    if one and args.input_jsonl:
+        parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
+    if args.input_jsonl and not Path(args.input_jsonl).is_file():
+        parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
+    setup_logging(args.verbose)
+
+    session = session_from_args(args)
+    if args.input_jsonl:
+        output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
+        summary = run_batch(session, args.input_jsonl, output, args.image_root, progress=not args.no_progress)
+        print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
+        return 0
+    if one:
+        return one_shot(session, args.image, args.prompt, args.vis_save_path, sys.stdout)
+    answered = interactive_loop(session, args.vis_save_path, out=sys.stdout)
+    print(f"bye ({answered} requests answered; files in {args.vis_save_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

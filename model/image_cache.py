@@ -1,0 +1,204 @@
+"""Reuse of image features when the same image is asked about again.
+
+Each request re-runs two vision encoders: SAM's image encoder (the segmenter's
+:meth:`~model.segmenter.ReasonSegmenter.encode_images`) and Qwen-VL's vision tower (its
+``visual`` module, during the prompt's forward pass). For a follow-up question about the same
+image both give the same output, so :class:`FeatureCache` memoises them:
+
+* SAM: per image, keyed by a hash of that image's SAM input tensor (``sam_pixel_values[i]``);
+  several images in a batch are looked up one by one and only the missing ones are encoded.
+* Qwen-VL: per call of the vision tower, keyed by a hash of ``pixel_values`` and
+  ``image_grid_thw`` (the whole batch's patches: a batch of one image is the common case).
+
+The keys are hashes of the exact model inputs, so a cached feature is returned only for an input
+that would have produced it; both stores are LRU-bounded (``max_items`` entries each). Caching is
+only active inside the context (or between :meth:`FeatureCache.attach` and
+:meth:`FeatureCache.detach`) and only without autograd (inference); training is never affected.
+
+Usage::
+
+    with FeatureCache(max_items=8).attached(model) as cache:
+        model.predict([image], ["Where is the dog?"])
+        model.predict([image], ["And its tail?"])   # neither encoder runs again
+        cache.stats  # {"sam_hits": 1, "sam_misses": 1, "vision_hits": 1, "vision_misses": 1}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+def tensor_key(*tensors: torch.Tensor | None) -> str:
+    """A content hash of tensors (dtype, shape and bytes); ``None`` entries count as absent."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none;")
+            continue
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.contiguous().reshape(-1)
+        digest.update(f"{data.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class _LRU:
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        value = self.items.get(key, _MISSING)
+        if value is not _MISSING:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+
+
+def _fresh(output: Any) -> Any:
+    """A shallow copy of a vision-tower output: callers reassign its fields (e.g. Qwen's
+    ``get_image_features`` splits ``pooler_output`` in place), which must not touch the cache."""
+    from transformers.utils import ModelOutput
+
+    if isinstance(output, ModelOutput):
+        return type(output)(**{k: list(v) if isinstance(v, list) else v for k, v in output.items()})
+    if isinstance(output, tuple):
+        return tuple(list(v) if isinstance(v, list) else v for v in output)
+    return output
+
+
+def find_vision_tower(vlm: nn.Module) -> nn.Module:
+    """Qwen-VL's vision tower: the module named ``visual`` (also inside a peft wrapper)."""
+    for name, module in vlm.named_modules():
+        if name == "visual" or name.endswith(".visual"):
+            return module
+    raise ValueError("could not find the Qwen-VL vision tower (a module named 'visual')")
+
+
+class FeatureCache:
+    """LRU memo of SAM image embeddings and Qwen-VL vision-tower outputs (see the module doc).
+
+    Args:
+        max_items: entries kept per encoder (0 disables storing).
+    """
+
+    def __init__(self, max_items: int = 8) -> None:
+        if max_items < 0:
+            raise ValueError(f"max_items must be >= 0, got {max_items}")
+        self.max_items = max_items
+        self._sam = _LRU(max_items)
+        self._vision = _LRU(max_items)
+        self._lock = threading.RLock()
+        self._model: nn.Module | None = None
+        self._visual: nn.Module | None = None
+        self._saved_encode: Any = _MISSING
+        self._saved_forward: Any = _MISSING
+        self.stats = {"sam_hits": 0, "sam_misses": 0, "vision_hits": 0, "vision_misses": 0}
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach(self, model: nn.Module) -> "FeatureCache":
+        """Route ``model.encode_images`` and its vision tower's forward through the cache."""
+        if self._model is not None:
+            raise RuntimeError("this FeatureCache is already attached to a model")
+        visual = find_vision_tower(model.vlm)
+        self._saved_encode = model.__dict__.get("encode_images", _MISSING)
+        self._saved_forward = visual.__dict__.get("forward", _MISSING)
+        model.encode_images = self._wrap_encode(model.encode_images)
+        visual.forward = self._wrap_vision(visual.forward)
+        self._model, self._visual = model, visual
+        return self
+
+    def detach(self) -> None:
+        """Restore the model's own methods (the stored features are kept until :meth:`clear`)."""
+        if self._model is None:
+            return
+        for module, name, saved in (
+            (self._model, "encode_images", self._saved_encode),
+            (self._visual, "forward", self._saved_forward),
+        ):
+            if saved is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, saved)
+        self._model = self._visual = None
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator["FeatureCache"]:
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sam.items.clear()
+            self._vision.items.clear()
+
+    def __len__(self) -> int:
+        return len(self._sam.items) + len(self._vision.items)
+
+    # ------------------------------------------------------------------ the wrappers
+
+    def _wrap_encode(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        def encode_images(sam_pixel_values: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and self._model is not None and self._model.training:
+                return encode(sam_pixel_values)
+            with self._lock:
+                keys = [tensor_key(image) for image in sam_pixel_values]
+                found = {key: self._sam.get(key) for key in dict.fromkeys(keys)}
+                missing = [key for key, value in found.items() if value is _MISSING]
+                self.stats["sam_hits"] += len(keys) - len(missing)
+                self.stats["sam_misses"] += len(missing)
+                if missing:
+                    first_index = {key: keys.index(key) for key in missing}
+                    rows = sam_pixel_values[[first_index[key] for key in missing]]
+                    for key, embedding in zip(missing, encode(rows)):
+                        found[key] = embedding
+                        if self.max_items:
+                            self._sam.put(key, embedding)
+                return torch.stack([found[key] for key in keys])
+
+        return encode_images
+
+    def _wrap_vision(self, forward: Callable) -> Callable:
+        def cached_forward(hidden_states: torch.Tensor, *args, **kwargs):
+            if torch.is_grad_enabled():
+                return forward(hidden_states, *args, **kwargs)
+            tensors = [hidden_states, *[a for a in args if isinstance(a, torch.Tensor)]]
+            tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
+            others = [repr(a) for a in args if not isinstance(a, torch.Tensor)]
+            others += [f"{k}={kwargs[k]!r}" for k in sorted(kwargs) if not isinstance(kwargs[k], torch.Tensor)]
+            key = tensor_key(*tensors) + "|" + ",".join(others)
+            with self._lock:
+                output = self._vision.get(key)
+                if output is not _MISSING:
+                    self.stats["vision_hits"] += 1
+                    return _fresh(output)
+                self.stats["vision_misses"] += 1
+                output = forward(hidden_states, *args, **kwargs)
+                if self.max_items:
+                    self._vision.put(key, _fresh(output))
+                return output
+
+        return cached_forward

@@ -1,0 +1,227 @@
+"""Finding and loading a segmenter for the tools (inference.py, the demo, transform_weight.py).
+
+``--version DIR`` names either
+
+* a segmenter directory written by :meth:`ReasonSegmenter.save_pretrained`: a standalone one
+  (``vlm/`` + ``sam.safetensors``, e.g. the output of transform_weight.py) or a training
+  checkpoint (``adapter/`` referring to the base Qwen-VL, and the official SAM file by path;
+  ``--base_model`` / ``--vision_pretrained`` override those two paths), or
+* a training run directory holding ``checkpoint-*/`` sub-directories: the one named by its
+  ``latest`` file (else the highest step) is used, or the ``best`` link with ``pick="best"``,
+  and the choice is logged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import SegmenterConfig
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Files of raw (not gathered) DeepSpeed ZeRO checkpoints.
+_DEEPSPEED_PATTERNS = ("global_step*", "*zero_pp_rank_*", "mp_rank_*_model_states.pt", "zero_to_fp32.py")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or loaded; the message says why and what to pass instead."""
+
+
+def resolve_checkpoint(path: str | os.PathLike, pick: str = "latest") -> Path:
+    """The segmenter directory that ``path`` stands for (itself, or a checkpoint of a run).
+
+    Args:
+        path: a segmenter directory or a run directory with ``checkpoint-*/`` sub-directories.
+        pick: in a run directory, "latest" (its ``latest`` file, else the highest step) or
+            "best" (its ``best`` link or file).
+    Raises:
+        ModelLoadError: the path does not exist or holds no segmenter checkpoint.
+    """
+    if pick not in ("latest", "best"):
+        raise ValueError(f"pick must be 'latest' or 'best', got {pick!r}")
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model directory")
+    if SegmenterConfig.is_segmenter_directory(path):
+        return path
+    checkpoints = {
+        int(match.group(1)): child
+        for child in path.iterdir()
+        if (match := _CHECKPOINT_RE.match(child.name)) and SegmenterConfig.is_segmenter_directory(child)
+    }
+    if pick == "best":
+        chosen = _named_checkpoint(path, "best")
+        if chosen is None:
+            raise ModelLoadError(f"{path} has no 'best' link or file naming a checkpoint")
+        logger.info("%s is a run directory: using its best checkpoint %s", path, chosen)
+        return chosen
+    chosen = _named_checkpoint(path, "latest")
+    if chosen is not None:
+        logger.info("%s is a run directory: using %s (named by its 'latest' file)", path, chosen)
+        return chosen
+    if checkpoints:
+        step = max(checkpoints)
+        logger.info(
+            "%s is a run directory: using %s, the highest of %d checkpoints (no 'latest' file)",
+            path, checkpoints[step], len(checkpoints),
+        )
+        return checkpoints[step]
+    raise ModelLoadError(_not_a_checkpoint_message(path))
+
+
+def _named_checkpoint(run_dir: Path, name: str) -> Path | None:
+    """The checkpoint a ``latest``/``best`` entry names: a link to it, or a file holding its name."""
+    entry = run_dir / name
+    if entry.is_dir():  # a symlink to the checkpoint (or a copy of it)
+        target = entry.resolve()
+    elif entry.is_file():
+        text = entry.read_text(encoding="utf-8").strip()
+        if not text:
+            return None
+        target = Path(text) if Path(text).is_absolute() else run_dir / text
+    else:
+        return None
+    if not SegmenterConfig.is_segmenter_directory(target):
+        raise ModelLoadError(f"{entry} names {target}, which is not a segmenter checkpoint directory")
+    return target
+
+
+def _not_a_checkpoint_message(path: Path) -> str:
+    message = (
+        f"{path} is not a segmenter directory (no config.json with model_type "
+        f"'qwen_vl_sam_segmenter') and holds no checkpoint-*/ directories"
+    )
+    if any(next(path.glob(pattern), None) for pattern in _DEEPSPEED_PATTERNS):
+        message += (
+            ". It holds raw DeepSpeed ZeRO files: the trainer writes a gathered segmenter "
+            "checkpoint (config.json, adapter/, head.safetensors) at every save; pass that directory"
+        )
+    elif (path / "config.json").is_file():
+        message += (
+            ". Its config.json is not a segmenter's (a plain Qwen-VL directory is a base model: "
+            "pass it as --base_model with a training checkpoint)"
+        )
+    return message
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype:
+    """``bf16``/``fp16``/``fp32``; ``None`` picks bf16 on CUDA (fp16 without bf16 support), fp32 on CPU."""
+    if precision is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        logger.warning("fp16 on the CPU is slow; bf16 or fp32 are faster there")
+    return PRECISIONS[precision]
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.device, dtype: torch.dtype):
+    """A bitsandbytes config for the language model, or None.
+
+    Raises:
+        ModelLoadError: both flags, no bitsandbytes, or no CUDA device (each says so).
+    """
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    flag = "--load_in_4bit" if load_in_4bit else "--load_in_8bit"
+    if load_in_4bit and load_in_8bit:
+        raise ModelLoadError("choose one of --load_in_4bit and --load_in_8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"{flag} needs the bitsandbytes package, which is not installed: "
+            "pip install bitsandbytes (on a machine with a CUDA GPU), or leave the flag out"
+        )
+    if device.type != "cuda":
+        raise ModelLoadError(f"{flag} needs a CUDA GPU (bitsandbytes), but the device is {device}")
+    from transformers import BitsAndBytesConfig
+
+    # The vision tower and the LM head stay in full precision (as LISA does).
+    skip = ["visual", "lm_head"]
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def load_segmenter(
+    version: str | os.PathLike,
+    *,
+    precision: str | None = None,
+    device: str | torch.device | None = None,
+    base_model: str | os.PathLike | None = None,
+    vision_pretrained: str | os.PathLike | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    pick: str = "latest",
+):
+    """Load a segmenter for inference (eval mode, on ``device``).
+
+    Args:
+        version: a segmenter directory or a training run directory (see the module doc).
+        precision: bf16, fp16 or fp32 (None: bf16 on CUDA, fp32 on CPU).
+        base_model, vision_pretrained: for a training checkpoint, the base Qwen-VL directory and
+            the official SAM file, overriding the paths recorded in it.
+        load_in_4bit, load_in_8bit: quantise the language model with bitsandbytes (CUDA only).
+    Raises:
+        ModelLoadError: with a message naming what is missing or wrong.
+    """
+    from .segmenter import ReasonSegmenter
+
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    dtype = resolve_precision(precision, device)
+    quantization = quantization_config(load_in_4bit, load_in_8bit, device, dtype)
+    directory = resolve_checkpoint(version, pick)
+    config = SegmenterConfig.from_pretrained(directory)
+    if not config.adapter_path and base_model:
+        logger.warning("--base_model is ignored: %s carries its whole VLM", directory)
+    if (directory / "sam.safetensors").is_file() and vision_pretrained:
+        logger.warning("--vision_pretrained is ignored: %s carries its SAM weights", directory)
+    vlm_kwargs = {}
+    if quantization is not None:
+        vlm_kwargs = {"quantization_config": quantization, "device_map": {"": device}}
+    try:
+        model = ReasonSegmenter.from_pretrained(
+            directory, dtype=dtype, base_model=base_model, sam_checkpoint=vision_pretrained, **vlm_kwargs
+        )
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ModelLoadError(f"cannot load the model from {directory}: {err}") from err
+    except ImportError as err:
+        raise ModelLoadError(
+            f"cannot load the model from {directory}: {err}. A training checkpoint (LoRA adapter) needs "
+            "peft; a merged directory from transform_weight.py does not"
+        ) from err
+    if quantization is None:
+        model.to(device)
+    else:  # the quantised VLM is already placed; move the rest
+        model.sam.to(device)
+        model.projection.to(device)
+    logger.info(
+        "loaded %s (%s, %s%s) on %s", directory, config.vlm_family, str(dtype).removeprefix("torch."),
+        ", 4-bit" if load_in_4bit else ", 8-bit" if load_in_8bit else "", device,
+    )
+    return model.eval()

@@ -1,0 +1,222 @@
+"""train_ddp.py as users run it: real processes, torchrun with 2 ranks, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from utils import checkpoint as ckpt
+
+SYNTHETIC_FLAGS = [
+    "--dataset", "sem_seg||refer_seg||vqa||reason_seg",
+    "--sample_rates", "3,3,1,3",
+    "--sem_seg_data", "ade20k",
+    "--refer_seg_data", "refcoco||grefcoco",
+    "--vqa_data", "synthetic_vqa",
+    "--reason_seg_data", "ReasonSeg|train",
+    "--val_dataset", "synthetic|val",
+]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run(
+        [sys.executable, "tools/make_synthetic.py", "--out", str(out), "--seed", "1", "--num_train", "40",
+         "--num_val", "12", "--overwrite", "--no_progress"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    return out
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def train_command(model_dir, data_dir, run_base, exp, *extra, nproc=0):
+    launcher = [sys.executable, "train_ddp.py"]
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(29500 + os.getpid() % 1000), "train_ddp.py"]
+    return [
+        *launcher, "--version", str(model_dir), "--dataset_dir", str(data_dir), *SYNTHETIC_FLAGS,
+        "--log_base_dir", str(run_base), "--exp_name", exp, "--batch_size", "2", "--workers", "0",
+        "--warmup_steps", "2", "--lr", "1e-3", "--max_val_samples", "6", *extra,
+    ]
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, **kwargs)
+    return result
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    """The last logged record of each step (a resumed run logs the steps after its checkpoint)."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["kind"] == "train":
+            records[entry["step"]] = entry
+    return records
+
+
+def trainable_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    weights = {f"head.{k}": v for k, v in load_file(checkpoint / "head.safetensors").items()}
+    weights.update({f"adapter.{k}": v for k, v in load_file(checkpoint / "adapter" / "adapter_model.safetensors").items()})
+    return weights
+
+
+def test_single_process_run_writes_checkpoints_logs_and_validates(tiny_segmenter_dir, synthetic_root, tmp_path):
+    result = run(train_command(
+        tiny_segmenter_dir(), synthetic_root, tmp_path, "single", "--epochs", "2", "--steps_per_epoch", "3",
+        "--grad_accumulation_steps", "2", "--eval_steps", "3", "--save_steps", "2", "--save_total_limit", "1",
+    ), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 4 = batch_size 2 x accumulation 2 x 1 processes" in result.stdout
+    assert "validation synthetic|val (teacher_forced): gIoU" in result.stdout
+    run_dir = tmp_path / "single"
+    names = sorted(p.name for p in ckpt.list_checkpoints(run_dir))
+    best = ckpt.best_checkpoint(run_dir)
+    # The last one kept (limit 1) plus the best by validation gIoU.
+    assert names[-1] == "checkpoint-0000006" and best is not None and best.name in names and len(names) <= 2
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-0000006"
+    state = ckpt.read_state(run_dir / "checkpoint-0000006")
+    assert state["global_step"] == 6 and state["epoch"] == 2
+    assert not list(run_dir.glob(".*.tmp"))
+    # Trainable weights only, in peft's adapter format; SAM is referenced, not copied.
+    last = run_dir / "checkpoint-0000006"
+    assert (last / "adapter" / "adapter_config.json").is_file() and not (last / "sam.safetensors").exists()
+    records = train_records(run_dir)
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    assert all(r["samples"] == 4 for r in records.values())
+    assert records[1]["lr"] < records[2]["lr"]  # warmup
+    vals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert [v["step"] for v in vals] == [3, 6] and all(v["protocol"] == "teacher_forced" for v in vals)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_killed_and_resumed_run_matches_uninterrupted_run_under_torchrun(tiny_segmenter_dir, synthetic_root, tmp_path):
+    """Two processes (gloo): SIGTERM mid-run saves a checkpoint; --auto_resume ends identically."""
+    common = ["--epochs", "2", "--steps_per_epoch", "4", "--grad_accumulation_steps", "2", "--no_eval",
+              "--save_steps", "100", "--lora_dropout", "0.3"]
+    straight = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "straight", *common, nproc=2), timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    interrupted_cmd = train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "resumed", *common, "--auto_resume",
+                                    "--log_steps", "1", nproc=2)
+    process = subprocess.Popen(interrupted_cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # a cluster preempting the job signals every process
+    _, stderr = process.communicate(timeout=300)
+    saved = ckpt.latest_checkpoint(tmp_path / "resumed")
+    assert saved is not None, stderr[-3000:]
+    stopped_at = ckpt.read_state(saved)["global_step"]
+    assert 1 <= stopped_at < 8, "the run should have been stopped before the end"
+    assert "SIGTERM received" in stderr
+
+    resumed = run(interrupted_cmd, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stderr
+    final_a = trainable_weights(tmp_path / "straight" / "checkpoint-0000008")
+    final_b = trainable_weights(tmp_path / "resumed" / "checkpoint-0000008")
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=0, atol=1e-6, msg=key)
+    losses_a, losses_b = train_records(tmp_path / "straight"), train_records(tmp_path / "resumed")
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, 9))
+    for step in losses_a:
+        assert losses_a[step]["loss"] == pytest.approx(losses_b[step]["loss"], abs=1e-6), step
+        assert losses_a[step]["samples"] == 8  # 2 ranks x batch 2 x accumulation 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--dataset", "sem_seg||imagenet", "--sample_rates", "1,1"], "imagenet"),
+        (["--sample_rates", "1,1"], "--sample_rates"),
+        (["--vision_pretrained", "missing_sam.pth"], "--vision_pretrained missing_sam.pth: file not found"),
+        (["--val_dataset", "ReasonSeg|nosuchsplit"], "nosuchsplit"),
+    ],
+)
+def test_bad_configuration_stops_before_training(tiny_segmenter_dir, synthetic_root, tmp_path, extra, message):
+    result = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "bad", "--steps_per_epoch", "1", *extra), timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_missing_version_and_sam_are_named(tmp_path, tiny_vlm_dir):
+    result = run([sys.executable, "train_ddp.py", "--dataset_dir", str(tmp_path)], timeout=60)
+    assert result.returncode != 0 and "--version is required" in result.stderr
+    result = run([sys.executable, "train_ddp.py", "--version", str(tiny_vlm_dir()), "--dataset_dir", str(tmp_path)], timeout=60)
+    assert result.returncode != 0 and "--vision_pretrained is required" in result.stderr
+    result = run([sys.executable, "train_ddp.py", "--version", str(tmp_path / "nope"), "--dataset_dir", str(tmp_path)], timeout=60)
+    assert result.returncode != 0 and "directory not found" in result.stderr
+
+
+def test_resume_from_an_incompatible_configuration_is_refused(tiny_segmenter_dir, synthetic_root, tmp_path):
+    first = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "a", "--steps_per_epoch", "1", "--epochs", "1",
+                              "--no_eval", "--grad_accumulation_steps", "1"), timeout=200)
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "b", "--resume", str(tmp_path / "a" / "checkpoint-0000001"),
+                               "--lora_r", "16", "--no_eval"), timeout=200)
+    assert result.returncode != 0
+    assert "--lora_r is 16 here but 8 in the checkpoint" in result.stderr
+
+
+def test_effective_batch_is_kept_when_the_process_count_changes():
+    from utils.train_args import accumulation_for, parse_args
+
+    args = parse_args(["--version", str(REPO), "--vision_pretrained", __file__, "--dataset_dir", str(REPO),
+                       "--batch_size", "2", "--effective_batch_size", "160"])
+    assert accumulation_for(args, 8) == 10 and accumulation_for(args, 2) == 40
+    with pytest.raises(SystemExit, match="not a multiple"):
+        accumulation_for(args, 3)
+
+
+def test_booleans_switch_both_ways_and_config_file_is_read(tmp_path):
+    from utils.train_args import parse_args
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"gradient_checkpointing": True, "lr": 0.01}))
+    base = ["--version", str(REPO), "--vision_pretrained", __file__, "--dataset_dir", str(REPO), "--config", str(config)]
+    args = parse_args(base)
+    assert args.gradient_checkpointing is True and args.lr == 0.01
+    args = parse_args(base + ["--no-gradient_checkpointing", "--lr", "0.5"])
+    assert args.gradient_checkpointing is False and args.lr == 0.5
+    (tmp_path / "bad.json").write_text(json.dumps({"no_such_flag": 1}))
+    with pytest.raises(SystemExit):
+        parse_args(base[:-1] + [str(tmp_path / "bad.json")])
+
+
+def test_gradient_checkpointing_is_applied_and_validation_restores_training_mode(tiny_segmenter_dir, synthetic_root, tmp_path):
+    from utils.data.builders import build_val_dataset
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    args = parse_args(["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(synthetic_root), "--log_base_dir", str(tmp_path),
+                       "--gradient_checkpointing", "--val_dataset", "synthetic|val", "--max_val_samples", "3", "--workers", "0"])
+    trainer = Trainer(args, DistInfo(0, 1, 0, torch.device("cpu")), None, build_val_dataset("synthetic|val", str(synthetic_root)))
+    assert trainer.model.vlm.is_gradient_checkpointing
+    layers = [m for n, m in trainer.model.vlm.named_modules() if n.endswith("language_model.layers.0")]
+    assert layers and layers[0].gradient_checkpointing
+    trainer.model.train()
+    scores = trainer.validate()
+    assert scores["count"] == 3 and 0 <= scores["giou"] <= 1
+    assert trainer.model.training and trainer.model.sam.mask_decoder.training
+    assert not trainer.model.sam.image_encoder.training
+    trainer.close()

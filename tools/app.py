@@ -1,0 +1,49 @@
+"""The Gradio demo: an image and a request in; masks, boxes and the answer out.
+
+    python tools/app.py --version MODEL_DIR                 # http://127.0.0.1:7860
+    python tools/app.py --version MODEL_DIR --host 0.0.0.0 --port 8000
+    python tools/app.py --version MODEL_DIR --share         # a public gradio.live link
+
+MODEL_DIR is a merged directory from transform_weight.py (or a training checkpoint / run
+directory, as in inference.py). Example photographs come from tools/examples/.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from utils.gradio_app import build_demo, examples_in  # noqa: E402
+from utils.inference import add_model_arguments, session_from_args, setup_logging  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument("--max_file_size", default="20mb", help="upload size limit (default 20mb)")
+    parser.add_argument("--queue_size", type=int, default=16, help="requests that may wait in the queue (default 16)")
+    parser.add_argument("--examples", default=str(REPO / "tools" / "examples"), help="directory of example photographs")
+    args = parser.parse_args()
+    setup_logging()
+    session = session_from_args(args)
+    demo = build_demo(session, Path(args.version).name, examples_in(args.examples), queue_size=args.queue_size)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=args.max_file_size,
+        ssr_mode=False,
+        show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

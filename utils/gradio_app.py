@@ -1,0 +1,125 @@
+"""The Gradio demo's page and request handler (``tools/app.py`` launches it).
+
+One request: an image and a sentence in; the image with the masks and their boxes drawn, the
+answer text, the boxes, and a status line ("2 masks" / "no mask") out. Problems with the input
+(no image, an unreadable or oversized file, an empty request) are shown to the person as a
+message in the page (``gr.Error``); anything unexpected is logged with its traceback on the
+server and shown as a short message. The model answers one request at a time (a queue holds the
+others), so concurrent users wait instead of colliding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from utils.inference import NO_MASK_MESSAGE, InferenceSession, InputError, render_overlay
+
+logger = logging.getLogger(__name__)
+
+API_NAME = "segment"
+
+# Example requests for the bundled photographs (tools/examples/).
+EXAMPLE_PROMPTS = {
+    "car_speed.jpg": "Where can the driver see the car speed in this image? Please output segmentation mask.",
+    "dog.jpg": "Can you segment the dog in this image?",
+    "dog_with_horn.jpg": "What is unusual about this dog? Please output segmentation mask.",
+    "groceries.jpg": "Which item would you use to make a salad? Please output segmentation mask.",
+    "truck.jpg": "Segment the part of the truck that touches the road.",
+}
+
+DESCRIPTION = """\
+Ask for something in an image in plain words; the model answers in text and draws one mask
+(with its box) for each thing it points at. Model: `{model}`."""
+
+
+def examples_in(directory: str | Path) -> list[list[str]]:
+    """[image path, request] pairs for the bundled example photographs."""
+    directory = Path(directory)
+    pairs = []
+    for name, prompt in EXAMPLE_PROMPTS.items():
+        if (directory / name).is_file():
+            pairs.append([str(directory / name), prompt])
+    return pairs
+
+
+def _image_path(image: Any) -> tuple[str, str]:
+    """(path on the server, name the person knows) of the uploaded image payload."""
+    if isinstance(image, dict):
+        path = image.get("path")
+        name = image.get("orig_name") or (Path(path).name if path else "the image")
+    else:
+        path = image
+        name = Path(image).name if image else "the image"
+    if not path:
+        raise InputError("no image: upload a photograph first")
+    return str(path), str(name)
+
+
+def handle_request(session: InferenceSession, image: Any, prompt: Any):
+    """The demo's handler, without Gradio: returns (overlay, text, boxes, status).
+
+    Raises:
+        InputError: a message for the person (the upload's name, not the server's temp path).
+    """
+    if image is None:
+        raise InputError("no image: upload a photograph first")
+    path, name = _image_path(image)
+    try:
+        answer = session.ask(path, prompt)
+    except InputError as err:
+        raise InputError(str(err).replace(path, name)) from None
+    boxes = [{"mask": index, "box": list(box) if box is not None else None} for index, box in enumerate(answer.boxes)]
+    count = len(answer.masks)
+    status = NO_MASK_MESSAGE if count == 0 else f"{count} mask{'s' if count > 1 else ''}"
+    if answer.image.resized_from:
+        height, width = answer.image.resized_from
+        status += f" (the {width}x{height} image was downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
+    return render_overlay(answer), answer.text, boxes, status
+
+
+def build_demo(session: InferenceSession, model_name: str, examples: list[list[str]], queue_size: int = 16):
+    """The Gradio Blocks page, with its queue (one request at a time, ``queue_size`` waiting)."""
+    import gradio as gr
+
+    def segment(image, prompt):
+        try:
+            return handle_request(session, image, prompt)
+        except InputError as err:
+            raise gr.Error(str(err), title="Cannot answer this request") from None
+        except Exception as err:  # noqa: BLE001 - the person gets a message, the log the traceback
+            logger.exception("request failed")
+            raise gr.Error(
+                f"the model failed on this request ({type(err).__name__}); the server log has the details",
+                title="Something went wrong",
+            ) from None
+
+    with gr.Blocks(title="Reasoning segmentation", analytics_enabled=False) as demo:
+        gr.Markdown("# Reasoning segmentation\n" + DESCRIPTION.format(model=model_name))
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=420)
+                prompt = gr.Textbox(label="Request", placeholder="e.g. Where can the driver see the car speed?", lines=2)
+                button = gr.Button("Segment", variant="primary")
+            with gr.Column():
+                overlay = gr.Image(label="Masks and boxes", format="png", interactive=False, height=420)
+                answer = gr.Textbox(label="Answer", interactive=False)
+                status = gr.Textbox(label="Masks", interactive=False)
+                boxes = gr.JSON(label="Boxes (x0, y0, x1, y1; x1 and y1 exclusive)")
+        if examples:
+            gr.Examples(examples=examples, inputs=[image, prompt], label="Examples")
+        # preprocess=False: the handler decodes the upload itself, so an unreadable file gets a
+        # clear message instead of a failure inside Gradio (uploads are still checked by Gradio).
+        common = dict(
+            fn=segment,
+            inputs=[image, prompt],
+            outputs=[overlay, answer, boxes, status],
+            preprocess=False,
+            concurrency_limit=1,
+            concurrency_id="model",
+        )
+        button.click(api_name=API_NAME, **common)
+        prompt.submit(api_visibility="undocumented", **common)
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo

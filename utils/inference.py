@@ -1,0 +1,502 @@
+"""Inference for people: reading images, answering requests, saving and printing the results.
+
+Shared by ``inference.py`` (interactive loop, one-shot, batch JSONL) and the Gradio demo
+(``tools/app.py``). Masks, boxes, RLE and overlays come from :mod:`utils.masks`; the model work
+from :class:`model.segmenter.ReasonSegmenter`.
+
+Bad input never stops a loop, a batch or the demo: it raises :class:`InputError` with a message
+meant for the person (the file it names and what is wrong), which the caller shows and moves on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils.masks import encode_rle, mask_to_box, overlay_masks
+
+logger = logging.getLogger(__name__)
+
+SEG_TOKEN = "[SEG]"
+DEFAULT_MAX_IMAGE_SIDE = 4096
+# Refused beyond this (a 150-megapixel image is 450 MB of RGB); PIL itself refuses ~179 MP.
+DEFAULT_MAX_IMAGE_PIXELS = 150_000_000
+NO_MASK_MESSAGE = f"no mask: the answer has no {SEG_TOKEN}"
+
+
+class InputError(ValueError):
+    """A request the model cannot take (unreadable image, empty prompt...); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and prompts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image: ``array`` is HxWx3 uint8 RGB, upright (EXIF orientation applied).
+
+    Attributes:
+        name: a short name for output files (the file's stem, or "image").
+        source: where it came from (a path, or a description).
+        resized_from: (H, W) before the downscale to ``max_side``, or None when not resized.
+    """
+
+    array: np.ndarray
+    name: str = "image"
+    source: str = "image"
+    resized_from: tuple[int, int] | None = None
+
+
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image | np.ndarray,
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> LoadedImage:
+    """Decode an image with PIL, upright, as RGB; downscale it so its longest side is ``max_side``.
+
+    Args:
+        source: a file path, encoded bytes, a PIL image or an HxWx3 / HxW uint8 array.
+        max_side: longer images are resized (aspect kept) and a message is logged; 0 disables.
+        max_pixels: larger images (width x height as stored) are refused.
+    Raises:
+        InputError: missing or unreadable file, not an image, too many pixels.
+    """
+    name, label = "image", "the image"
+    opened_here = False
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4) or 0 in array.shape[:2]:
+            raise InputError(f"expected an HxWx3 uint8 RGB image, got {array.dtype} {tuple(array.shape)}")
+        image = Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            stream: Any = io.BytesIO(source)
+        else:
+            path = Path(source).expanduser()
+            name, label = path.stem or "image", str(path)
+            if not path.exists():
+                raise InputError(f"image file {path} does not exist")
+            if not path.is_file():
+                raise InputError(f"{path} is not a file")
+            stream = path
+        try:
+            with warnings.catch_warnings():
+                # The pixel limit is checked below; PIL's own bomb warning is redundant.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+        except Image.DecompressionBombError as err:
+            raise InputError(f"{label} is too large to decode safely ({err})") from err
+        except UnidentifiedImageError as err:
+            raise InputError(f"{label} is not an image file that can be read (unknown or corrupt format)") from err
+        except OSError as err:
+            raise InputError(f"cannot read {label}: {err}") from err
+        opened_here = True
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InputError(_too_large(label, width, height, max_pixels))
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+        orientation = 1
+    upright = (width, height) if orientation not in (5, 6, 7, 8) else (height, width)
+    if opened_here and max_side and max(width, height) > max_side and image.format == "JPEG":
+        image.draft("RGB", (max_side, max_side))  # decode at a reduced scale: faster, less memory
+    try:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"{label} could not be decoded (truncated or corrupt?): {err}") from err
+    resized_from = None
+    if max_side and max(upright) > max_side:
+        scale = max_side / max(upright)
+        size = (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale)))
+        if image.size != size:
+            image = image.resize(size, Image.BICUBIC, reducing_gap=2.0)
+        resized_from = (upright[1], upright[0])
+        logger.info(
+            "%s is %dx%d; resized to %dx%d (longest side %d, see --max_image_side)",
+            label, upright[0], upright[1], image.width, image.height, max_side,
+        )
+    array = np.asarray(image, dtype=np.uint8)
+    return LoadedImage(np.ascontiguousarray(array), name=name, source=label, resized_from=resized_from)
+
+
+def _too_large(label: str, width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"{label} is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the limit of "
+        f"{max_pixels / 1e6:.0f} megapixels; downscale it first (or raise --max_image_pixels)"
+    )
+
+
+def check_prompt(prompt: Any) -> str:
+    """The request text, stripped; an empty one raises :class:`InputError`."""
+    if prompt is None or not isinstance(prompt, str):
+        raise InputError("the request is missing: type what to find or segment in the image")
+    prompt = prompt.strip()
+    if not prompt:
+        raise InputError("the request is empty: type what to find or segment in the image")
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """One answered request.
+
+    Attributes:
+        result: the model's :class:`~model.segmenter.SegmentationResult` (text, masks, boxes...).
+        image: the image the masks refer to (after any downscale).
+        features_reused: the image's encoded features came from the cache.
+    """
+
+    prompt: str
+    image: LoadedImage
+    result: Any
+    features_reused: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    @property
+    def masks(self) -> list[np.ndarray]:
+        return self.result.masks
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int] | None]:
+        return self.result.boxes
+
+    def record(self) -> dict:
+        """JSON-ready: text, boxes (XYXY, exclusive end; null for an empty mask), masks as COCO RLE."""
+        record = {
+            "text": self.text,
+            "boxes": [list(box) if box is not None else None for box in self.boxes],
+            "masks": [encode_rle(mask) for mask in self.masks],
+            "image_size": list(self.image.array.shape[:2]),
+        }
+        if self.image.resized_from:
+            record["resized_from"] = list(self.image.resized_from)
+        return record
+
+
+def describe_box(box) -> str:
+    return "empty mask (no box)" if box is None else f"box (x0, y0, x1, y1) = ({box[0]}, {box[1]}, {box[2]}, {box[3]})"
+
+
+def describe(answer: Answer, saved: list[tuple[Path, Path]] | None = None) -> str:
+    """What a person reads: the answer text, then one line per mask (or "no mask")."""
+    lines = [f"answer: {answer.text}"]
+    if not answer.masks:
+        lines.append(NO_MASK_MESSAGE)
+    for index, box in enumerate(answer.boxes):
+        line = f"mask {index}: {describe_box(box)}"
+        if saved:
+            line += f" -> {saved[index][0]}, {saved[index][1]}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_overlay(answer: Answer) -> np.ndarray:
+    """The image with every mask and its box drawn (the image itself when there is no mask)."""
+    if not answer.masks:
+        return answer.image.array.copy()
+    labels = [f"{index}" for index in range(len(answer.masks))]
+    return overlay_masks(answer.image.array, answer.masks, labels=labels)
+
+
+def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> list[tuple[Path, Path]]:
+    """Per ``[SEG]``: ``{prefix}_mask_{i}.png`` (0/255) and ``{prefix}_overlay_{i}.png``.
+
+    Returns:
+        the (mask, overlay) paths, in the order of the ``[SEG]`` tokens.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for index, mask in enumerate(answer.masks):
+        mask_path = out_dir / f"{prefix}_mask_{index}.png"
+        overlay_path = out_dir / f"{prefix}_overlay_{index}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        Image.fromarray(overlay_masks(answer.image.array, [mask], colors=[_colour(index)])).save(overlay_path)
+        saved.append((mask_path, overlay_path))
+    return saved
+
+
+def _colour(index: int) -> tuple[int, int, int]:
+    from utils.masks import DEFAULT_PALETTE
+
+    return DEFAULT_PALETTE[index % len(DEFAULT_PALETTE)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
+# ---------------------------------------------------------------------------------------------
+
+
+class InferenceSession:
+    """A loaded model answering requests one at a time (thread-safe), reusing image features.
+
+    Args:
+        model: a :class:`~model.segmenter.ReasonSegmenter` in eval mode.
+        max_new_tokens: answer length limit.
+        max_image_side, max_image_pixels: see :func:`load_image`.
+        cache_size: images whose encoded features are kept (0: no reuse).
+    """
+
+    def __init__(
+        self,
+        model,
+        max_new_tokens: int = 64,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        cache_size: int = 8,
+    ) -> None:
+        from model.image_cache import FeatureCache
+
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.max_image_side = max_image_side
+        self.max_image_pixels = max_image_pixels
+        self.cache = FeatureCache(cache_size).attach(model)
+        self.lock = threading.Lock()
+
+    def load(self, image: Any) -> LoadedImage:
+        if isinstance(image, LoadedImage):
+            return image
+        return load_image(image, self.max_image_side, self.max_image_pixels)
+
+    def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
+        """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).
+
+        ``generate_kwargs`` go to the model's ``generate`` (e.g. a logits processor).
+        Raises:
+            InputError: an empty prompt or an unusable image.
+        """
+        prompt = check_prompt(prompt)
+        loaded = self.load(image)
+        with self.lock:
+            before = dict(self.cache.stats)
+            [result] = self.model.predict(
+                [loaded.array], [prompt], max_new_tokens=self.max_new_tokens, **generate_kwargs
+            )
+            stats = self.cache.stats
+        reused = stats["sam_hits"] > before["sam_hits"] and stats["vision_hits"] > before["vision_hits"]
+        if reused:
+            logger.info("reused the cached image features of %s (no re-encoding)", loaded.source)
+        return Answer(prompt=prompt, image=loaded, result=result, features_reused=reused)
+
+    def close(self) -> None:
+        self.cache.detach()
+        self.cache.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The three ways of running inference.py
+# ---------------------------------------------------------------------------------------------
+
+
+def one_shot(session: InferenceSession, image: str, prompt: str, vis_dir: str | os.PathLike, out: TextIO) -> int:
+    """Answer one request, print it and save its files. Returns an exit status (0, or 1 on bad input)."""
+    try:
+        answer = session.ask(image, prompt)
+    except InputError as err:
+        print(f"error: {err}", file=out)
+        return 1
+    saved = save_visuals(answer, vis_dir, answer.image.name)
+    print(describe(answer, saved), file=out)
+    return 0
+
+
+def interactive_loop(
+    session: InferenceSession,
+    vis_dir: str | os.PathLike,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+) -> int:
+    """Ask for a request, then an image path, answer, repeat; an empty input (or EOF) ends it.
+
+    Returns:
+        the number of requests answered.
+    """
+    answered = 0
+    while True:
+        try:
+            prompt = read("Request (empty to quit): ").strip()
+            if not prompt:
+                break
+            path = _unquote(read("Image path (empty to quit): ").strip())
+            if not path:
+                break
+        except (EOFError, KeyboardInterrupt):
+            break
+        try:
+            answer = session.ask(path, prompt)
+        except InputError as err:
+            print(f"error: {err}", file=out, flush=True)
+            continue
+        except Exception as err:  # noqa: BLE001 - report and keep the loop alive
+            logger.exception("request failed")
+            print(f"error: the request failed ({type(err).__name__}: {err})", file=out, flush=True)
+            continue
+        answered += 1
+        saved = save_visuals(answer, vis_dir, f"{answer.image.name}_{answered}")
+        print(describe(answer, saved), file=out, flush=True)
+    return answered
+
+
+def _unquote(text: str) -> str:
+    """Paths dragged into a terminal come quoted."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def run_batch(
+    session: InferenceSession,
+    input_jsonl: str | os.PathLike,
+    output_jsonl: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Answer every ``{"image": PATH, "prompt": TEXT}`` line of ``input_jsonl``.
+
+    Writes one output line per input line (same order): the input fields, ``text``, ``boxes``,
+    ``masks`` (COCO RLE), ``image_size``, and ``error`` (null, or why that line failed). A failed
+    line does not stop the batch. Relative image paths are read from ``image_root`` (default:
+    the directory of ``input_jsonl``).
+    """
+    from tqdm import tqdm
+
+    input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
+    if not input_jsonl.is_file():
+        raise InputError(f"input file {input_jsonl} does not exist")
+    root = Path(image_root) if image_root else input_jsonl.parent
+    lines = input_jsonl.read_text(encoding="utf-8").splitlines()
+    requests = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    output_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    summary = BatchSummary(total=len(requests))
+    with output_jsonl.open("w", encoding="utf-8") as out, tqdm(
+        total=len(requests), desc="segmenting", unit="request", disable=not progress
+    ) as bar:
+        for number, line in requests:
+            record: dict[str, Any] = {"line": number}
+            try:
+                request = _parse_request(line, number)
+                record.update(request)
+                path = Path(request["image"]).expanduser()
+                answer = session.ask(path if path.is_absolute() else root / path, request["prompt"])
+                record.update(answer.record())
+                record["error"] = None
+                summary.succeeded += 1
+            except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
+                if not isinstance(err, InputError):
+                    logger.exception("line %d failed", number)
+                message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                record["error"] = message
+                summary.failed += 1
+                summary.failures.append(f"line {number}: {message}")
+                bar.write(f"line {number}: {message}")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(1)
+    return summary
+
+
+def _parse_request(line: str, number: int) -> dict:
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"line {number} is not valid JSON ({err.msg})") from err
+    if not isinstance(request, dict) or not isinstance(request.get("image"), str):
+        raise InputError(f'line {number} needs {{"image": PATH, "prompt": TEXT}}')
+    check_prompt(request.get("prompt"))
+    return {"image": request["image"], "prompt": request["prompt"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line wiring shared by inference.py and tools/app.py
+# ---------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and load the model and bound the requests."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--version", required=True, help="model directory: merged/standalone, training checkpoint, or run directory")
+    group.add_argument("--base_model", help="training checkpoint only: the base Qwen-VL directory (overrides the recorded path)")
+    group.add_argument("--vision_pretrained", help="training checkpoint only: the official SAM .pth (overrides the recorded path)")
+    group.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    group.add_argument("--device", help="default: cuda if available, else cpu")
+    group.add_argument("--load_in_4bit", action="store_true", help="4-bit language model (bitsandbytes, CUDA)")
+    group.add_argument("--load_in_8bit", action="store_true", help="8-bit language model (bitsandbytes, CUDA)")
+    group.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit (default 64)")
+    group.add_argument("--max_image_side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                       help=f"longer images are downscaled to this longest side (default {DEFAULT_MAX_IMAGE_SIDE})")
+    group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help=f"larger images are refused (default {DEFAULT_MAX_IMAGE_PIXELS})")
+    group.add_argument("--cache_size", type=int, default=8, help="images whose encoded features are kept for reuse (default 8)")
+
+
+def session_from_args(args: argparse.Namespace) -> InferenceSession:
+    """Load the model named by ``args``; a loading problem exits with its message (status 2)."""
+    from model.loading import ModelLoadError, load_segmenter
+
+    try:
+        model = load_segmenter(
+            args.version,
+            precision=args.precision,
+            device=args.device,
+            base_model=args.base_model,
+            vision_pretrained=args.vision_pretrained,
+            load_in_4bit=args.load_in_4bit,
+            load_in_8bit=args.load_in_8bit,
+        )
+    except ModelLoadError as err:
+        raise SystemExit(f"error: {err}") from None
+    return InferenceSession(
+        model,
+        max_new_tokens=args.max_new_tokens,
+        max_image_side=args.max_image_side,
+        max_image_pixels=args.max_image_pixels,
+        cache_size=args.cache_size,
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines to stderr; library progress bars off (the batch has its own)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
