@@ -220,3 +220,26 @@ def test_gradient_checkpointing_is_applied_and_validation_restores_training_mode
     assert trainer.model.training and trainer.model.sam.mask_decoder.training
     assert not trainer.model.sam.image_encoder.training
     trainer.close()
+
+
+def test_deepspeed_zero2_trains_like_ddp_and_writes_the_same_checkpoints(tiny_segmenter_dir, synthetic_root, tmp_path):
+    from model.segmenter import ReasonSegmenter
+
+    common = ["--epochs", "1", "--steps_per_epoch", "3", "--grad_accumulation_steps", "2", "--no_eval", "--lora_dropout", "0"]
+    ddp = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "ddp", *common, nproc=2), timeout=400)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    deepspeed = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "ds", *common,
+                                  "--deepspeed", str(REPO / "configs" / "ds_zero2.json"), nproc=2), timeout=600)
+    assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]
+    assert "DeepSpeed" in deepspeed.stdout
+    losses_ddp, losses_ds = train_records(tmp_path / "ddp"), train_records(tmp_path / "ds")
+    for step in (1, 2, 3):
+        assert losses_ds[step]["loss"] == pytest.approx(losses_ddp[step]["loss"], abs=1e-4)
+        assert losses_ds[step]["lr"] == pytest.approx(losses_ddp[step]["lr"])
+    weights_ddp = trainable_weights(tmp_path / "ddp" / "checkpoint-0000003")
+    weights_ds = trainable_weights(tmp_path / "ds" / "checkpoint-0000003")
+    assert weights_ddp.keys() == weights_ds.keys()
+    for key in weights_ddp:
+        torch.testing.assert_close(weights_ds[key], weights_ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+    model = ReasonSegmenter.from_pretrained(tmp_path / "ds" / "checkpoint-0000003")
+    assert model.config.adapter_path == "adapter"

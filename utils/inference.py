@@ -106,7 +106,7 @@ def load_image(
         except UnidentifiedImageError as err:
             raise InputError(f"{label} is not an image file that can be read (unknown or corrupt format)") from err
         except OSError as err:
-            raise InputError(f"cannot read {label}: {err}") from err
+            raise InputError(f"{label} could not be read (truncated or corrupt?): {err}") from err
         opened_here = True
     width, height = image.size
     if width * height > max_pixels:
@@ -465,7 +465,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def session_from_args(args: argparse.Namespace) -> InferenceSession:
-    """Load the model named by ``args``; a loading problem exits with its message (status 2)."""
+    """Load the model named by ``args``; a loading problem exits with its message (status 1)."""
     from model.loading import ModelLoadError, load_segmenter
 
     try:
@@ -493,6 +493,7 @@ def setup_logging(verbose: bool = False) -> None:
     """Log lines to stderr; library progress bars off (the batch has its own)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         from transformers.utils import logging as hf_logging
 

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--refer_seg_data", default="refclef||refcoco||refcoco+||refcocog")
     data.add_argument("--vqa_data", default="llava_instruct_150k")
     data.add_argument("--reason_seg_data", default="ReasonSeg|train")
+    data.add_argument("--coco_data", default="", help="your own COCO data as 'instances.json|image_dir' (add 'coco' to --dataset)")
     data.add_argument("--explanatory", type=float, default=0.1, help="share of ReasonSeg samples answered with an explanation")
     data.add_argument("--num_questions_per_image", type=int, default=3)
     data.add_argument("--val_dataset", default="ReasonSeg|val")

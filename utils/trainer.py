@@ -199,7 +199,9 @@ class Trainer:
         self.samples_seen = int(state.get("samples_seen", 0))
         self.samples_skipped = int(state.get("samples_skipped", 0))
         if self.engine is not None:
-            self.engine.load_checkpoint(str(checkpoint / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=True)
+            self.engine.load_checkpoint(
+                str(checkpoint / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=True
+            )
         else:
             self.optimizer.load_state_dict(ckpt.load_torch(checkpoint / "optimizer.pt"))
             self.scheduler.load_state_dict(ckpt.load_torch(checkpoint / "scheduler.pt"))
@@ -284,7 +286,11 @@ class Trainer:
                 output = self._forward(batch)
                 nonfinite |= not bool(torch.isfinite(output.loss))
                 if self.engine is not None:
+                    # DeepSpeed scales by the accumulation, skips the all-reduce off the boundary,
+                    # and steps optimizer and scheduler itself on the boundary micro-step.
                     self.engine.backward(output.loss)
+                    if not final:
+                        self.engine.step()
                 else:
                     (output.loss / len(micro_batches)).backward()
             for key in sums:
@@ -331,8 +337,10 @@ class Trainer:
     def _apply_gradients(self, skip: bool) -> float:
         if self.engine is not None:
             if skip:
+                # DeepSpeed's boundary step cannot be skipped without shifting its micro-step
+                # count, so the step runs on zeroed gradients (the AdamW moments still decay).
                 self.engine.zero_grad()
-            self.engine.step()  # DeepSpeed clips, steps the optimizer and the scheduler
+            self.engine.step()  # the boundary micro-step: clip, optimizer step, scheduler step
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else 0.0
         grad_norm = 0.0
@@ -400,7 +408,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state()
         ckpt.save_torch(rng, tmp / f"rng_state_rank{self.dist.rank}.pt")
         if self.engine is not None:
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+            # Optimizer partitions of every rank; the weights themselves are our safetensors.
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         elif self.dist.is_main:
             ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")

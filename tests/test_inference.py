@@ -1,0 +1,366 @@
+"""inference.py and its library (utils/inference.py, model/image_cache.py, model/loading.py).
+
+Library tests force the answer with a logits processor (a random tiny model rarely says [SEG]);
+the entry point runs as a subprocess, as people run it, with whatever the random model says.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import DATA, REPO, load_photo
+from model.image_cache import FeatureCache, find_vision_tower
+from model.loading import ModelLoadError, load_segmenter, quantization_config
+from model.segmenter import ReasonSegmenter
+from utils.inference import (
+    NO_MASK_MESSAGE,
+    InferenceSession,
+    InputError,
+    describe,
+    load_image,
+    run_batch,
+    save_visuals,
+)
+from utils.masks import decode_rle, mask_to_box
+
+DOG = DATA / "dog.jpg"
+TWO_MASKS = "It is [SEG] and [SEG]."
+
+
+class ScriptedAnswer(LogitsProcessor):
+    """Greedy decoding writes ``token_ids`` from the first generated token on (one generation)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+        self.prompt_length = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        step = input_ids.shape[1] - self.prompt_length
+        scores = torch.full_like(scores, -1e9)
+        scores[:, self.token_ids[min(step, len(self.token_ids) - 1)]] = 0
+        return scores
+
+
+def scripted(model, answer: str) -> LogitsProcessorList:
+    """A fresh logits processor making ``model`` answer ``answer`` (use one per request)."""
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return LogitsProcessorList([ScriptedAnswer(ids)])
+
+
+def run_entry(args, stdin=None, timeout=180, wrapper=None):
+    """Run a repository entry point as a subprocess; ``wrapper`` is Python run before it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if wrapper:
+        code = f"{wrapper}\nimport runpy, sys\nsys.argv = {list(map(str, args))!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_segmenter_dir):
+    return ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
+
+
+@pytest.fixture
+def session(model):
+    session = InferenceSession(model, max_new_tokens=12)
+    yield session
+    session.close()
+
+
+def always_answer(monkeypatch, session, answer):
+    """Make every ``session.ask`` (as run_batch and the loop call it) give ``answer``."""
+    ask = session.ask
+    monkeypatch.setattr(session, "ask", lambda image, prompt: ask(image, prompt, logits_processor=scripted(session.model, answer)))
+
+
+# ------------------------------------------------------------------------------- images
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    image.save(tmp_path / "sideways.jpg", exif=exif)
+    loaded = load_image(tmp_path / "sideways.jpg")
+    assert loaded.array.shape == (60, 40, 3) and loaded.array.dtype == np.uint8
+    assert loaded.name == "sideways" and loaded.resized_from is None
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_huge_image_is_downscaled_with_a_message(tmp_path, caplog, suffix):
+    Image.new("RGB", (5000, 300), (0, 90, 200)).save(tmp_path / f"wide.{suffix}")
+    with caplog.at_level("INFO"):
+        loaded = load_image(tmp_path / f"wide.{suffix}", max_side=1000)
+    assert loaded.array.shape == (60, 1000, 3)
+    assert loaded.resized_from == (300, 5000)
+    assert "resized to 1000x60" in caplog.text
+    assert load_image(tmp_path / f"wide.{suffix}").array.shape == (246, 4096, 3)  # the default 4096
+
+
+def test_too_many_pixels_is_refused(tmp_path):
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    with pytest.raises(InputError, match=r"big\.png is 300x200 .*over the limit"):
+        load_image(tmp_path / "big.png", max_pixels=50_000)
+
+
+def test_unreadable_inputs_give_messages_naming_them(tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not an image")
+    (tmp_path / "cut.jpg").write_bytes(DOG.read_bytes()[:20000])
+    for path, message in [
+        (tmp_path / "missing.jpg", r"missing\.jpg does not exist"),
+        (tmp_path / "notes.jpg", r"notes\.jpg is not an image"),
+        (tmp_path / "cut.jpg", r"cut\.jpg could not be decoded"),
+        (tmp_path, "is not a file"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            load_image(path)
+
+
+def test_empty_prompt_is_refused(session):
+    for prompt in ("", "   \n", None):
+        with pytest.raises(InputError, match="request is (empty|missing)"):
+            session.ask(DOG, prompt)
+
+
+# ------------------------------------------------------------------------------- answers
+
+
+def test_each_seg_gets_a_mask_png_an_overlay_and_a_box(session, tmp_path):
+    answer = session.ask(DOG, "Where is the dog?", logits_processor=scripted(session.model, TWO_MASKS))
+    assert answer.text == TWO_MASKS and len(answer.masks) == 2
+    saved = save_visuals(answer, tmp_path, "dog")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dog_mask_0.png", "dog_mask_1.png", "dog_overlay_0.png", "dog_overlay_1.png",
+    ]
+    text = describe(answer, saved)
+    photo = load_photo("dog.jpg")
+    for index, (mask_path, overlay_path) in enumerate(saved):
+        mask = np.array(Image.open(mask_path))
+        assert mask.shape == photo.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask > 0, answer.masks[index])
+        overlay = np.array(Image.open(overlay_path))
+        assert overlay.shape == photo.shape
+        assert answer.boxes[index] == mask_to_box(mask > 0)
+        assert f"mask {index}: " in text and str(mask_path) in text
+        outside = np.ones(mask.shape, bool)  # away from the mask and its box outline
+        if answer.masks[index].any():  # pixels under the mask are tinted
+            assert not np.array_equal(overlay[answer.masks[index]], photo[answer.masks[index]])
+            x0, y0, x1, y1 = answer.boxes[index]
+            outside[max(0, y0 - 4):y1 + 4, max(0, x0 - 4):x1 + 4] = False
+        assert np.array_equal(overlay[outside], photo[outside])
+    record = answer.record()
+    assert record["image_size"] == [534, 800] and record["text"] == TWO_MASKS
+    for rle, mask, box in zip(record["masks"], answer.masks, record["boxes"]):
+        assert np.array_equal(decode_rle(rle), mask)
+        assert box == (list(mask_to_box(mask)) if mask.any() else None)
+    json.dumps(record)
+
+
+def test_an_answer_without_seg_reports_no_mask(session, tmp_path):
+    answer = session.ask(DOG, "How many dogs?", logits_processor=scripted(session.model, "One."))
+    assert answer.text == "One." and answer.masks == []
+    assert save_visuals(answer, tmp_path, "dog") == [] and not list(tmp_path.iterdir())
+    assert describe(answer) == f"answer: One.\n{NO_MASK_MESSAGE}"
+    assert answer.record()["masks"] == [] and answer.record()["boxes"] == []
+
+
+# ------------------------------------------------------------------------------- feature reuse
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_the_same_image_is_encoded_once(tiny_segmenter_dir):
+    model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
+    sam_calls = count_calls(model.sam.image_encoder)
+    vision_calls = count_calls(find_vision_tower(model.vlm).patch_embed)
+    reference = model.predict([load_photo("dog.jpg")], ["Where is the dog?"], 8, logits_processor=scripted(model, TWO_MASKS))[0]
+    assert (len(sam_calls), len(vision_calls)) == (1, 1)
+
+    session = InferenceSession(model, max_new_tokens=8, cache_size=2)
+    answers = [session.ask(DOG, "Where is the dog?", logits_processor=scripted(model, TWO_MASKS)) for _ in range(2)]
+    assert (len(sam_calls), len(vision_calls)) == (2, 2)  # the first request encoded; the second reused
+    assert [a.features_reused for a in answers] == [False, True]
+    for answer in answers:  # identical to each other and to the uncached model
+        assert answer.text == reference.text
+        assert torch.equal(answer.result.seg_states, reference.seg_states)
+        assert all(np.array_equal(a, b) for a, b in zip(answer.masks, reference.masks))
+    # A follow-up question about the same image reuses the features too.
+    session.ask(DOG, "And its tail?", logits_processor=scripted(model, "[SEG]"))
+    assert (len(sam_calls), len(vision_calls)) == (2, 2)
+    # Another image is encoded; the cache is bounded (2 images): the first one drops out.
+    session.ask(DATA / "truck.jpg", "The wheel?")
+    session.ask(DATA / "dog_with_horn.jpg", "The horn?")
+    assert (len(sam_calls), len(vision_calls)) == (4, 4)
+    session.ask(DOG, "Where is the dog?")
+    assert (len(sam_calls), len(vision_calls)) == (5, 5)
+    assert session.cache.stats == {"sam_hits": 2, "sam_misses": 4, "vision_hits": 2, "vision_misses": 4}
+    # Detached, the model is its own self again.
+    session.close()
+    assert "encode_images" not in model.__dict__ and "forward" not in find_vision_tower(model.vlm).__dict__
+    model.predict([load_photo("dog.jpg")], ["Where is the dog?"], 2)
+    assert (len(sam_calls), len(vision_calls)) == (6, 6)
+
+
+def test_cache_looks_up_each_image_of_a_batch(model):
+    dog, truck = load_photo("dog.jpg"), load_photo("truck.jpg")
+    sam_calls = count_calls(model.sam.image_encoder)
+    with FeatureCache(4).attached(model) as cache:
+        batch = model.collate([model.prepare(image, [("Where?", None)]) for image in (dog, truck)], "left")
+        first = model.encode_images(batch["sam_pixel_values"])
+        again = model.encode_images(batch["sam_pixel_values"][[1, 0, 1]])
+    assert torch.equal(again, first[[1, 0, 1]])
+    assert len(sam_calls) == 1 and cache.stats["sam_hits"] == 3 and cache.stats["sam_misses"] == 2
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match=f"model directory {tmp_path / 'nowhere'} does not exist"):
+        load_segmenter(tmp_path / "nowhere")
+
+
+def test_quantisation_without_bitsandbytes_or_cuda_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="--load_in_4bit needs (the bitsandbytes package|a CUDA GPU)"):
+        quantization_config(True, False, torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelLoadError, match="choose one"):
+        quantization_config(True, True, torch.device("cpu"), torch.float32)
+    assert quantization_config(False, False, torch.device("cpu"), torch.float32) is None
+
+
+# ------------------------------------------------------------------------------- batch (library)
+
+
+def test_batch_writes_rle_masks_and_keeps_going_past_bad_lines(session, monkeypatch, tmp_path):
+    always_answer(monkeypatch, session, TWO_MASKS)
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    lines = [
+        json.dumps({"image": "dog.jpg", "prompt": "Where is the dog?"}),
+        json.dumps({"image": "broken.jpg", "prompt": "Where?"}),
+        json.dumps({"image": "missing.jpg", "prompt": "Where?"}),
+        "",
+        json.dumps({"image": str(tmp_path / "dog.jpg"), "prompt": "  "}),
+        "{not json",
+        json.dumps({"image": "dog.jpg", "prompt": "And the grass?"}),
+    ]
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run_batch(session, tmp_path / "requests.jsonl", tmp_path / "out" / "answers.jsonl", progress=False)
+    assert (summary.total, summary.succeeded, summary.failed) == (6, 2, 4)
+    records = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7]
+    errors = [r["error"] for r in records]
+    assert errors[0] is None and errors[5] is None
+    assert "broken.jpg" in errors[1] and "missing.jpg does not exist" in errors[2]
+    assert "request is empty" in errors[3] and "not valid JSON" in errors[4]
+    for record in (records[0], records[5]):
+        assert record["text"] == TWO_MASKS and len(record["masks"]) == len(record["boxes"]) == 2
+        for rle, box in zip(record["masks"], record["boxes"]):
+            mask = decode_rle(rle)
+            assert mask.shape == (534, 800)
+            assert box == (list(mask_to_box(mask)) if mask.any() else None)
+
+
+# ------------------------------------------------------------------------------- the entry point
+
+
+def test_one_shot(tiny_segmenter_dir, tmp_path):
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--image", DOG, "--prompt", "Where is the dog?",
+         "--max_new_tokens", "8", "--vis_save_path", tmp_path / "vis"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("answer: ")
+    assert_masks_reported(result.stdout, tmp_path / "vis")
+
+
+def assert_masks_reported(stdout: str, vis_dir, prefix="dog"):
+    """One mask PNG and one overlay per [SEG] of each answer, or "no mask"."""
+    answers = [line for line in stdout.splitlines() if "answer: " in line]
+    n_seg = sum(line.count("[SEG]") for line in answers)
+    files = sorted(p.name for p in vis_dir.glob(f"{prefix}*")) if vis_dir.exists() else []
+    assert len([f for f in files if "_mask_" in f]) == len([f for f in files if "_overlay_" in f]) == n_seg
+    assert stdout.count("box (x0, y0, x1, y1)") + stdout.count("empty mask") == n_seg
+    assert stdout.count(NO_MASK_MESSAGE) == sum(1 for line in answers if "[SEG]" not in line)
+
+
+def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(DOG.read_bytes()[:300])
+    (tmp_path / "in.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [
+            {"image": "dog.jpg", "prompt": "Where is the dog?"},
+            {"image": "corrupt.jpg", "prompt": "Where is the dog?"},
+            {"image": "gone.jpg", "prompt": "Where is the dog?"},
+        ]) + "\n"
+    )
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
+         "--output_jsonl", tmp_path / "out.jsonl", "--max_new_tokens", "8"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 of 3 requests answered, 2 failed" in result.stdout
+    assert "segmenting" in result.stderr and "3/3" in result.stderr  # the progress bar
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    good, corrupt, gone = records
+    assert good["error"] is None and isinstance(good["text"], str) and good["image_size"] == [534, 800]
+    assert len(good["masks"]) == len(good["boxes"]) == good["text"].count("[SEG]")
+    assert all(decode_rle(rle).shape == (534, 800) for rle in good["masks"])
+    assert "corrupt.jpg" in corrupt["error"] and "gone.jpg does not exist" in gone["error"]
+    assert "Traceback" not in result.stderr
+
+
+def test_interactive_loop_reuses_the_image_and_survives_bad_paths(tiny_segmenter_dir, tmp_path):
+    stdin = "\n".join([
+        "Where is the dog?", str(DOG),
+        "Where is the grass?", str(tmp_path / "nope.jpg"),
+        "And the grass?", f"'{DOG}'",
+        "",
+    ]) + "\n"
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--max_new_tokens", "8",
+         "--vis_save_path", tmp_path / "vis"],
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("answer: ") == 2
+    assert f"error: image file {tmp_path / 'nope.jpg'} does not exist" in result.stdout
+    assert "reused the cached image features" in result.stderr
+    assert "bye (2 requests answered" in result.stdout
+    assert_masks_reported(result.stdout, tmp_path / "vis")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--version", "/no/such/model"], "error: model directory /no/such/model does not exist"),
+        (["--load_in_4bit"], "needs the bitsandbytes package"),
+        (["--load_in_8bit", "--device", "cpu"], "--load_in_8bit needs"),
+    ],
+)
+def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, extra, message):
+    if "bitsandbytes" in message and __import__("importlib").util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
+    args = ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), *extra, "--image", DOG, "--prompt", "Where?"]
+    result = run_entry(args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
