@@ -50,13 +50,16 @@ def main() -> int:
         parser.error("a one-shot request needs both --image and --prompt")
     if one and args.input_jsonl:
         parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
-    if args.input_jsonl and not Path(args.input_jsonl).is_file():
-        parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
+    if args.input_jsonl:
+        if not Path(args.input_jsonl).is_file():
+            parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
+        output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
+        if Path(output).resolve() == Path(args.input_jsonl).resolve():
+            parser.error("--output_jsonl must differ from --input_jsonl")
     setup_logging(args.verbose)
 
     session = session_from_args(args)
     if args.input_jsonl:
-        output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
         summary = run_batch(session, args.input_jsonl, output, args.image_root, progress=not args.no_progress)
         print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
         return 0

@@ -162,7 +162,7 @@ class FeatureCache:
 
     def _wrap_encode(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def encode_images(sam_pixel_values: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and self._model is not None and self._model.training:
+            if self._model is not None and self._model.training:  # training: no caching
                 return encode(sam_pixel_values)
             with self._lock:
                 keys = [tensor_key(image) for image in sam_pixel_values]

@@ -203,7 +203,8 @@ def load_segmenter(
         logger.warning("--vision_pretrained is ignored: %s carries its SAM weights", directory)
     vlm_kwargs = {}
     if quantization is not None:
-        vlm_kwargs = {"quantization_config": quantization, "device_map": {"": device}}
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        vlm_kwargs = {"quantization_config": quantization, "device_map": {"": index}}
     try:
         model = ReasonSegmenter.from_pretrained(
             directory, dtype=dtype, base_model=base_model, sam_checkpoint=vision_pretrained, **vlm_kwargs

@@ -219,6 +219,12 @@ class ReasonSegmenter(nn.Module):
             )
         processor = load_processor(processor_path, config.vlm_family)
         vlm = load_vlm(vlm_path, dtype=dtype, **vlm_kwargs)
+        if text_hidden_size(vlm.config) != config.hidden_size:
+            raise ValueError(
+                f"{directory} was trained on a {config.vlm_family} model with hidden size {config.hidden_size}, "
+                f"but {vlm_path} has hidden size {text_hidden_size(vlm.config)}: pass the base model it was "
+                "trained on (--base_model)"
+            )
         ensure_seg_token(vlm, processor.tokenizer)
         vlm.requires_grad_(False)
         if config.adapter_path:

@@ -4,8 +4,11 @@ Library tests force the answer with a logits processor (a random tiny model rare
 the entry point runs as a subprocess, as people run it, with whatever the random model says.
 """
 
+import importlib.util
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from utils.inference import (
     InputError,
     describe,
     load_image,
+    one_shot,
     run_batch,
     save_visuals,
 )
@@ -170,6 +174,16 @@ def test_each_seg_gets_a_mask_png_an_overlay_and_a_box(session, tmp_path):
     json.dumps(record)
 
 
+def test_one_shot_bad_input_is_a_message_and_status_1(session, tmp_path, capsys):
+    out = io.StringIO()
+    assert one_shot(session, str(tmp_path / "absent.png"), "Where?", tmp_path / "vis", out) == 1
+    assert one_shot(session, str(DOG), " ", tmp_path / "vis", out) == 1
+    errors = capsys.readouterr().err
+    assert f"error: image file {tmp_path / 'absent.png'} does not exist" in errors
+    assert "error: the request is empty" in errors
+    assert out.getvalue() == "" and not (tmp_path / "vis").exists()
+
+
 def test_an_answer_without_seg_reports_no_mask(session, tmp_path):
     answer = session.ask(DOG, "How many dogs?", logits_processor=scripted(session.model, "One."))
     assert answer.text == "One." and answer.masks == []
@@ -238,9 +252,15 @@ def test_missing_model_directory_is_named(tmp_path):
         load_segmenter(tmp_path / "nowhere")
 
 
-def test_quantisation_without_bitsandbytes_or_cuda_is_a_clear_error():
+def test_quantisation_without_bitsandbytes_or_cuda_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelLoadError, match="--load_in_4bit needs (the bitsandbytes package|a CUDA GPU)"):
         quantization_config(True, False, torch.device("cpu"), torch.float32)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match="--load_in_8bit needs a CUDA GPU"):
+        quantization_config(False, True, torch.device("cpu"), torch.float32)
+    config = quantization_config(True, False, torch.device("cuda"), torch.bfloat16)
+    assert config.load_in_4bit and "visual" in config.llm_int8_skip_modules  # the vision tower stays unquantised
     with pytest.raises(ModelLoadError, match="choose one"):
         quantization_config(True, True, torch.device("cpu"), torch.float32)
     assert quantization_config(False, False, torch.device("cpu"), torch.float32) is None
@@ -353,14 +373,15 @@ def test_interactive_loop_reuses_the_image_and_survives_bad_paths(tiny_segmenter
     "extra, message",
     [
         (["--version", "/no/such/model"], "error: model directory /no/such/model does not exist"),
-        (["--load_in_4bit"], "needs the bitsandbytes package"),
-        (["--load_in_8bit", "--device", "cpu"], "--load_in_8bit needs"),
+        (["--load_in_4bit"], "error: --load_in_4bit needs the bitsandbytes package"),
     ],
 )
-def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, extra, message):
-    if "bitsandbytes" in message and __import__("importlib").util.find_spec("bitsandbytes"):
+def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, monkeypatch, extra, message):
+    """The entry point exits with a one-line message (run in-process: the check is the same)."""
+    if "bitsandbytes" in message and importlib.util.find_spec("bitsandbytes"):
         pytest.skip("bitsandbytes is installed here")
-    args = ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), *extra, "--image", DOG, "--prompt", "Where?"]
-    result = run_entry(args)
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    argv = ["inference.py", "--version", str(tiny_segmenter_dir("qwen2_5_vl")), *extra, "--image", str(DOG), "--prompt", "Where?"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "inference.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith(message)  # printed to stderr by Python, exit status 1

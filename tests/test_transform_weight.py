@@ -23,6 +23,9 @@ from model.processor import load_processor
 from model.sam import build_sam
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
+from utils.checkpoint import checkpoint_name, mark_best
+
+LAST, FIRST = checkpoint_name(2), checkpoint_name(1)
 from test_inference import run_entry, scripted
 
 ANSWER = "It is [SEG] and [SEG]."
@@ -45,13 +48,13 @@ def run(tiny_vlm_dir, tmp_path_factory):
     model = ReasonSegmenter.from_components(
         tiny_vlm_dir("qwen2_5_vl"), "tiny", sam_checkpoint=root / "sam_tiny.pth", lora=LoraSettings()
     )
-    perturb(model)
-    model.save_pretrained(root / "run" / "checkpoint-1", include_sam=False)
-    perturb(model)
-    model.save_pretrained(root / "run" / "checkpoint-2", include_sam=False)
-    (root / "run" / "trainer_state.json").write_text("{}")  # trainer files are ignored
-    (root / "run" / "checkpoint-2" / "optimizer.pt").write_bytes(b"ignored")
-    (root / "run" / "latest").write_text("checkpoint-2\n")
+    for step in (1, 2):  # as the trainer writes them (utils/checkpoint.py)
+        perturb(model)
+        directory = root / "run" / checkpoint_name(step)
+        model.save_pretrained(directory, include_sam=False)
+        (directory / "trainer_state.json").write_text("{}")  # trainer files are ignored
+        (directory / "optimizer.pt").write_bytes(b"ignored")
+        (root / "run" / "latest").write_text(directory.name + "\n")
     return root, model.eval()
 
 
@@ -74,7 +77,7 @@ def merged(run, tiny_vlm_dir):
 def test_merge_picks_the_latest_checkpoint_and_writes_a_standalone_directory(merged, run):
     out, result = merged
     assert result.returncode == 0, result.stderr
-    assert f"using {run[0] / 'run' / 'checkpoint-2'} (named by its 'latest' file)" in result.stderr
+    assert f"using {run[0] / 'run' / LAST} (named by its 'latest' file)" in result.stderr
     assert "WARNING" not in result.stderr  # the restated LoRA flags match the checkpoint
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "head.safetensors", "sam.safetensors", "vlm"]
     config = json.loads((out / "config.json").read_text())
@@ -133,7 +136,7 @@ def test_merged_directory_runs_without_peft(merged, tmp_path):
 def test_lora_alpha_flag_overrides_the_scaling_with_a_warning(run, merged, tmp_path, caplog):
     root, _ = run
     with caplog.at_level("WARNING"):
-        merge_checkpoint(root / "run" / "checkpoint-2", tmp_path / "alpha32", dtype=torch.float32, lora_overrides={"alpha": 32})
+        merge_checkpoint(root / "run" / LAST, tmp_path / "alpha32", dtype=torch.float32, lora_overrides={"alpha": 32})
     assert "--lora_alpha 32 differs from the checkpoint's 16" in caplog.text
     config = json.loads((tmp_path / "alpha32" / "config.json").read_text())
     assert config["merged_from"]["lora_overrides"] == {"alpha": 32}
@@ -142,7 +145,7 @@ def test_lora_alpha_flag_overrides_the_scaling_with_a_warning(run, merged, tmp_p
         with safe_open(next(directory.glob("*.safetensors")), "pt") as f:
             return f.get_tensor(Q_PROJ)
 
-    base = q_proj(Path(json.loads((root / "run" / "checkpoint-2" / "config.json").read_text())["vlm_path"]))
+    base = q_proj(Path(json.loads((root / "run" / LAST / "config.json").read_text())["vlm_path"]))
     delta16 = q_proj(merged[0] / "vlm") - base
     delta32 = q_proj(tmp_path / "alpha32" / "vlm") - base
     assert delta16.abs().max() > 0
@@ -164,15 +167,21 @@ def test_lora_flags_that_cannot_apply_are_refused(caplog):
 def test_choosing_a_checkpoint_of_a_run(run, tmp_path):
     root, _ = run
     run_dir = root / "run"
-    assert resolve_checkpoint(run_dir / "checkpoint-1") == run_dir / "checkpoint-1"
-    assert resolve_checkpoint(run_dir) == run_dir / "checkpoint-2"  # its latest file
+    assert resolve_checkpoint(run_dir / FIRST) == run_dir / FIRST
+    assert resolve_checkpoint(run_dir) == run_dir / LAST  # its latest file
     copy = shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
     (copy / "latest").unlink()
-    assert resolve_checkpoint(copy) == copy / "checkpoint-2"  # the highest step
-    (copy / "latest").write_text("checkpoint-1")
-    assert resolve_checkpoint(copy) == copy / "checkpoint-1"
-    (copy / "best").symlink_to(copy / "checkpoint-1", target_is_directory=True)
-    assert resolve_checkpoint(copy, pick="best").resolve() == (copy / "checkpoint-1").resolve()
+    shutil.copytree(copy / FIRST, copy / "checkpoint-10")  # steps compare as numbers
+    assert resolve_checkpoint(copy) == copy / "checkpoint-10"  # the highest step
+    (copy / "latest").write_text(FIRST)
+    assert resolve_checkpoint(copy) == copy / FIRST
+    with pytest.raises(ModelLoadError, match="no 'best'"):
+        resolve_checkpoint(copy, pick="best")
+    mark_best(copy, copy / LAST)  # the trainer's best file
+    assert resolve_checkpoint(copy, pick="best") == copy / LAST
+    (copy / "best").unlink()
+    (copy / "best").symlink_to(copy / FIRST, target_is_directory=True)  # or a link
+    assert resolve_checkpoint(copy, pick="best").resolve() == (copy / FIRST).resolve()
     (copy / "latest").write_text("checkpoint-9")
     with pytest.raises(ModelLoadError, match="checkpoint-9, which is not a segmenter checkpoint"):
         resolve_checkpoint(copy)

@@ -1,9 +1,25 @@
 """Evaluation shared by training validation and test.py: sharded over ranks, reduced exactly.
 
-The teacher-forced protocol (LISA's published one) feeds the reference answer with its ``[SEG]``
-tokens and scores the masks those tokens produce. Every sample of the split is visited exactly once
-across ranks (:class:`ShardedEvalSampler`, no padding), and the metric sums are all-reduced as
-integers, so 1 and N processes give identical numbers.
+Two protocols, scored by the same code (:class:`SplitScorer`) with the same metrics
+(``utils.metrics``):
+
+* ``teacher_forced`` (LISA's published protocol, used by training validation): the reference
+  answer with its ``[SEG]`` tokens is fed and the mask of each ``[SEG]`` is scored against its
+  ground truth. A no-target expression (gRefCOCO) has a reference answer without ``[SEG]``, so
+  its prediction is empty: it is scored as an empty prediction against the all-zero ground truth
+  (IoU 1, and N-acc is 1 by construction in this protocol).
+* ``generate``: every question is asked on its own (a left-padded batch of open turns) and the
+  model answers freely (greedy, KV cache). The k-th ``[SEG]`` of the answer is scored against the
+  k-th target of the question; a missing ``[SEG]`` counts as an empty mask, extra ones are not
+  scored. A no-target expression is scored with the union of the answer's masks (empty when it has
+  no ``[SEG]``), so it is correct exactly when the answer gives no (non-empty) mask. The share of
+  answers with the expected number of ``[SEG]`` is reported (``seg_format_rate``).
+
+Every sample of the split is visited exactly once across ranks (:class:`ShardedEvalSampler`, no
+padding), and the metric sums and counters are all-reduced as integers, so 1 and N processes give
+identical numbers (for identical per-sample predictions: with ``batch_size`` 1 the forward passes
+are the same; larger batches pad differently on different rank counts, which can move a logit by
+float rounding).
 """
 
 from __future__ import annotations
@@ -11,41 +27,278 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.batch import SampleEncoder
+from model.batch import SampleEncoder, encode_sample
 from utils.data.samplers import ShardedEvalSampler
-from utils.data.sample import CorruptSampleError
+from utils.data.sample import SEG_TOKEN, CorruptSampleError
+from utils.masks import IGNORE_LABEL, encode_rle, mask_to_box
 from utils.metrics import SegmentationMeter, reduce_state_across_ranks, scores_from_state
 
 logger = logging.getLogger(__name__)
 
+TEACHER_FORCED = "teacher_forced"
+GENERATE = "generate"
+PROTOCOLS: tuple[str, ...] = (TEACHER_FORCED, GENERATE)
+
+#: ReasonSeg's columns: short phrases (``is_sentence`` False) and long queries (True).
+QUERY_LENGTH_GROUPS: tuple[str, ...] = ("short", "long")
+
+GroupOf = Callable[[dict], Sequence[str]]
+PredictionSink = Callable[[dict], None]
+
+
+def query_length_group(meta: dict) -> list[str]:
+    """ReasonSeg's group of a sample: ``long`` for a sentence query, ``short`` for a phrase."""
+    return ["long" if meta.get("is_sentence") else "short"]
+
+
+# --------------------------------------------------------------------------- questions and pairs
+
+
+def question_infos(turns: Sequence[tuple[str, str]], requests: Sequence[str], meta: dict) -> list[dict]:
+    """One dict per turn: what is asked, the reference answer and what it expects.
+
+    Keys: ``turn``, ``question``, ``reference_answer``, ``request``, ``expected_seg`` (the number
+    of ``[SEG]`` in the reference answer = the number of target masks), ``no_target`` and
+    ``no_target_gt`` (the all-zero ground truth of a no-target turn, else None).
+    """
+    no_target = list(meta.get("no_target") or [])
+    no_target_gts = iter(meta.get("no_target_gt") or [])
+    infos = []
+    for index, (question, answer) in enumerate(turns):
+        is_no_target = bool(no_target[index]) if index < len(no_target) else False
+        infos.append(
+            {
+                "turn": index,
+                "question": question,
+                "reference_answer": answer,
+                "request": requests[index] if index < len(requests) else "",
+                "expected_seg": answer.count(SEG_TOKEN),
+                "no_target": is_no_target,
+                "no_target_gt": next(no_target_gts, None) if is_no_target else None,
+            }
+        )
+    return infos
+
+
+def scored_pairs(
+    pred_masks: Sequence[np.ndarray],
+    gt_masks: Sequence[np.ndarray],
+    no_target: bool,
+    image_size: Sequence[int],
+    no_target_gt: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (prediction, ground truth) pairs one question adds to the metrics.
+
+    The rule both protocols (and the re-scoring of saved predictions) follow:
+
+    * a question with targets: the k-th predicted mask against the k-th ground truth; a missing
+      prediction is an empty mask; predictions beyond the number of targets are not scored;
+    * a no-target question: the union of all predicted masks (empty when there is none) against
+      the all-zero ground truth (``no_target_gt``, else zeros of ``image_size``).
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    if no_target:
+        gt = no_target_gt if no_target_gt is not None else np.zeros((height, width), np.uint8)
+        union = np.zeros(gt.shape, bool)
+        for mask in pred_masks:
+            union |= np.asarray(mask, dtype=bool)
+        return [(union, np.asarray(gt))]
+    pairs = []
+    for index, gt in enumerate(gt_masks):
+        gt = np.asarray(gt)
+        pred = np.asarray(pred_masks[index], dtype=bool) if index < len(pred_masks) else np.zeros(gt.shape, bool)
+        pairs.append((pred, gt))
+    return pairs
+
+
+def _box(box) -> list[int] | None:
+    return None if box is None else [int(v) for v in box]
+
+
+class SplitScorer:
+    """Accumulates the metrics and counters of one split under one protocol (one per rank).
+
+    Args:
+        groups: group names declared on every rank (e.g. :data:`QUERY_LENGTH_GROUPS`).
+        group_of: sample meta -> the groups a question counts towards (besides overall).
+        on_prediction: called with one JSON-ready record per question (for saving predictions).
+    """
+
+    def __init__(
+        self,
+        protocol: str,
+        groups: Iterable[str] = (),
+        group_of: GroupOf | None = None,
+        on_prediction: PredictionSink | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
+        self.groups = tuple(groups)
+        self.group_of = group_of
+        self.on_prediction = on_prediction
+        self.meter = SegmentationMeter(groups=self.groups)
+        self.counters = {"items": 0, "questions": 0, "no_target_questions": 0, "answers_with_expected_seg": 0, "unreadable": 0}
+
+    def add_question(
+        self,
+        extra: dict,
+        info: dict,
+        pred_masks: Sequence[np.ndarray],
+        gt_masks: Sequence[np.ndarray],
+        answer: str,
+        image_size: Sequence[int],
+    ) -> None:
+        """Score one question's predicted masks (bool HxW, in ``[SEG]`` order) against its targets."""
+        groups = list(self.group_of(extra.get("meta") or {})) if self.group_of else []
+        pairs = scored_pairs(pred_masks, gt_masks, info["no_target"], image_size, info.get("no_target_gt"))
+        counts = [self.meter.update(pred, gt, group=groups) for pred, gt in pairs]
+        self.counters["questions"] += 1
+        self.counters["no_target_questions"] += int(info["no_target"])
+        self.counters["answers_with_expected_seg"] += int(len(pred_masks) == info["expected_seg"])
+        if self.on_prediction is not None:
+            self.on_prediction(self._record(extra, info, pred_masks, pairs, counts, answer, groups))
+
+    def _record(self, extra, info, pred_masks, pairs, counts, answer, groups) -> dict:
+        targets = []
+        for (_, gt), count in zip(pairs, counts):
+            ignore = gt == IGNORE_LABEL
+            targets.append(
+                {
+                    "gt_rle": encode_rle(gt == 1),
+                    "ignore_rle": encode_rle(ignore) if ignore.any() else None,
+                    "intersection": count.intersection,
+                    "union": count.union,
+                    "iou": count.iou,
+                    "pred_box": _box(count.pred_box),
+                    "gt_box": _box(count.gt_box),
+                    "box_iou": count.box_iou,
+                }
+            )
+        return {
+            "protocol": self.protocol,
+            "index": int(extra.get("index", -1)),
+            "turn": int(info["turn"]),
+            "dataset": extra.get("dataset"),
+            "image_path": extra.get("image_path"),
+            "request": info["request"],
+            "question": info["question"],
+            "reference_answer": info["reference_answer"],
+            "answer": answer,
+            "no_target": bool(info["no_target"]),
+            "expected_seg": int(info["expected_seg"]),
+            "num_seg": len(pred_masks),
+            "groups": groups,
+            "pred_masks": [{"rle": encode_rle(np.asarray(m, bool)), "box": _box(mask_to_box(np.asarray(m, bool)))} for m in pred_masks],
+            "targets": targets,
+        }
+
+    def result(self, device: torch.device | None = None, description: str = "evaluation") -> dict:
+        """All-reduce (exactly) and score. Every rank must call it.
+
+        Returns the keys of :func:`utils.metrics.scores_from_state` plus ``items``, ``questions``,
+        ``no_target_questions``, ``unreadable``; ``groups`` (name -> scores, or ``{"count": 0}``)
+        when groups are declared; for ``generate`` also ``answers_with_expected_seg`` and
+        ``seg_format_rate``.
+        """
+        reduce_device = device if device is not None and device.type == "cuda" else None
+        state = reduce_state_across_ranks(self.meter.state(), device=reduce_device)
+        counters = reduce_state_across_ranks(self.counters, device=reduce_device)
+        if state["count"] == 0:
+            raise ValueError(
+                f"{description}: no mask was scored ({counters['items']} samples read, "
+                f"{counters['unreadable']} unreadable): an empty evaluation has no score"
+            )
+        scores = scores_from_state(state)
+        scores.update(
+            items=counters["items"],
+            questions=counters["questions"],
+            no_target_questions=counters["no_target_questions"],
+            unreadable=counters["unreadable"],
+        )
+        if self.groups or any("/" in key for key in state):
+            names = sorted({key.split("/", 1)[0] for key in state if "/" in key}, key=_group_order(self.groups))
+            scores["groups"] = {
+                name: scores_from_state(state, name) if state[f"{name}/count"] else {"count": 0} for name in names
+            }
+        if self.protocol == GENERATE:
+            scores["answers_with_expected_seg"] = counters["answers_with_expected_seg"]
+            scores["seg_format_rate"] = counters["answers_with_expected_seg"] / max(counters["questions"], 1)
+        return scores
+
+
+def _group_order(declared: Sequence[str]):
+    return lambda name: (declared.index(name) if name in declared else len(declared), name)
+
+
+# --------------------------------------------------------------------------- data
+
 
 class EncodedDataset(Dataset):
-    """A raw dataset seen through the sample encoder; unreadable samples become None (counted)."""
+    """A raw dataset seen through the sample encoder; unreadable samples become None (counted).
 
-    def __init__(self, raw: Dataset, encoder: SampleEncoder) -> None:
+    ``per_question=False``: item -> one sample with the whole conversation (teacher forcing);
+    ``extra`` also carries ``index`` and ``turns``. ``per_question=True``: item -> a list of
+    samples, one open prompt per question (generation); ``extra`` carries ``index``, ``info``
+    (see :func:`question_infos`) and the sample's ``meta``, and ``masks`` are that turn's targets.
+    """
+
+    def __init__(self, raw: Dataset, encoder: SampleEncoder, per_question: bool = False) -> None:
         self.raw = raw
         self.encoder = encoder
+        self.per_question = per_question
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, index: int):
         try:
-            return self.encoder(self.raw[index])
+            raw = self.raw[index]
+            if self.per_question:
+                return self._question_samples(raw, index)
+            sample = self.encoder(raw)
+            sample["extra"].update(index=index, turns=list(raw.turns))
+            return sample
         except CorruptSampleError as error:
             logger.warning("evaluation sample %d unreadable, not scored: %s", index, error)
             return None
 
+    def _question_samples(self, raw, index: int) -> list[dict]:
+        meta = {k: v for k, v in raw.meta.items() if k not in ("skipped_errors", "no_target_gt")}
+        samples = []
+        for info, masks in zip(question_infos(raw.turns, raw.requests, raw.meta), raw.masks_per_turn()):
+            samples.append(
+                encode_sample(
+                    self.encoder.processor,
+                    self.encoder.sam_transform,
+                    raw.image,
+                    [(info["question"], None)],
+                    masks,
+                    index=index,
+                    info=info,
+                    image_path=raw.image_path,
+                    dataset=raw.dataset,
+                    meta=meta,
+                )
+            )
+        return samples
+
 
 def _collate_present(model, samples: list, padding_side: str) -> dict | None:
     present = [s for s in samples if s is not None]
+    unreadable = len(samples) - len(present)
+    items = len(present)
+    if present and isinstance(present[0], list):  # per-question prompts
+        present = [prompt for prompts in present for prompt in prompts]
     batch = model.collate(present, padding_side=padding_side) if present else None
-    return {"batch": batch, "unreadable": len(samples) - len(present)}
+    return {"batch": batch, "unreadable": unreadable, "items": items}
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -59,7 +312,106 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+# --------------------------------------------------------------------------- the protocols
+
+
+def _score_teacher_forced(model, batch: dict, scorer: SplitScorer, **_unused) -> None:
+    output = model(batch)
+    for index, logits in enumerate(output.mask_logits):
+        extra = batch["extra"][index]
+        predictions = (logits > 0).cpu().numpy()
+        targets = batch["masks"][index].cpu().numpy()
+        offset = 0
+        for info in question_infos(extra["turns"], extra.get("requests") or [], extra.get("meta") or {}):
+            count = info["expected_seg"]
+            scorer.add_question(
+                extra,
+                info,
+                list(predictions[offset : offset + count]),
+                list(targets[offset : offset + count]),
+                answer=info["reference_answer"],
+                image_size=batch["original_size"][index],
+            )
+            offset += count
+
+
+def _score_generated(model, batch: dict, scorer: SplitScorer, max_new_tokens: int = 64, generate_kwargs=None) -> None:
+    results = model.generate(batch, max_new_tokens=max_new_tokens, **(generate_kwargs or {}))
+    for index, result in enumerate(results):
+        extra = batch["extra"][index]
+        scorer.add_question(
+            extra,
+            extra["info"],
+            result.masks,
+            list(batch["masks"][index].cpu().numpy()),
+            answer=result.text,
+            image_size=batch["original_size"][index],
+        )
+
+
 @torch.no_grad()
+def evaluate(
+    model,
+    raw_dataset: Dataset,
+    protocol: str = TEACHER_FORCED,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 1,
+    workers: int = 0,
+    precision: str = "fp32",
+    description: str = "validate",
+    show_progress: bool = True,
+    groups: Iterable[str] = (),
+    group_of: GroupOf | None = None,
+    on_prediction: PredictionSink | None = None,
+    max_new_tokens: int = 64,
+    generate_kwargs: dict | None = None,
+) -> dict:
+    """Score a whole split under ``protocol`` (this rank's shard, reduced over all ranks).
+
+    Args:
+        model: a ``ReasonSegmenter`` (not wrapped in DDP). Its training mode is restored after.
+        groups, group_of: extra score columns (e.g. ReasonSeg's short/long queries).
+        on_prediction: receives one record per question of this rank's shard (see
+            :meth:`SplitScorer._record`: RLE masks, boxes, answer, per-target counts).
+        max_new_tokens, generate_kwargs: ``generate`` only (e.g. a logits processor).
+    Returns:
+        see :meth:`SplitScorer.result`.
+    Raises:
+        ValueError: an empty split, or no mask scored (every sample unreadable).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if len(raw_dataset) == 0:
+        raise ValueError(f"the evaluation split {description!r} is empty")
+    device = model.device
+    generate = protocol == GENERATE
+    dataset = EncodedDataset(raw_dataset, SampleEncoder(model.processor, model.sam_transform), per_question=generate)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardedEvalSampler(len(dataset), rank, world_size),
+        collate_fn=partial(_collate_present, model, padding_side="left" if generate else "right"),
+        num_workers=workers,
+    )
+    step = partial(_score_generated, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs) if generate else _score_teacher_forced
+    scorer = SplitScorer(protocol, groups=groups, group_of=group_of, on_prediction=on_prediction)
+    was_training = model.training
+    model.eval()
+    try:
+        for item in tqdm(loader, desc=description, disable=not show_progress, leave=False):
+            scorer.counters["unreadable"] += item["unreadable"]
+            scorer.counters["items"] += item["items"]
+            if item["batch"] is None:
+                continue
+            batch = _to_device(item["batch"], device)
+            with autocast_context(device, precision):
+                step(model, batch, scorer)
+    finally:
+        model.train(was_training)
+    return scorer.result(device, description)
+
+
 def evaluate_teacher_forced(
     model,
     raw_dataset: Dataset,
@@ -70,44 +422,22 @@ def evaluate_teacher_forced(
     precision: str = "fp32",
     description: str = "validate",
     show_progress: bool = True,
+    **kwargs: Any,
 ) -> dict:
     """Teacher-forced gIoU / cIoU (and the rest of ``utils.metrics``) over a whole split.
 
-    Args:
-        model: a ``ReasonSegmenter`` (not wrapped in DDP). Its training mode is restored after.
-    Returns:
-        the scores of ``utils.metrics.scores_from_state`` plus ``unreadable`` (samples skipped).
+    The protocol of training validation and of LISA's published numbers. Further keywords as
+    :func:`evaluate` (``groups``, ``group_of``, ``on_prediction``).
     """
-    if len(raw_dataset) == 0:
-        raise ValueError(f"the evaluation split {description!r} is empty")
-    device = model.device
-    dataset = EncodedDataset(raw_dataset, SampleEncoder(model.processor, model.sam_transform))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=ShardedEvalSampler(len(dataset), rank, world_size),
-        collate_fn=partial(_collate_present, model, padding_side="right"),
-        num_workers=workers,
+    return evaluate(
+        model, raw_dataset, TEACHER_FORCED, rank=rank, world_size=world_size, batch_size=batch_size,
+        workers=workers, precision=precision, description=description, show_progress=show_progress, **kwargs,
     )
-    was_training = model.training
-    model.eval()
-    meter = SegmentationMeter()
-    unreadable = 0
-    try:
-        for item in tqdm(loader, desc=description, disable=not show_progress, leave=False):
-            unreadable += item["unreadable"]
-            if item["batch"] is None:
-                continue
-            batch = _to_device(item["batch"], device)
-            with autocast_context(device, precision):
-                output = model(batch)
-            for logits, gt_masks in zip(output.mask_logits, batch["masks"]):
-                for prediction, target in zip(logits, gt_masks):
-                    meter.update((prediction > 0).cpu().numpy(), target.cpu().numpy())
-    finally:
-        model.train(was_training)
-    state = reduce_state_across_ranks(meter.state(), device=device if device.type == "cuda" else None)
-    unreadable_total = int(reduce_state_across_ranks({"unreadable": unreadable})["unreadable"])
-    scores = scores_from_state(state)
-    scores["unreadable"] = unreadable_total
-    return scores
+
+
+def evaluate_generate(model, raw_dataset: Dataset, **kwargs: Any) -> dict:
+    """Free generation: each question answered by the model, its ``[SEG]`` masks scored.
+
+    Keywords as :func:`evaluate`, plus ``max_new_tokens`` and ``generate_kwargs``.
+    """
+    return evaluate(model, raw_dataset, GENERATE, **kwargs)

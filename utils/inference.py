@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -119,9 +120,15 @@ def load_image(
     if opened_here and max_side and max(width, height) > max_side and image.format == "JPEG":
         image.draft("RGB", (max_side, max_side))  # decode at a reduced scale: faster, less memory
     try:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image.load()
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError(f"{label} could not be decoded (truncated or corrupt?): {err}") from err
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as err:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
+        logger.warning("%s: cannot apply its EXIF orientation (%s); using the image as stored", label, err)
+        upright = (width, height)
+    image = image.convert("RGB")
     resized_from = None
     if max_side and max(upright) > max_side:
         scale = max_side / max(upright)
@@ -320,7 +327,7 @@ def one_shot(session: InferenceSession, image: str, prompt: str, vis_dir: str | 
     try:
         answer = session.ask(image, prompt)
     except InputError as err:
-        print(f"error: {err}", file=out)
+        print(f"error: {err}", file=sys.stderr)
         return 1
     saved = save_visuals(answer, vis_dir, answer.image.name)
     print(describe(answer, saved), file=out)
@@ -354,6 +361,9 @@ def interactive_loop(
         except InputError as err:
             print(f"error: {err}", file=out, flush=True)
             continue
+        except KeyboardInterrupt:
+            print("interrupted", file=out, flush=True)
+            break
         except Exception as err:  # noqa: BLE001 - report and keep the loop alive
             logger.exception("request failed")
             print(f"error: the request failed ({type(err).__name__}: {err})", file=out, flush=True)

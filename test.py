@@ -1,0 +1,25 @@
+"""Score the reasoning segmenter on benchmark splits, as the published tables do.
+
+    python test.py --version MODEL_DIR --dataset_dir dataset --val_dataset "ReasonSeg|val"
+    python test.py --version runs/exp/checkpoint-5000 --base_model BASE_QWEN_VL --vision_pretrained SAM.pth \\
+        --val_dataset "ReasonSeg|test||refcoco|unc|testA||grefcoco|unc|val" --protocol both
+    torchrun --nproc_per_node=8 test.py ...      (each split sharded over ranks, reduced exactly)
+
+Prints a table (protocol, split, counts, gIoU, cIoU, precision@0.5-0.9, box IoU, Acc@0.5, N-acc,
+T-acc, share of answers with the expected [SEG]) and writes a JSON report (--report, default
+runs/test/report.json); --save_predictions FILE.jsonl keeps every mask as COCO RLE. See
+`python test.py --help`; the work is in utils/eval_cli.py, utils/evaluation.py, utils/metrics.py.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from utils.eval_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

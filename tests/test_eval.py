@@ -1,0 +1,302 @@
+"""test.py and the shared evaluation: complete reports, 1 vs 2 processes, protocols, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import REPO
+from utils.eval_report import rescore_predictions
+from utils.masks import decode_rle
+
+SPLITS = ["synthetic|val", "synthetic|refer_val", "synthetic|grefer_val"]
+PROTOCOLS = ["teacher_forced", "generate"]
+METRIC_KEYS = {
+    "count", "giou", "ciou", "precision@0.5", "precision@0.6", "precision@0.7", "precision@0.8", "precision@0.9",
+    "box_iou", "box_acc@0.5", "n_acc", "no_target_count", "t_acc", "target_count", "sum_intersection", "sum_union",
+}
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic_eval")
+    subprocess.run(
+        [sys.executable, "tools/make_synthetic.py", "--out", str(out), "--seed", "1", "--num_train", "5",
+         "--num_val", "12", "--overwrite", "--no_progress"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    return out
+
+
+def test_command(model_dir, data_dir, out_dir, *extra, nproc=0):
+    launcher = [sys.executable, "test.py"]
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(30500 + os.getpid() % 1000), "test.py"]
+    return [
+        *launcher, "--version", str(model_dir), "--dataset_dir", str(data_dir), "--val_dataset", "||".join(SPLITS),
+        "--protocol", "both", "--max_new_tokens", "4", "--workers", "0", "--no_progress",
+        "--log_dir", str(out_dir), "--save_predictions", str(out_dir / "predictions.jsonl"), *extra,
+    ]
+
+
+test_command.__test__ = False  # a helper, not a test
+
+
+def run(command, timeout=240):
+    return subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_segmenter_dir, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_single")
+    result = run(test_command(tiny_segmenter_dir(), synthetic_root, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((out / "report.json").read_text()), out
+
+
+def results_by_key(report):
+    return {(r["split"], r["protocol"]): r for r in report["results"]}
+
+
+def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segmenter_dir):
+    result, report, out = single_run
+    assert report["checkpoint"] == str(tiny_segmenter_dir().resolve())
+    assert report["model"]["kind"] == "standalone" and report["model"]["vlm_family"] == "qwen2_5_vl"
+    assert set(report["protocols"]) == set(PROTOCOLS) and "giou" in report["metric_definitions"]
+    assert report["run"]["world_size"] == 1 and report["run"]["reason_seg_queries"] == "first"
+    results = results_by_key(report)
+    assert set(results) == {(s, p) for s in SPLITS for p in PROTOCOLS}
+    for (split, protocol), entry in results.items():
+        assert entry["complete"] and set(entry["metrics"]) == METRIC_KEYS, (split, protocol)
+        counts = entry["counts"]
+        assert counts["evaluated_items"] == counts["split_items"] > 0 and counts["unreadable"] == 0
+        assert counts["masks"] == entry["metrics"]["count"] >= counts["questions"] - counts["no_target_questions"]
+        for key in ("giou", "ciou", "box_iou", "box_acc@0.5", "precision@0.5"):
+            assert 0.0 <= entry["metrics"][key] <= 1.0
+        assert ("answers" in entry) == (protocol == "generate")
+    # ReasonSeg: first query of each of the 12 images, split into short and long queries.
+    for protocol in PROTOCOLS:
+        entry = results[("synthetic|val", protocol)]
+        assert entry["counts"]["questions"] == entry["counts"]["split_items"] == 12
+        groups = entry["groups"]
+        assert set(groups) == {"short", "long"}
+        assert groups["short"]["count"] + groups["long"]["count"] == 12
+        assert groups["short"]["sum_union"] + groups["long"]["sum_union"] == entry["metrics"]["sum_union"]
+    assert "groups" not in results[("synthetic|refer_val", "teacher_forced")]
+    # gRefCOCO: no-target expressions are scored; teacher-forced gives their empty answer.
+    tf, gen = results[("synthetic|grefer_val", "teacher_forced")], results[("synthetic|grefer_val", "generate")]
+    assert tf["counts"]["no_target_questions"] == tf["metrics"]["no_target_count"] == 12
+    assert tf["metrics"]["n_acc"] == 1.0 and tf["metrics"]["count"] == 48
+    answers = gen["answers"]
+    assert answers["total"] == 48 and answers["seg_format_rate"] == answers["with_expected_seg"] / 48
+    assert gen["metrics"]["n_acc"] is not None
+    # The table names the protocol on every row, and the split and its counts.
+    table = result.stdout
+    assert "protocol" in table.splitlines()[2] and "gIoU" in table and "cIoU" in table and "N-acc" in table
+    rows = [line for line in table.splitlines() if line.startswith(("teacher_forced ", "generate "))]
+    assert len(rows) == 2 * (3 + 1 + 1)  # synthetic|val has overall, short, long
+    assert any("synthetic|grefer_val" in row and " 48 " in row for row in rows)
+    assert "protocol teacher_forced:" in table and "protocol generate:" in table
+    assert (out / "results.txt").read_text().strip() in table
+
+
+def test_saved_predictions_are_rle_and_rescore_to_the_report(single_run, synthetic_root):
+    _, report, out = single_run
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(r["counts"]["questions"] for r in report["results"])
+    assert not list(out.glob("*.part"))
+    first = lines[0]
+    assert first["split"] == "synthetic|val" and first["protocol"] == "teacher_forced" and first["index"] == 0
+    assert first["answer"] == first["reference_answer"] == "[SEG]." and first["num_seg"] == 1
+    image = Image.open(first["image_path"])
+    mask = decode_rle(first["pred_masks"][0]["rle"])
+    assert mask.shape == (image.height, image.width)
+    no_target = [l for l in lines if l["no_target"] and l["protocol"] == "teacher_forced"]
+    assert len(no_target) == 12 and all(l["pred_masks"] == [] and l["targets"][0]["iou"] == 1.0 for l in no_target)
+    rescored = rescore_predictions(out / "predictions.jsonl")
+    for key, entry in results_by_key(report).items():
+        assert rescored[key] == {**entry["metrics"], **({"groups": entry["groups"]} if "groups" in entry else {})}, key
+
+
+def test_two_processes_give_the_numbers_of_one(single_run, tiny_segmenter_dir, synthetic_root, tmp_path):
+    _, single, single_out = single_run
+    result = run(test_command(tiny_segmenter_dir(), synthetic_root, tmp_path, nproc=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = json.loads((tmp_path / "report.json").read_text())
+    assert double["run"]["world_size"] == 2
+    a, b = results_by_key(single), results_by_key(double)
+    assert a.keys() == b.keys()
+    for key in a:
+        for field in ("counts", "metrics", "groups", "answers"):
+            assert a[key].get(field) == b[key].get(field), (key, field)
+    # Same predictions, in the same order.
+    assert (tmp_path / "predictions.jsonl").read_text() == (single_out / "predictions.jsonl").read_text()
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Greedy decoding produces a scripted answer; finds where each generate call starts."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+        self.previous = None
+        self.start = 0
+
+    def __call__(self, input_ids, scores):
+        p = self.previous
+        continued = p is not None and input_ids.shape == (p.shape[0], p.shape[1] + 1) and torch.equal(input_ids[:, :-1], p)
+        if not continued:
+            self.start = input_ids.shape[1]
+        self.previous = input_ids.clone()
+        forced = self.token_ids[min(input_ids.shape[1] - self.start, len(self.token_ids) - 1)]
+        scores = torch.full_like(scores, -1e9)
+        scores[:, forced] = 0
+        return scores
+
+
+def forced(model, answer):
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return {"logits_processor": LogitsProcessorList([ForcedAnswer(ids)])}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_segmenter_dir):
+    from model.loading import load_segmenter
+
+    # One thread: these many small steps only lose to thread synchronisation on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_segmenter(tiny_segmenter_dir(), precision="fp32", device="cpu")
+    torch.set_num_threads(threads)
+
+
+def test_generated_reference_answer_scores_like_teacher_forcing(tiny_model, synthetic_root):
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import evaluate_generate, evaluate_teacher_forced
+
+    data = torch.utils.data.Subset(build_val_dataset("synthetic|refer_val", str(synthetic_root)), range(6))
+    reference = evaluate_teacher_forced(tiny_model, data, show_progress=False)
+    records = []
+    same = evaluate_generate(tiny_model, data, batch_size=3, show_progress=False, max_new_tokens=8,
+                             generate_kwargs=forced(tiny_model, "[SEG]."), on_prediction=records.append)
+    assert same["seg_format_rate"] == 1.0 and same["answers_with_expected_seg"] == 6
+    for key in ("count", "sum_intersection", "sum_union", "giou", "ciou", "box_iou"):
+        assert same[key] == pytest.approx(reference[key], abs=1e-9), key
+    assert [r["answer"] for r in records] == ["[SEG]."] * 6 and all(r["num_seg"] == 1 for r in records)
+    # A second [SEG] is not scored (the first has the same state), but the format is wrong.
+    extra = evaluate_generate(tiny_model, data, show_progress=False, max_new_tokens=8,
+                              generate_kwargs=forced(tiny_model, "[SEG] and [SEG]."))
+    assert extra["seg_format_rate"] == 0.0 and extra["count"] == 6
+    assert extra["sum_intersection"] == reference["sum_intersection"]
+    # No [SEG] at all: every target gets an empty mask.
+    none = evaluate_generate(tiny_model, data, show_progress=False, max_new_tokens=8,
+                             generate_kwargs=forced(tiny_model, "It is a shape."))
+    assert none["sum_intersection"] == 0 and none["giou"] == 0.0 and none["t_acc"] == 0.0
+    assert none["seg_format_rate"] == 0.0 and none["count"] == 6 and none["sum_union"] > 0
+
+
+def test_no_target_answer_under_generation(tiny_model, synthetic_root):
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import evaluate_generate
+
+    data = torch.utils.data.Subset(build_val_dataset("synthetic|grefer_val", str(synthetic_root)), range(12))
+    no_target = [data[i].meta["no_target"][0] for i in range(len(data))]
+    n = sum(no_target)
+    assert 0 < n < 12
+    scores = evaluate_generate(tiny_model, data, batch_size=4, show_progress=False, max_new_tokens=12,
+                               generate_kwargs=forced(tiny_model, "There is no such object in this image."))
+    # Every answer says "no target": right for the no-target expressions (IoU 1), empty masks elsewhere.
+    assert (scores["count"], scores["no_target_count"], scores["target_count"]) == (12, n, 12 - n)
+    assert scores["n_acc"] == 1.0 and scores["t_acc"] == 0.0
+    assert scores["giou"] == pytest.approx(n / 12, abs=1e-12) and scores["sum_intersection"] == 0
+    assert scores["seg_format_rate"] == n / 12
+    # Answered with a (non-empty) mask instead, the no-target expressions are wrong.
+    with_masks = evaluate_generate(tiny_model, data, batch_size=4, show_progress=False, max_new_tokens=8,
+                                   generate_kwargs=forced(tiny_model, "[SEG]."))
+    assert with_masks["no_target_count"] == n and with_masks["n_acc"] == 0.0
+    assert with_masks["seg_format_rate"] == (12 - n) / 12
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def main_error(argv) -> str:
+    from utils.eval_cli import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code not in (0, None)
+    return str(raised.value.code)
+
+
+def test_unknown_split_lists_what_exists(tiny_segmenter_dir, synthetic_root, tmp_path):
+    base = ["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(synthetic_root), "--log_dir", str(tmp_path)]
+    message = main_error(base + ["--val_dataset", "refcoco|unc|nosuch"])
+    assert "nosuch" in message and "splits found: ['train', 'val']" in message
+    message = main_error(base + ["--val_dataset", "synthetic|val||synthetic|nope"])
+    assert "synthetic|refer_val" in message and "synthetic|grefer_val" in message
+    message = main_error(base + ["--val_dataset", "ReasonSeg|test"])
+    assert "found in" in message and "val" in message
+    # As users run it: a message and a non-zero status, no traceback.
+    result = run([sys.executable, "test.py", *base, "--val_dataset", "refcoco|unc|nosuch"], timeout=120)
+    assert result.returncode != 0 and "splits found" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_empty_split_is_an_error(tiny_segmenter_dir, tmp_path):
+    folder = tmp_path / "data" / "reason_seg" / "ReasonSeg" / "val"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.jpg")
+    (folder / "a.json").write_text(json.dumps({"text": [], "is_sentence": False, "shapes": []}))
+    message = main_error(["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(tmp_path / "data"),
+                          "--val_dataset", "ReasonSeg|val", "--log_dir", str(tmp_path)])
+    assert "'ReasonSeg|val'" in message and "is empty" in message
+
+
+def test_checkpoint_problems_are_named(tiny_segmenter_dir, tiny_vlm_dir, synthetic_root, tmp_path):
+    from model.segmenter import ReasonSegmenter
+    from model.vlm import LoraSettings
+
+    base = ["--dataset_dir", str(synthetic_root), "--val_dataset", "synthetic|val", "--max_samples", "2",
+            "--workers", "0", "--no_progress", "--log_dir", str(tmp_path)]
+    headless = tmp_path / "headless"
+    shutil.copytree(tiny_segmenter_dir(), headless)
+    (headless / "head.safetensors").unlink()
+    message = main_error(["--version", str(headless), *base])
+    assert "head.safetensors" in message and "segmentation head" in message
+
+    # A training checkpoint (LoRA adapter) of a Qwen2.5-VL, given a Qwen2-VL as base model.
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter_checkpoint"
+    ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", lora=LoraSettings()).save_pretrained(adapter)
+    message = main_error(["--version", str(adapter), "--base_model", str(tiny_vlm_dir("qwen2_vl")), *base])
+    assert "qwen2_5_vl" in message and "qwen2_vl" in message and "trained on" in message
+    # ... or a Qwen2.5-VL of another size.
+    from model.tiny import save_tiny_vlm
+
+    other_size = save_tiny_vlm(tmp_path / "vlm_hidden_32", "qwen2_5_vl", hidden_size=32)
+    message = main_error(["--version", str(adapter), "--base_model", str(other_size), *base])
+    assert "hidden size 64" in message and "hidden size 32" in message
+
+    # With its own base model it loads and scores (a partial run, flagged as such).
+    from utils.eval_cli import main
+
+    assert main(["--version", str(adapter), "--base_model", str(tiny_vlm_dir("qwen2_5_vl")), *base,
+                 "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["kind"] == "adapter" and report["model"]["base_model"] == str(tiny_vlm_dir("qwen2_5_vl"))
+    entry = report["results"][0]
+    assert entry["protocol"] == "teacher_forced" and not entry["complete"]
+    assert entry["counts"]["evaluated_items"] == 2 and entry["counts"]["split_items"] == 12

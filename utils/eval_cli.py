@@ -1,0 +1,228 @@
+"""test.py's work: parse the flags, load the model, score every split under every protocol, report.
+
+Runs as one process or under torchrun (each rank scores its shard of every split; the integer
+metric sums are all-reduced, so the numbers do not depend on the number of processes). Rank 0
+prints the table and writes the JSON report (and merges the saved predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.data.builders import SYNTHETIC_VAL_SPLITS, build_val_dataset, split_names
+from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from utils.eval_report import PredictionWriter, build_report, format_summary, result_entry, write_json
+from utils.evaluation import (
+    GENERATE,
+    PROTOCOLS,
+    QUERY_LENGTH_GROUPS,
+    TEACHER_FORCED,
+    evaluate,
+    query_length_group,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOG_DIR = "./runs/test"
+REPORT_NAME = "report.json"
+TABLE_NAME = "results.txt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="test.py",
+        description="Score a reasoning segmenter on benchmark splits (gIoU, cIoU, precision@IoU, mask-derived "
+        "boxes, N-acc), teacher-forced and/or generated; python test.py or torchrun ... test.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--version", required=True,
+                       help="merged model directory (transform_weight.py), training checkpoint, or run directory")
+    model.add_argument("--pick", choices=["latest", "best"], default="latest", help="in a run directory: which checkpoint")
+    model.add_argument("--base_model", help="training checkpoint only: the base Qwen-VL directory (overrides the recorded path)")
+    model.add_argument("--vision_pretrained", help="training checkpoint only: the official SAM .pth (overrides the recorded path)")
+    model.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                       help="weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
+    data = p.add_argument_group("data")
+    data.add_argument("--val_dataset", default="ReasonSeg|val",
+                      help="one or several splits joined by '||': ReasonSeg|val, ReasonSeg|test, refcoco|unc|val, "
+                      "refcoco|unc|testA, refcoco+|unc|testB, refcocog|umd|test, grefcoco|unc|val, synthetic|val, "
+                      "synthetic|refer_val, synthetic|grefer_val ...")
+    data.add_argument("--dataset_dir", default="./dataset")
+    data.add_argument("--reason_seg_queries", choices=["first", "all"], default="first",
+                      help="ReasonSeg: score the first query of each image (LISA's published protocol) or every query")
+    data.add_argument("--max_samples", type=int, default=0,
+                      help="score only the first N items of each split (quick runs; marked partial; 0: all)")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    run = p.add_argument_group("evaluation")
+    run.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default=TEACHER_FORCED,
+                     help="teacher_forced: the answer with [SEG] is given (published numbers); generate: the model answers")
+    run.add_argument("--batch_size", type=int, default=1, help="per process")
+    run.add_argument("--max_new_tokens", type=int, default=64, help="generate: answer length limit")
+    out = p.add_argument_group("output")
+    out.add_argument("--log_dir", default=DEFAULT_LOG_DIR, help=f"where {REPORT_NAME} and {TABLE_NAME} go")
+    out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
+    out.add_argument("--save_predictions", help="JSONL of every prediction (COCO RLE masks, boxes, answers, targets)")
+    out.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.max_samples < 0 or args.workers < 0:
+        parser.error("--max_samples and --workers must be >= 0")
+    if not split_names(args.val_dataset):
+        parser.error("--val_dataset is empty: name at least one split, e.g. 'ReasonSeg|val'")
+    if not Path(args.dataset_dir).is_dir():
+        parser.error(f"--dataset_dir {args.dataset_dir}: directory not found (see dataset/README.md)")
+    return args
+
+
+def split_kind(name: str) -> str:
+    """``reason_seg`` or ``refer_seg``: the source kind behind a validation split name."""
+    if name in SYNTHETIC_VAL_SPLITS:
+        return SYNTHETIC_VAL_SPLITS[name][0]
+    return "reason_seg" if len(name.split("|")) == 2 else "refer_seg"
+
+
+def build_splits(names: str, dataset_dir: str, reason_seg_queries: str) -> dict:
+    """Every requested split, checked before the model loads (a wrong name costs no model load)."""
+    splits = {}
+    for name in split_names(names):
+        options = {"val_queries": reason_seg_queries} if split_kind(name) == "reason_seg" else {}
+        try:
+            dataset = build_val_dataset(name, dataset_dir, **options)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: split {name!r}: {error}") from None
+        if len(dataset) == 0:
+            raise SystemExit(f"error: split {name!r} in {dataset_dir} is empty (0 items): there is nothing to score")
+        splits[name] = dataset
+    return splits
+
+
+def load_model(args: argparse.Namespace, device: torch.device):
+    """(model, resolved checkpoint directory, model description for the report)."""
+    from model.config import SegmenterConfig
+    from model.loading import ModelLoadError, load_segmenter, resolve_checkpoint
+
+    try:
+        directory = resolve_checkpoint(args.version, args.pick)
+        config = SegmenterConfig.from_pretrained(directory)
+        model = load_segmenter(
+            directory,
+            precision=args.precision,
+            device=device,
+            base_model=args.base_model,
+            vision_pretrained=args.vision_pretrained,
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    kind = "training checkpoint (LoRA adapter on a base model)" if config.adapter_path else "standalone model"
+    dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")
+    info = {
+        "description": f"{kind}, {config.vlm_family} + SAM {config.sam_variant}, {dtype}",
+        "version": str(args.version),
+        "kind": "adapter" if config.adapter_path else "standalone",
+        "vlm_family": config.vlm_family,
+        "sam_variant": config.sam_variant,
+        "base_model": str(args.base_model or config.vlm_path) if config.adapter_path else None,
+        "sam_checkpoint": model.config.sam_checkpoint,
+        "dtype": dtype,
+        "device": str(device),
+    }
+    return model, str(Path(directory).resolve()), info
+
+
+def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
+    """Score every split under every protocol; returns the report on rank 0 (None elsewhere)."""
+    splits = build_splits(args.val_dataset, args.dataset_dir, args.reason_seg_queries)
+    model, checkpoint, model_info = load_model(args, dist_info.device)
+    precision = args.precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    writer = PredictionWriter(args.save_predictions, dist_info.rank) if args.save_predictions else None
+    results = []
+    try:
+        for name, dataset in splits.items():
+            split_items = len(dataset)
+            if args.max_samples:
+                dataset = torch.utils.data.Subset(dataset, range(min(split_items, args.max_samples)))
+            reason_seg = split_kind(name) == "reason_seg"
+            for protocol in protocols:
+                if dist_info.is_main:
+                    logger.info("scoring %s (%d items) under %s", name, len(dataset), protocol)
+                try:
+                    scores = evaluate(
+                        model,
+                        dataset,
+                        protocol,
+                        rank=dist_info.rank,
+                        world_size=dist_info.world_size,
+                        batch_size=args.batch_size,
+                        workers=args.workers,
+                        precision=precision,
+                        description=f"{protocol} {name}",
+                        show_progress=dist_info.is_main and not args.no_progress,
+                        groups=QUERY_LENGTH_GROUPS if reason_seg else (),
+                        group_of=query_length_group if reason_seg else None,
+                        on_prediction=writer.sink(name) if writer else None,
+                        max_new_tokens=args.max_new_tokens,
+                    )
+                except ValueError as error:
+                    raise SystemExit(f"error: {error}") from None
+                results.append(result_entry(name, protocol, scores, split_items, len(dataset)))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        barrier()
+        if dist_info.is_main:
+            count = writer.merge(dist_info.world_size)
+            logger.info("%d predictions written to %s", count, args.save_predictions)
+    if not dist_info.is_main:
+        return None
+    run_info = {
+        "world_size": dist_info.world_size,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "dataset_dir": str(Path(args.dataset_dir).resolve()),
+        "val_dataset": args.val_dataset,
+        "reason_seg_queries": args.reason_seg_queries,
+        "max_samples": args.max_samples,
+        "max_new_tokens": args.max_new_tokens if GENERATE in protocols else None,
+        "predictions": str(Path(args.save_predictions).resolve()) if args.save_predictions else None,
+        "command": getattr(args, "command", None),
+    }
+    return build_report(model_info, checkpoint, run_info, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.command = "test.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    dist_info = init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if dist_info.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {dist_info.rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        report = run(args, dist_info)
+        if report is not None:
+            summary = format_summary(report)
+            print(summary, flush=True)
+            report_path = Path(args.report) if args.report else Path(args.log_dir) / REPORT_NAME
+            write_json(report_path, report)
+            table_path = Path(args.log_dir) / TABLE_NAME
+            table_path.parent.mkdir(parents=True, exist_ok=True)
+            table_path.write_text(summary + "\n", encoding="utf-8")
+            print(f"report: {report_path}", flush=True)
+    finally:
+        cleanup_distributed()
+    return 0

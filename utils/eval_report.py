@@ -1,0 +1,270 @@
+"""What test.py writes: the JSON report, the table on stdout, and the saved predictions.
+
+Every number is printed and stored next to the protocol it was measured under (see
+``utils.evaluation``), the split, and its counts. Scores are fractions in [0, 1] in the JSON and
+percentages in the table (as papers print them).
+
+Saved predictions (``--save_predictions FILE.jsonl``): one line per question, in split order
+(split, protocol, sample index, turn), whatever the number of processes. Each line holds the
+request, the question, the reference and given/generated answer, every predicted mask as COCO RLE
+(pycocotools, with its box), and per scored target the ground truth as RLE (``gt_rle``: pixels
+with value 1; ``ignore_rle``: pixels with value 255, or null) with its I, U, IoU and boxes. A file
+is self-contained: :func:`rescore_predictions` recomputes every metric from it alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from utils.evaluation import GENERATE, TEACHER_FORCED, scored_pairs
+from utils.masks import IGNORE_LABEL, decode_rle
+from utils.metrics import SegmentationMeter
+
+REPORT_VERSION = 1
+
+PROTOCOL_DESCRIPTIONS: dict[str, str] = {
+    TEACHER_FORCED: (
+        "the reference answer with its [SEG] tokens is given (nothing generated) and the mask of each "
+        "[SEG] is scored: LISA's published protocol. A no-target expression (gRefCOCO) is answered "
+        "without [SEG], so its prediction is empty and N-acc is 1 by construction."
+    ),
+    GENERATE: (
+        "each question is asked on its own and the model answers freely (greedy, at most max_new_tokens); "
+        "the k-th [SEG] of the answer is scored against the k-th target, a missing [SEG] counts as an "
+        "empty mask, extra [SEG] are not scored; a no-target expression is correct when the answer "
+        "gives no mask. seg_format_rate = share of answers with the expected number of [SEG]."
+    ),
+}
+
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "giou": "mean over masks of I / (U + 1e-5), 1.0 when U = 0 (empty target and empty prediction); "
+    "prediction = logit > 0; pixels whose ground truth is 255 removed from both (LISA)",
+    "ciou": "sum of I over all masks / (sum of U + 1e-10) (LISA)",
+    "precision@t": "share of masks with IoU >= t (exact ratio I/U), t = 0.5 ... 0.9",
+    "box_iou": "mean IoU of the tight box of the predicted mask vs the tight box of the target "
+    "(both empty = 1, one empty = 0)",
+    "box_acc@0.5": "share of masks whose box IoU >= 0.5 (referring-expression comprehension Acc@0.5)",
+    "n_acc": "among no-target expressions (empty ground truth), the share predicted empty (GRES N-acc); "
+    "null when the split has none",
+    "t_acc": "among expressions with a target, the share with a non-empty prediction",
+    "groups": "ReasonSeg: short (is_sentence false) and long (is_sentence true) queries; overall = both",
+    "count": "masks scored (one per target; one per no-target expression)",
+}
+
+_COUNT_KEYS = ("items", "questions", "no_target_questions", "unreadable")
+_REPORTED_COUNTS = ("unreadable", "questions", "no_target_questions")
+_SCORE_ORDER = (
+    "count", "giou", "ciou", "precision@0.5", "precision@0.6", "precision@0.7", "precision@0.8",
+    "precision@0.9", "box_iou", "box_acc@0.5", "n_acc", "no_target_count", "t_acc", "target_count",
+    "sum_intersection", "sum_union",
+)
+
+
+def _metrics(scores: dict) -> dict:
+    skip = set(_COUNT_KEYS) | {"groups", "answers_with_expected_seg", "seg_format_rate"}
+    ordered = {k: scores[k] for k in _SCORE_ORDER if k in scores}
+    ordered.update({k: v for k, v in scores.items() if k not in ordered and k not in skip})
+    return ordered
+
+
+def result_entry(split: str, protocol: str, scores: dict, split_items: int, evaluated_items: int) -> dict:
+    """One (split, protocol) result of the report from the scores of ``utils.evaluation.evaluate``."""
+    entry: dict[str, Any] = {
+        "split": split,
+        "protocol": protocol,
+        "complete": evaluated_items == split_items,
+        "counts": {
+            "split_items": split_items,
+            "evaluated_items": evaluated_items,
+            **{key: scores[key] for key in _REPORTED_COUNTS},
+            "masks": scores["count"],
+        },
+        "metrics": _metrics(scores),
+    }
+    if "groups" in scores:
+        entry["groups"] = {name: _metrics(group) for name, group in scores["groups"].items()}
+    if protocol == GENERATE:
+        entry["answers"] = {
+            "total": scores["questions"],
+            "with_expected_seg": scores["answers_with_expected_seg"],
+            "seg_format_rate": scores["seg_format_rate"],
+        }
+    return entry
+
+
+def build_report(model: dict, checkpoint: str, run: dict, results: list[dict]) -> dict:
+    """The whole JSON report."""
+    protocols = sorted({entry["protocol"] for entry in results}, key=[TEACHER_FORCED, GENERATE].index)
+    return {
+        "report_version": REPORT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "checkpoint": checkpoint,
+        "run": run,
+        "protocols": {name: PROTOCOL_DESCRIPTIONS[name] for name in protocols},
+        "metric_definitions": METRIC_DESCRIPTIONS,
+        "results": results,
+    }
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the table
+
+_COLUMNS = (
+    ("gIoU", "giou"), ("cIoU", "ciou"), ("P@0.5", "precision@0.5"), ("P@0.6", "precision@0.6"),
+    ("P@0.7", "precision@0.7"), ("P@0.8", "precision@0.8"), ("P@0.9", "precision@0.9"),
+    ("boxIoU", "box_iou"), ("Acc@0.5", "box_acc@0.5"), ("N-acc", "n_acc"), ("T-acc", "t_acc"),
+)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(results: Iterable[dict]) -> str:
+    """A fixed-width table: one row per (protocol, split, query group), scores in %."""
+    header = ["protocol", "split", "queries", "items", "masks", *(name for name, _ in _COLUMNS), "[SEG] ok"]
+    rows = []
+    for entry in results:
+        items = str(entry["counts"]["evaluated_items"])
+        if not entry["complete"]:
+            items += f"/{entry['counts']['split_items']}"
+        seg_ok = _percent(entry["answers"]["seg_format_rate"]) if "answers" in entry else "-"
+        subsets = [("overall", entry["metrics"])] + list(entry.get("groups", {}).items())
+        for name, metrics in subsets:
+            row = [entry["protocol"], entry["split"], name, items if name == "overall" else "", str(metrics["count"])]
+            row += [_percent(metrics.get(key)) if metrics["count"] else "-" for _, key in _COLUMNS]
+            row.append(seg_ok if name == "overall" else "")
+            rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {0, 1, 2}
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(lines)
+
+
+def format_summary(report: dict) -> str:
+    """The table with what it measures: model, protocols, units, and partial splits flagged."""
+    results = report["results"]
+    lines = [
+        f"model: {report['checkpoint']} ({report['model'].get('description', '')})",
+        "scores in % (the JSON report holds fractions); masks = scored masks; items marked N/M = first N of M",
+        format_table(results),
+    ]
+    for name, text in report["protocols"].items():
+        lines.append(f"protocol {name}: {text}")
+    partial = [f"{e['split']} ({e['protocol']})" for e in results if not e["complete"]]
+    if partial:
+        lines.append("PARTIAL (--max_samples): not comparable with published numbers: " + ", ".join(partial))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+class PredictionWriter:
+    """Writes prediction records of one rank to ``PATH.rank<R>.part``; :meth:`merge` (rank 0,
+    after a barrier) joins all parts into ``PATH`` in split order and removes them. Under torchrun
+    on several nodes, ``PATH`` must be on a filesystem every node sees."""
+
+    def __init__(self, path: str | os.PathLike, rank: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.part = self._part(rank)
+        self._file = open(self.part, "w", encoding="utf-8")
+        self.split_order: list[str] = []
+
+    def _part(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.rank{rank}.part")
+
+    def sink(self, split: str):
+        """A callable for ``evaluate(on_prediction=...)`` that tags records with ``split``."""
+        if split not in self.split_order:
+            self.split_order.append(split)
+
+        def write(record: dict) -> None:
+            self._file.write(json.dumps({"split": split, **record}) + "\n")
+
+        return write
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def merge(self, world_size: int) -> int:
+        """Join the parts of every rank into the final file; returns the number of records."""
+        self.close()
+        records = []
+        for rank in range(world_size):
+            part = self._part(rank)
+            with open(part, encoding="utf-8") as handle:
+                records.extend(json.loads(line) for line in handle if line.strip())
+        order = {name: i for i, name in enumerate(self.split_order)}
+        protocols = {TEACHER_FORCED: 0, GENERATE: 1}
+        records.sort(key=lambda r: (order.get(r["split"], len(order)), protocols[r["protocol"]], r["index"], r["turn"]))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        os.replace(tmp, self.path)
+        for rank in range(world_size):
+            self._part(rank).unlink(missing_ok=True)
+        return len(records)
+
+
+def _ground_truth(target: dict) -> np.ndarray:
+    gt = decode_rle(target["gt_rle"]).astype(np.uint8)
+    if target.get("ignore_rle"):
+        gt[decode_rle(target["ignore_rle"])] = IGNORE_LABEL
+    return gt
+
+
+def rescore_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
+    """Recompute every metric from a saved predictions file alone.
+
+    Returns ``{(split, protocol): scores}`` with the keys of ``utils.metrics.scores_from_state``
+    and, when the records carry groups, ``groups`` (name -> scores). The same pairing rule as the
+    evaluation (:func:`utils.evaluation.scored_pairs`) is applied to the decoded masks.
+    """
+    meters: dict[tuple[str, str], SegmentationMeter] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = (record["split"], record["protocol"])
+            meter = meters.setdefault(key, SegmentationMeter())
+            gts = [_ground_truth(t) for t in record["targets"]]
+            preds = [decode_rle(m["rle"]) for m in record["pred_masks"]]
+            shape = gts[0].shape if gts else (0, 0)
+            if record["no_target"]:
+                pairs = scored_pairs(preds, [], True, shape, gts[0])
+            else:
+                pairs = scored_pairs(preds, gts, False, shape)
+            for pred, gt in pairs:
+                meter.update(pred, gt, group=record.get("groups") or None)
+    out = {}
+    for key, meter in meters.items():
+        scores = meter.scores()
+        if meter.groups:
+            scores["groups"] = {g: meter.scores(g) for g in meter.groups}
+        out[key] = scores
+    return out
