@@ -199,7 +199,10 @@ def test_real_size_code_path_on_a_tiny_config(smoke):
 
 
 def test_ddp_row_runs_train_ddp_under_torchrun(smoke, tmp_path):
+    from utils import performance, trainer
     from utils.performance import bench_ddp
+
+    assert performance.METRICS_FILE == trainer.METRICS_FILE
 
     [row] = bench_ddp(smoke, tmp_path)
     rates = row.details["samples_per_second"]

@@ -52,7 +52,7 @@ def main() -> None:
     data_dir, model_dir, runs = out / "data", out / "tiny_model", out / "runs"
 
     if not (data_dir / "synthetic.json").is_file():
-        run([python, "tools/make_synthetic.py", "--out", str(data_dir), "--seed", "0", "--num_train", "500",
+        run([python, "tools/make_synthetic.py", "--out", str(data_dir), "--seed", "0", "--num_train", "2000",
              "--num_val", "100", "--overwrite", "--no_progress"])
     if not (model_dir / "config.json").is_file():
         run([python, "tools/make_tiny_model.py", "--out", str(model_dir)])
