@@ -428,7 +428,7 @@ def compare_results(ours: Sequence[SegmentationResult], theirs: Sequence[Segment
     agreement = agree / pixels if pixels else 1.0
     passed = bool(same_tokens and shapes_ok and num_seg > 0 and max_diff <= atol and agreement >= 0.999)
     text = (
-        f"same tokens: {'yes' if same_tokens else 'NO'}; {num_seg} [SEG] states, max |diff| {max_diff:.1e} "
+        f"same tokens: {'yes' if same_tokens else 'NO'}; {num_seg} [SEG] states, max abs diff {max_diff:.1e} "
         f"(tol {atol:g}); mask pixels equal {100 * agreement:.2f}%"
     )
     return {"passed": passed, "text": text, "max_state_diff": max_diff, "mask_agreement": agreement,
@@ -681,7 +681,7 @@ def bench_training_step(settings: BenchSettings) -> list[BenchRow]:
     trainable = {side: memory[side]["trainable_params"] for side in memory}
     check_text = (
         f"same weights and batch: loss before training {losses['ours']:.5f} vs {losses['baseline']:.5f} "
-        f"(|diff| {loss_diff:.1e})"
+        f"(abs diff {loss_diff:.1e})"
     )
     common = dict(
         ours_is="LoRA + [SEG] rows only (peft trainable_token_indices)",
@@ -1233,6 +1233,10 @@ def format_row_line(row: BenchRow) -> str:
             f"goal {row.goal} -> {_met_text(row.met)}; check {'ok' if row.check_passed else 'FAILED' if row.check_passed is False else '-'}")
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report's rows as a markdown table."""
     lines = [
@@ -1242,8 +1246,8 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         status = "ok" if row["check_passed"] else "FAILED" if row["check_passed"] is False else "-"
         lines.append(
-            f"| {row['name']} | {fmt(row['ours'])} | {fmt(row['baseline'])} | {row['unit']} | "
-            f"{_ratio_text(row['ratio'])} | {row['goal']} | {_met_text(row['met'])} | {status}: {row['check']} |"
+            f"| {_cell(row['name'])} | {fmt(row['ours'])} | {fmt(row['baseline'])} | {row['unit']} | "
+            f"{_ratio_text(row['ratio'])} | {_cell(row['goal'])} | {_met_text(row['met'])} | {status}: {_cell(row['check'])} |"
         )
     return "\n".join(lines)
 
