@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.batch import SampleEncoder, encode_sample
-from utils.data.samplers import ShardedEvalSampler
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
+from utils.data.samplers import ShardedEvalSampler
+from utils.distributed import ignore_stop_signals
 from utils.masks import IGNORE_LABEL, encode_rle, mask_to_box
 from utils.metrics import SegmentationMeter, reduce_state_across_ranks, scores_from_state
 
@@ -393,6 +394,7 @@ def evaluate(
         sampler=ShardedEvalSampler(len(dataset), rank, world_size),
         collate_fn=partial(_collate_present, model, padding_side="left" if generate else "right"),
         num_workers=workers,
+        worker_init_fn=ignore_stop_signals,
     )
     step = partial(_score_generated, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs) if generate else _score_teacher_forced
     scorer = SplitScorer(protocol, groups=groups, group_of=group_of, on_prediction=on_prediction)

@@ -29,7 +29,7 @@ from model.config import SegmenterConfig
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 from utils import checkpoint as ckpt
-from utils.distributed import DistInfo, all_reduce_sum, barrier
+from utils.distributed import DistInfo, all_reduce_sum, barrier, ignore_stop_signals
 from utils.evaluation import _to_device, autocast_context, evaluate_teacher_forced
 from utils.optim import build_optimizer, build_scheduler
 from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
@@ -236,7 +236,7 @@ class Trainer:
                 collate_fn=partial(self.model.collate, padding_side="right"),
                 num_workers=args.workers,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=_ignore_stop_signals,
+                worker_init_fn=ignore_stop_signals,
                 # Its own generator: drawing worker seeds from the global RNG would shift the
                 # dropout noise of a resumed run (its loader starts at another step).
                 generator=torch.Generator().manual_seed(args.seed * 1000 + epoch),
@@ -444,13 +444,6 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM / SIGINT to the trainer, which saves before exiting
-    (a cluster signals the whole process group; a dead worker would abort the save)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _plain(scores: dict) -> dict:
