@@ -243,3 +243,37 @@ def test_deepspeed_zero2_trains_like_ddp_and_writes_the_same_checkpoints(tiny_se
         torch.testing.assert_close(weights_ds[key], weights_ddp[key], rtol=1e-4, atol=1e-5, msg=key)
     model = ReasonSegmenter.from_pretrained(tmp_path / "ds" / "checkpoint-0000003")
     assert model.config.adapter_path == "adapter"
+
+
+def test_non_finite_losses_skip_steps_and_too_many_stop_the_run(tiny_segmenter_dir, synthetic_root, tmp_path):
+    from utils.data.builders import build_train_dataset
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    args = parse_args(["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
+                       "--dataset_dir", str(synthetic_root), "--log_base_dir", str(tmp_path), "--no_eval", "--workers", "0",
+                       "--batch_size", "1", "--steps_per_epoch", "6", "--max_nonfinite_steps", "2", "--save_steps", "100"])
+    data = build_train_dataset(args, samples_per_epoch=6, seed=args.seed)
+    trainer = Trainer(args, DistInfo(0, 1, 0, torch.device("cpu")), data, None)
+    real_forward = trainer.model.forward
+    poisoned_steps = {2, 4, 5, 6}
+    calls = {"n": 0}
+
+    def forward(batch):
+        calls["n"] += 1
+        output = real_forward(batch)
+        if calls["n"] in poisoned_steps:
+            output.loss = output.loss * float("nan")
+        return output
+
+    trainer.model.forward = forward
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
+        trainer.train()
+    records = train_records(tmp_path / args.exp_name)
+    assert [r["nonfinite_steps"] for r in records.values()] == [0, 1, 1, 2, 3]
+    # Steps 2 and 4 were skipped: the weights after step 4 are those of steps 1 and 3 only.
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer.close()
