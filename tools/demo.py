@@ -29,11 +29,14 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def held_out_request(data_dir: Path) -> tuple[Path, str]:
-    """The first held-out (validation) scene and its first query."""
-    val_dir = data_dir / "reason_seg" / "ReasonSeg" / "val"
-    annotation = sorted(val_dir.glob("*.json"))[0]
-    query = json.loads(annotation.read_text())["text"][0]
-    return annotation.with_suffix(".jpg"), query
+    """The first held-out (validation) scene and its first query, asked as evaluation asks it."""
+    sys.path.insert(0, str(REPO))
+    from utils.data.templates import segmentation_question
+
+    annotation_file = sorted((data_dir / "reason_seg" / "ReasonSeg" / "val").glob("*.json"))[0]
+    annotation = json.loads(annotation_file.read_text())
+    question = segmentation_question(annotation["text"][0], annotation["is_sentence"])
+    return annotation_file.with_suffix(".jpg"), question
 
 
 def main() -> None:
