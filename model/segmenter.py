@@ -253,6 +253,13 @@ class ReasonSegmenter(nn.Module):
         model.load_head_state(load_file(head_file))
         return model.to(dtype)
 
+    def _apply(self, fn, recurse=True):
+        # SAM's prompt encoder multiplies a float32 coordinate grid by its positional matrix, so it
+        # stays float32 whatever dtype the rest of the model is cast to (bf16 inference on CUDA).
+        super()._apply(fn, recurse)
+        self.sam.prompt_encoder.float()
+        return self
+
     def save_pretrained(self, directory: str | os.PathLike, include_sam: bool = True) -> None:
         """Write a segmenter directory.
 

@@ -15,7 +15,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the tiny models are too small to gain from more, and tests that start
+# subprocesses would otherwise compete for the two cores.
+torch.set_num_threads(1)
 
 
 def load_photo(name: str) -> np.ndarray:

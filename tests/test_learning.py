@@ -24,7 +24,7 @@ def test_short_demo_recipe_raises_held_out_giou(tmp_path):
               "--workers", "1"]
     before = subprocess.run(common + ["--exp_name", "before", "--eval_only"], cwd=REPO, env=env(), capture_output=True, text=True)
     assert before.returncode == 0, before.stderr[-3000:]
-    after = subprocess.run(common + ["--exp_name", "after", "--steps_per_epoch", "450", "--eval_steps", "450"],
+    after = subprocess.run(common + ["--exp_name", "after", "--steps_per_epoch", "600", "--eval_steps", "600"],
                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert after.returncode == 0, after.stderr[-3000:]
     [start] = val_giou(tmp_path / "runs" / "before")

@@ -286,3 +286,14 @@ def test_no_torchvision_is_imported():
         "assert 'torchvision' not in sys.modules, 'torchvision imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_bf16_model_decodes_masks(tiny_segmenter_dir, dog):
+    """bf16 inference (the CUDA default): SAM's prompt encoder keeps float32, masks come out."""
+    model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir(), dtype=torch.bfloat16).eval()
+    assert model.projection.fc1.weight.dtype == torch.bfloat16
+    assert model.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    batch = model.collate([model.prepare(dog, [("Where is the dog?", None)])], padding_side="left")
+    batch["sam_pixel_values"] = batch["sam_pixel_values"].to(torch.bfloat16)
+    [result] = model.generate(batch, 8, logits_processor=forced(model, "It is [SEG].", batch["input_ids"].shape[1]))
+    assert len(result.masks) == 1 and result.masks[0].shape == dog.shape[:2]
