@@ -1,0 +1,82 @@
+"""Chat-template conversations, their labels, and batch padding, on every Qwen-VL generation."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_photo
+from model.batch import collate, encode_sample
+from model.conversation import IGNORE_INDEX, build_messages, encode_conversation, template_markers
+from model.processor import load_processor
+from model.sam import SamTransform
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+TURNS = [("Where is the dog?", "It is [SEG]."), ("And the grass and the sky?", "Sure, [SEG] and [SEG].")]
+
+
+@pytest.fixture(scope="module")
+def dog():
+    return load_photo("dog.jpg")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_cover_exactly_the_assistant_replies(tiny_vlm_dir, family, dog):
+    processor = load_processor(tiny_vlm_dir(family), family)
+    sample = encode_conversation(processor, dog, TURNS)
+    ids, labels = sample["input_ids"], sample["labels"]
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Rebuild the expected labels independently: tokenise the rendered conversation piece by piece.
+    text = processor.apply_chat_template(build_messages(TURNS), tokenize=False)
+    expected_text = "".join(answer + "<|im_end|>" for _, answer in TURNS)
+    assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == expected_text
+    supervised = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    # Two contiguous spans, each ending on the turn-end token, and nothing of the prompt or image.
+    spans = np.split(np.array(supervised), np.where(np.diff(supervised) != 1)[0] + 1)
+    assert len(spans) == 2 and all(ids[span[-1]] == end for span in spans)
+    assert (labels[labels != IGNORE_INDEX] == ids[labels != IGNORE_INDEX]).all()
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (ids == image_token).sum() > 0 and (labels[ids == image_token] == IGNORE_INDEX).all()
+    # The processor's outputs are passed through whole.
+    assert {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"} <= set(sample)
+    assert "<|im_start|>assistant" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_last_turn_gets_the_generation_prompt_and_no_labels(tiny_vlm_dir, family, dog):
+    processor = load_processor(tiny_vlm_dir(family), family)
+    sample = encode_conversation(processor, dog, [("Where is the dog?", None)])
+    markers = template_markers(processor)
+    assert tuple(sample["input_ids"][-len(markers.reply_start):].tolist()) == markers.reply_start
+    assert (sample["labels"] == IGNORE_INDEX).all()
+
+
+def test_collate_pads_right_for_training_and_left_for_generation(tiny_vlm_dir, dog):
+    processor = load_processor(tiny_vlm_dir("qwen2_5_vl"), "qwen2_5_vl")
+    transform = SamTransform(256)
+    mask = np.zeros(dog.shape[:2], np.uint8)
+    long = encode_sample(processor, transform, dog, TURNS, [mask, mask, mask])
+    short = encode_sample(processor, transform, dog[:200], [("Dog?", "[SEG].")], [mask[:200]])
+    pad = processor.tokenizer.pad_token_id
+    for side in ("right", "left"):
+        batch = collate([long, short], pad, side)
+        length = len(long["input_ids"])
+        n_pad = length - len(short["input_ids"])
+        assert batch["input_ids"].shape == (2, length) and n_pad > 0
+        padded = slice(length - n_pad, length) if side == "right" else slice(0, n_pad)
+        kept = slice(0, length - n_pad) if side == "right" else slice(n_pad, length)
+        assert (batch["input_ids"][1, padded] == pad).all()
+        assert (batch["attention_mask"][1, padded] == 0).all() and (batch["attention_mask"][1, kept] == 1).all()
+        assert (batch["labels"][1, padded] == IGNORE_INDEX).all()
+        assert torch.equal(batch["input_ids"][1, kept], short["input_ids"])
+        assert torch.equal(batch["labels"][1, kept], short["labels"])
+        assert batch["pixel_values"].shape[0] == long["pixel_values"].shape[0] + short["pixel_values"].shape[0]
+        assert [m.shape[0] for m in batch["masks"]] == [3, 1]
+    with pytest.raises(ValueError, match="padding_side"):
+        collate([long], pad, "middle")
+
+
+def test_masks_must_match_the_image(tiny_vlm_dir, dog):
+    processor = load_processor(tiny_vlm_dir("qwen2_5_vl"), "qwen2_5_vl")
+    with pytest.raises(ValueError, match="mask 0 has shape"):
+        encode_sample(processor, SamTransform(256), dog, [("Dog?", "[SEG].")], [np.zeros((5, 5), np.uint8)])
