@@ -89,6 +89,11 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
 VLM_INPUT_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on ``device`` (per-sample lists stay where they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def vlm_inputs(batch: dict) -> dict:
     """The fields of a batch that go to the Qwen-VL model (labels excluded)."""
     return {k: batch[k] for k in VLM_INPUT_FIELDS if k in batch}

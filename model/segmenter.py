@@ -30,7 +30,7 @@ from torch import nn
 
 from utils.masks import mask_to_box
 
-from .batch import collate, encode_sample, vlm_inputs
+from .batch import collate, encode_sample, to_device, vlm_inputs
 from .config import SegmenterConfig
 from .losses import mask_bce_loss, mask_dice_loss
 from .processor import load_processor, save_processor
@@ -490,7 +490,7 @@ class ReasonSegmenter(nn.Module):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         samples = [self.prepare(image, [(prompt, None)]) for image, prompt in zip(images, prompts)]
         batch = self.collate(samples, padding_side="left")
-        return self.generate(_to_device(batch, self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
+        return self.generate(to_device(batch, self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -505,6 +505,3 @@ def _resolve(directory: Path, path: str) -> Path:
     """A path from a config: relative to the checkpoint directory if it exists there."""
     return directory / path if (directory / path).exists() else Path(path)
 
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -2,13 +2,13 @@
 
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
+import gradio_client
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,16 +17,9 @@ from conftest import DATA, REPO, load_photo
 from model.segmenter import ReasonSegmenter
 from test_inference import scripted
 from utils.gradio_app import examples_in, handle_request
+from utils.distributed import free_port
 from utils.inference import NO_MASK_MESSAGE, InferenceSession, InputError
 
-pytest.importorskip("gradio")
-gradio_client = pytest.importorskip("gradio_client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import REPO
+from utils.distributed import free_port
 from utils.eval_report import rescore_predictions
 from utils.masks import decode_rle
 
@@ -43,7 +44,7 @@ def test_command(model_dir, data_dir, out_dir, *extra, nproc=0):
     launcher = [sys.executable, "test.py"]
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(30500 + os.getpid() % 1000), "test.py"]
+                    "--master_port", str(free_port()), "test.py"]
     return [
         *launcher, "--version", str(model_dir), "--dataset_dir", str(data_dir), "--val_dataset", "||".join(SPLITS),
         "--protocol", "both", "--max_new_tokens", "4", "--workers", "0", "--no_progress",

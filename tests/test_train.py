@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from utils.distributed import free_port
 from utils import checkpoint as ckpt
 
 SYNTHETIC_FLAGS = [
@@ -45,7 +46,7 @@ def train_command(model_dir, data_dir, run_base, exp, *extra, nproc=0):
     launcher = [sys.executable, "train_ddp.py"]
     if nproc:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000), "train_ddp.py"]
+                    "--master_port", str(free_port()), "train_ddp.py"]
     return [
         *launcher, "--version", str(model_dir), "--dataset_dir", str(data_dir), *SYNTHETIC_FLAGS,
         "--log_base_dir", str(run_base), "--exp_name", exp, "--batch_size", "2", "--workers", "0",

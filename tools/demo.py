@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from utils.distributed import free_port  # noqa: E402
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -30,7 +33,6 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def held_out_request(data_dir: Path) -> tuple[Path, str]:
     """The first held-out (validation) scene and its first query, asked as evaluation asks it."""
-    sys.path.insert(0, str(REPO))
     from utils.data.templates import segmentation_question
 
     annotation_file = sorted((data_dir / "reason_seg" / "ReasonSeg" / "val").glob("*.json"))[0]
@@ -61,7 +63,7 @@ def main() -> None:
         run([python, "tools/make_tiny_model.py", "--out", str(model_dir)])
 
     train = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-             str(29400 + os.getpid() % 500), "train_ddp.py", "--config", args.config, "--version", str(model_dir),
+             str(free_port()), "train_ddp.py", "--config", args.config, "--version", str(model_dir),
              "--dataset_dir", str(data_dir), "--log_base_dir", str(runs), "--exp_name", "demo", "--auto_resume"]
     if args.max_steps:
         train += ["--max_steps", str(args.max_steps)]

@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,10 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     exiting (a cluster signals the whole process group; a dead worker would abort the save)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS reports free now (for torchrun's --master_port in tools and tests)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

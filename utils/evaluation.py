@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.batch import SampleEncoder, encode_sample
+from model.batch import SampleEncoder, encode_sample, to_device
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
 from utils.data.samplers import ShardedEvalSampler
 from utils.distributed import ignore_stop_signals
@@ -302,8 +302,6 @@ def _collate_present(model, samples: list, padding_side: str) -> dict | None:
     return {"batch": batch, "unreadable": unreadable, "items": items}
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -406,7 +404,7 @@ def evaluate(
             scorer.counters["items"] += item["items"]
             if item["batch"] is None:
                 continue
-            batch = _to_device(item["batch"], device)
+            batch = to_device(item["batch"], device)
             with autocast_context(device, precision):
                 step(model, batch, scorer)
     finally:

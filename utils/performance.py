@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,10 +47,11 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from model.batch import SampleEncoder, vlm_inputs
+from model.batch import SampleEncoder, to_device, vlm_inputs
 from model.config import SegmenterConfig
 from model.segmenter import ReasonSegmenter, SegmentationResult
 from model.vlm import LoraSettings, ensure_seg_token, text_hidden_size
+from utils.distributed import free_port
 from utils.masks import mask_to_box
 
 logger = logging.getLogger(__name__)
@@ -341,14 +341,12 @@ def _scripted(model: ReasonSegmenter, batch: dict, ids: Sequence[int]) -> Logits
     return LogitsProcessorList([ScriptedAnswer(ids, batch["input_ids"].shape[1])])
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def request_batch(model: ReasonSegmenter, images: Sequence[np.ndarray], questions: Sequence[str]) -> dict:
     """A left-padded generation batch of one open question per image, on the model's device."""
     samples = [model.prepare(image, [(question, None)]) for image, question in zip(images, questions)]
-    return _to_device(model.collate(samples, padding_side="left"), model.device)
+    return to_device(model.collate(samples, padding_side="left"), model.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +607,7 @@ def training_batch(model: ReasonSegmenter, seed: int, batch_size: int = 2, turns
         image, _, masks = scene(seed + 100 + index)
         conversation = [(QUESTIONS[(index + t) % len(QUESTIONS)], "Sure, it is [SEG].") for t in range(turns)]
         samples.append(model.prepare(image, conversation, [masks[t % len(masks)] for t in range(turns)]))
-    return _to_device(model.collate(samples, padding_side="right"), model.device)
+    return to_device(model.collate(samples, padding_side="right"), model.device)
 
 
 def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -761,12 +759,6 @@ def bench_params(settings: BenchSettings, model_name: str = "qwen2.5-vl-7b", sam
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ddp_inputs(scratch: Path, hidden_size: int, num_layers: int, num_train: int = 24) -> tuple[Path, Path, dict]:
     """A synthetic data root and a tiny segmenter directory under ``scratch`` (kept for reuse)."""
     from model.tiny import make_tiny_segmenter
@@ -790,7 +782,7 @@ def run_training(
     workers, no validation); returns the run's training records from metrics.jsonl."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "train_ddp.py", "--version", str(model_dir), "--dataset_dir", str(data),
         *[arg for key, value in flags.items() if key != "val_dataset" for arg in (f"--{key}", value)],
         "--workers", "0", "--batch_size", str(batch_size), "--grad_accumulation_steps", "1",

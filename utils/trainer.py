@@ -24,13 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.batch import SampleEncoder
+from model.batch import SampleEncoder, to_device
 from model.config import SegmenterConfig
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, all_reduce_sum, barrier, ignore_stop_signals
-from utils.evaluation import _to_device, autocast_context, evaluate_teacher_forced
+from utils.evaluation import autocast_context, evaluate_teacher_forced
 from utils.optim import build_optimizer, build_scheduler
 from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
 
@@ -280,7 +280,7 @@ class Trainer:
             final = index == len(micro_batches) - 1
             samples += len(batch["masks"])
             skipped += sum(extra.get("num_skipped", 0) for extra in batch["extra"])
-            batch = _to_device(batch, self.device)
+            batch = to_device(batch, self.device)
             sync = nullcontext() if (final or self.ddp is None) else self.ddp.no_sync()
             with sync:
                 output = self._forward(batch)
