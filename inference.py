@@ -59,13 +59,20 @@ def main() -> int:
     setup_logging(args.verbose)
 
     session = session_from_args(args)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    def say_error(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
     if args.input_jsonl:
         summary = run_batch(session, args.input_jsonl, output, args.image_root, progress=not args.no_progress)
         print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
         return 0
     if one:
-        return one_shot(session, args.image, args.prompt, args.vis_save_path, sys.stdout)
-    answered = interactive_loop(session, args.vis_save_path, out=sys.stdout)
+        return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error)
+    answered = interactive_loop(session, args.vis_save_path, say)
     print(f"bye ({answered} requests answered; files in {args.vis_save_path})")
     return 0
 

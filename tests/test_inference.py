@@ -5,7 +5,6 @@ the entry point runs as a subprocess, as people run it, with whatever the random
 """
 
 import importlib.util
-import io
 import json
 import os
 import runpy
@@ -174,14 +173,14 @@ def test_each_seg_gets_a_mask_png_an_overlay_and_a_box(session, tmp_path):
     json.dumps(record)
 
 
-def test_one_shot_bad_input_is_a_message_and_status_1(session, tmp_path, capsys):
-    out = io.StringIO()
-    assert one_shot(session, str(tmp_path / "absent.png"), "Where?", tmp_path / "vis", out) == 1
-    assert one_shot(session, str(DOG), " ", tmp_path / "vis", out) == 1
-    errors = capsys.readouterr().err
+def test_one_shot_bad_input_is_a_message_and_status_1(session, tmp_path):
+    said, error_lines = [], []
+    assert one_shot(session, str(tmp_path / "absent.png"), "Where?", tmp_path / "vis", said.append, error_lines.append) == 1
+    assert one_shot(session, str(DOG), " ", tmp_path / "vis", said.append, error_lines.append) == 1
+    errors = "\n".join(error_lines)
     assert f"error: image file {tmp_path / 'absent.png'} does not exist" in errors
     assert "error: the request is empty" in errors
-    assert out.getvalue() == "" and not (tmp_path / "vis").exists()
+    assert said == [] and not (tmp_path / "vis").exists()
 
 
 def test_an_answer_without_seg_reports_no_mask(session, tmp_path):

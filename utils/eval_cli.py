@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -204,7 +205,9 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     return build_report(model_info, checkpoint, run_info, results)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, say: Callable[[str], None] = logger.info) -> int:
+    """test.py: parse, evaluate, write the report; the results table goes to ``say``
+    (test.py passes ``print``)."""
     args = parse_args(argv)
     args.command = "test.py " + " ".join(sys.argv[1:] if argv is None else argv)
     dist_info = init_distributed()
@@ -216,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, dist_info)
         if report is not None:
             summary = format_summary(report)
-            print(summary, flush=True)
+            say(summary)
             report_path = Path(args.report) if args.report else Path(args.log_dir) / REPORT_NAME
             write_json(report_path, report)
             table_path = Path(args.log_dir) / TABLE_NAME
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table_path.write_text(summary + "\n", encoding="utf-8")
-            print(f"report: {report_path}", flush=True)
+            say(f"report: {report_path}")
     finally:
         cleanup_distributed()
     return 0

@@ -15,12 +15,11 @@ import io
 import json
 import logging
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -322,25 +321,35 @@ class InferenceSession:
 # ---------------------------------------------------------------------------------------------
 
 
-def one_shot(session: InferenceSession, image: str, prompt: str, vis_dir: str | os.PathLike, out: TextIO) -> int:
-    """Answer one request, print it and save its files. Returns an exit status (0, or 1 on bad input)."""
+def one_shot(
+    session: InferenceSession,
+    image: str,
+    prompt: str,
+    vis_dir: str | os.PathLike,
+    say: Callable[[str], None],
+    say_error: Callable[[str], None],
+) -> int:
+    """Answer one request, save its files and hand the description to ``say`` (a bad input's
+    message to ``say_error``). Returns an exit status (0, or 1 on bad input)."""
     try:
         answer = session.ask(image, prompt)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(f"error: {err}")
         return 1
     saved = save_visuals(answer, vis_dir, answer.image.name)
-    print(describe(answer, saved), file=out)
+    say(describe(answer, saved))
     return 0
 
 
 def interactive_loop(
     session: InferenceSession,
     vis_dir: str | os.PathLike,
+    say: Callable[[str], None],
     read: Callable[[str], str] = input,
-    out: TextIO | None = None,
 ) -> int:
     """Ask for a request, then an image path, answer, repeat; an empty input (or EOF) ends it.
+
+    Answers and messages go to ``say`` (the entry point prints them).
 
     Returns:
         the number of requests answered.
@@ -359,18 +368,18 @@ def interactive_loop(
         try:
             answer = session.ask(path, prompt)
         except InputError as err:
-            print(f"error: {err}", file=out, flush=True)
+            say(f"error: {err}")
             continue
         except KeyboardInterrupt:
-            print("interrupted", file=out, flush=True)
+            say("interrupted")
             break
         except Exception as err:  # noqa: BLE001 - report and keep the loop alive
             logger.exception("request failed")
-            print(f"error: the request failed ({type(err).__name__}: {err})", file=out, flush=True)
+            say(f"error: the request failed ({type(err).__name__}: {err})")
             continue
         answered += 1
         saved = save_visuals(answer, vis_dir, f"{answer.image.name}_{answered}")
-        print(describe(answer, saved), file=out, flush=True)
+        say(describe(answer, saved))
     return answered
 
 
