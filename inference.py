@@ -9,7 +9,9 @@ One request:
 A batch ({"image": PATH, "prompt": TEXT} per line -> text, boxes and COCO-RLE masks per line):
     python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl
 
-Each answer prints its text and, per [SEG], the mask's box; the interactive and one-shot modes
+Each answer prints its text, per [SEG] the mask's box, and the image tokens the image became
+(--min_pixels / --max_pixels bound them; by default the model's saved limits, at most 1,280
+tokens per image; batch lines carry "image_tokens"); the interactive and one-shot modes
 save one mask PNG and one overlay PNG per [SEG] into --vis_save_path. MODEL_DIR is a merged
 directory from transform_weight.py, a training checkpoint (with --base_model /
 --vision_pretrained to override the paths it records) or a run directory (its latest checkpoint).
@@ -25,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from utils.inference import (  # noqa: E402
     add_model_arguments,
+    check_model_arguments,
     interactive_loop,
     one_shot,
     run_batch,
@@ -45,6 +48,7 @@ def main() -> int:
     parser.add_argument("--no_progress", action="store_true", help="batch: no progress bar")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    check_model_arguments(args, parser)
     one = args.image is not None or args.prompt is not None
     if one and (args.image is None or args.prompt is None):
         parser.error("a one-shot request needs both --image and --prompt")

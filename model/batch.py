@@ -1,9 +1,18 @@
 """Model-ready samples and batches.
 
-A sample is one image with its conversation (any number of turns) and one ground-truth mask per
-``[SEG]`` in the answers. :func:`encode_sample` builds it (the processor's outputs whole, plus the
-SAM input); :func:`collate` pads a list of them into a batch, right-padded for training and
-teacher-forced evaluation, left-padded for generation.
+A sample is one image with one or more conversations about it and one ground-truth mask per
+``[SEG]`` in the answers. Its turns are asked either as separate single-turn conversations
+(``single_turn``, LISA's way and the way evaluation asks them) or as the turns of one conversation
+(``multi_turn``); either way the image is encoded once. :func:`encode_sample` builds it (per
+conversation the processor's token fields, once the image fields, plus the SAM input);
+:func:`collate` pads a list of them into a batch, right-padded for training and teacher-forced
+evaluation, left-padded for generation.
+
+A batch has one token row per conversation and one entry per sample (image) everywhere else:
+``image_index[r]`` is the sample of row ``r`` (LISA's ``offset``), ``pixel_values`` /
+``image_grid_thw`` / ``sam_pixel_values`` hold each image once, and ``masks``, ``extra``,
+``original_size`` and ``sam_input_size`` are per sample, the masks of a sample in the order of its
+``[SEG]`` tokens across its conversations.
 """
 
 from __future__ import annotations
@@ -15,6 +24,11 @@ import torch
 
 from .conversation import IGNORE_INDEX, encode_conversation
 from .sam import SamTransform
+
+SINGLE_TURN = "single_turn"
+MULTI_TURN = "multi_turn"
+#: How the turns of a sample become conversations: one conversation per turn, or one for all.
+CONVERSATION_MODES: tuple[str, ...] = (SINGLE_TURN, MULTI_TURN)
 
 # Per-token fields of the processor output and the value that pads each.
 _TOKEN_FIELDS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
@@ -28,6 +42,7 @@ def encode_sample(
     image: np.ndarray,
     turns: list[tuple[str, str | None]],
     masks: Sequence[np.ndarray] = (),
+    conversation_mode: str = MULTI_TURN,
     **extra: Any,
 ) -> dict:
     """One model-ready sample.
@@ -36,13 +51,27 @@ def encode_sample(
         image: HxWx3 uint8 RGB.
         turns: (question, answer) pairs; a last answer of None leaves the turn open for generation.
         masks: one HxW uint8 mask (1 target, 0 background, 255 ignore) per ``[SEG]`` in the answers.
+        conversation_mode: ``multi_turn`` (one conversation with every turn) or ``single_turn``
+            (one conversation per turn, each with the image; the image fields are kept once).
         extra: carried through untouched (request texts, dataset name, image path...).
     Returns:
-        dict with the processor outputs and ``labels`` (see ``encode_conversation``),
-        ``sam_pixel_values`` [3, S, S], ``sam_input_size`` (h, w), ``original_size`` (H, W),
-        ``masks`` [n, H, W] uint8, and ``extra``.
+        dict with ``conversations`` (per conversation the 1-D token fields ``input_ids``,
+        ``attention_mask``, ``mm_token_type_ids`` and ``labels``, see ``encode_conversation``),
+        the image fields ``pixel_values`` and ``image_grid_thw`` (once), ``sam_pixel_values``
+        [3, S, S], ``sam_input_size`` (h, w), ``original_size`` (H, W), ``masks`` [n, H, W] uint8
+        (in ``[SEG]`` order across the conversations), and ``extra``.
     """
-    sample = encode_conversation(processor, image, turns)
+    if conversation_mode not in CONVERSATION_MODES:
+        raise ValueError(f"conversation_mode must be one of {CONVERSATION_MODES}, got {conversation_mode!r}")
+    if not turns:
+        raise ValueError("a sample needs at least one turn")
+    groups = [[turn] for turn in turns] if conversation_mode == SINGLE_TURN else [list(turns)]
+    sample: dict[str, Any] = {"conversations": []}
+    for group in groups:
+        encoded = encode_conversation(processor, image, group)
+        sample["conversations"].append({k: encoded.pop(k) for k in (*_TOKEN_FIELDS, "labels") if k in encoded})
+        for key, value in encoded.items():  # the image fields: the same for every conversation
+            sample.setdefault(key, value)
     sam_input = sam_transform.preprocess(image)
     sample["sam_pixel_values"] = sam_input.pixel_values
     sample["sam_input_size"] = sam_input.input_size
@@ -60,24 +89,29 @@ def encode_sample(
 def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad and stack samples from :func:`encode_sample`.
 
-    Returns a dict with [B, T] token fields, concatenated image fields, ``sam_pixel_values``
-    [B, 3, S, S], and per-sample lists ``sam_input_size``, ``original_size``, ``masks`` (each
-    [n_i, H_i, W_i]) and ``extra``.
+    Returns a dict with [R, T] token fields (one row per conversation, the conversations of a
+    sample in order and next to each other), ``image_index`` [R] (the sample of each row),
+    concatenated image fields (each image once), ``sam_pixel_values`` [B, 3, S, S], and per-sample
+    lists ``sam_input_size``, ``original_size``, ``masks`` (each [n_i, H_i, W_i]) and ``extra``.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    length = max(len(s["input_ids"]) for s in samples)
+    conversations = [conversation for s in samples for conversation in s["conversations"]]
+    length = max(len(c["input_ids"]) for c in conversations)
     batch: dict[str, Any] = {}
     for field, pad_value in _TOKEN_FIELDS.items():
-        if field not in samples[0]:
+        if field not in conversations[0]:
             continue
         value = pad_token_id if pad_value is None else pad_value
         rows = []
-        for sample in samples:
-            tokens = sample[field]
+        for conversation in conversations:
+            tokens = conversation[field]
             padding = tokens.new_full((length - len(tokens),), value)
             rows.append(torch.cat([tokens, padding] if padding_side == "right" else [padding, tokens]))
         batch[field] = torch.stack(rows)
+    batch["image_index"] = torch.tensor(
+        [index for index, s in enumerate(samples) for _ in s["conversations"]], dtype=torch.long
+    )
     for field in _IMAGE_FIELDS:
         batch[field] = torch.cat([s[field] for s in samples])
     batch["sam_pixel_values"] = torch.stack([s["sam_pixel_values"] for s in samples])
@@ -95,19 +129,40 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def vlm_inputs(batch: dict) -> dict:
-    """The fields of a batch that go to the Qwen-VL model (labels excluded)."""
+    """The fields of a batch that go to the Qwen-VL model (labels excluded), each image once.
+
+    When conversations share images (see :func:`shares_images`), call the VLM through
+    :func:`model.image_cache.shared_images` instead, which runs the vision tower once per image.
+    """
     return {k: batch[k] for k in VLM_INPUT_FIELDS if k in batch}
+
+
+def row_images(batch: dict) -> list[int]:
+    """The sample (image) of each token row: ``image_index``, or one row per sample without it."""
+    index = batch.get("image_index")
+    return list(range(len(batch["input_ids"]))) if index is None else index.tolist()
+
+
+def shares_images(batch: dict) -> bool:
+    """Whether some rows of the batch are conversations about the same image."""
+    return row_images(batch) != list(range(len(batch["sam_pixel_values"])))
 
 
 class SampleEncoder:
     """``RawSample -> model-ready sample`` (runs in the DataLoader workers).
 
-    Carries the request texts, source dataset, image path and skip count through ``extra``.
+    ``conversation_mode`` (see :func:`encode_sample`) applies to samples whose turns are separate
+    questions; a dialogue (``raw.dialogue``: VQA, where a turn may refer to the previous ones)
+    stays one conversation. Carries the request texts, source dataset, image path and skip count
+    through ``extra``.
     """
 
-    def __init__(self, processor, sam_transform: SamTransform) -> None:
+    def __init__(self, processor, sam_transform: SamTransform, conversation_mode: str = MULTI_TURN) -> None:
+        if conversation_mode not in CONVERSATION_MODES:
+            raise ValueError(f"conversation_mode must be one of {CONVERSATION_MODES}, got {conversation_mode!r}")
         self.processor = processor
         self.sam_transform = sam_transform
+        self.conversation_mode = conversation_mode
 
     def __call__(self, raw) -> dict:
         return encode_sample(
@@ -116,6 +171,7 @@ class SampleEncoder:
             raw.image,
             list(raw.turns),
             raw.masks,
+            conversation_mode=MULTI_TURN if getattr(raw, "dialogue", False) else self.conversation_mode,
             image_path=raw.image_path,
             dataset=raw.dataset,
             requests=list(raw.requests),

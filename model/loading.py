@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import SegmenterConfig
+from .image_tokens import apply_pixel_limits
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,14 @@ def load_segmenter(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     pick: str = "latest",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ):
     """Load a segmenter for inference (eval mode, on ``device``).
+
+    Every weight is read straight into the run dtype on ``device`` (the VLM through
+    transformers' ``device_map``, SAM from a memory-mapped file): there is no float32 copy of a
+    bf16 model. All weights are in that dtype except SAM's prompt encoder (float32).
 
     Args:
         version: a segmenter directory or a training run directory (see the module doc).
@@ -187,6 +194,10 @@ def load_segmenter(
         base_model, vision_pretrained: for a training checkpoint, the base Qwen-VL directory and
             the official SAM file, overriding the paths recorded in it.
         load_in_4bit, load_in_8bit: quantise the language model with bitsandbytes (CUDA only).
+        min_pixels, max_pixels: the Qwen image processor's pixel limits (``--min_pixels`` /
+            ``--max_pixels``); None: the checkpoint's saved values, the maximum capped at
+            ``model.image_tokens.DEFAULT_MAX_IMAGE_TOKENS`` tokens (see
+            :func:`model.image_tokens.apply_pixel_limits`).
     Raises:
         ModelLoadError: with a message naming what is missing or wrong.
     """
@@ -207,7 +218,8 @@ def load_segmenter(
         vlm_kwargs = {"quantization_config": quantization, "device_map": {"": index}}
     try:
         model = ReasonSegmenter.from_pretrained(
-            directory, dtype=dtype, base_model=base_model, sam_checkpoint=vision_pretrained, **vlm_kwargs
+            directory, dtype=dtype, base_model=base_model, sam_checkpoint=vision_pretrained, device=device,
+            **vlm_kwargs,
         )
     except (FileNotFoundError, ValueError, OSError) as err:
         raise ModelLoadError(f"cannot load the model from {directory}: {err}") from err
@@ -216,11 +228,10 @@ def load_segmenter(
             f"cannot load the model from {directory}: {err}. A training checkpoint (LoRA adapter) needs "
             "peft; a merged directory from transform_weight.py does not"
         ) from err
-    if quantization is None:
-        model.to(device)
-    else:  # the quantised VLM is already placed; move the rest
-        model.sam.to(device)
-        model.projection.to(device)
+    try:
+        apply_pixel_limits(model.processor, min_pixels, max_pixels)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from err
     logger.info(
         "loaded %s (%s, %s%s) on %s", directory, config.vlm_family, str(dtype).removeprefix("torch."),
         ", 4-bit" if load_in_4bit else ", 8-bit" if load_in_8bit else "", device,

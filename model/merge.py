@@ -12,6 +12,15 @@ else, and no peft, to run:
     out/head.safetensors     projection and SAM mask decoder
     out/sam.safetensors      the whole SAM (official key names)
 
+Precision. The model is read straight into the requested dtype (bf16 by default: the dtype
+Qwen-VL is published in and the one inference runs in on CUDA), except the adapter (LoRA A/B and
+the ``[SEG]`` rows), which is read in float32 as trained. Each merged weight is then
+``W + scale * B @ A`` with the product computed in float32 and rounded to bf16 once, when it is
+added to the bf16 base weight: the same rounding a bf16 load of a float32 merge would do, at half
+the size on disk. ``--precision fp32`` keeps the merged weights unrounded (twice the size; a float32
+CPU run then computes exactly what the unmerged checkpoint computes). Everything is written in the
+requested dtype (the projection and mask decoder included), except SAM's prompt encoder (float32).
+
 The LoRA settings come from the checkpoint. Flags may restate them; a flag that differs is
 reported: ``alpha`` then overrides the scaling (with a warning), ``dropout`` has no effect on a
 merge (warning), and ``r`` or the target modules cannot differ from the saved weights (error).
@@ -127,7 +136,8 @@ def merge_checkpoint(
         ckpt: a checkpoint directory, or a run directory with ``checkpoint-*/`` (see
             :func:`model.loading.resolve_checkpoint`; ``pick`` chooses latest or best).
         base_model, sam_checkpoint: override the base Qwen-VL / official SAM paths it records.
-        dtype: precision the model is loaded, merged and saved in.
+        dtype: precision the model is loaded, merged and saved in (the adapter is read and
+            multiplied out in float32; see the module doc).
         lora_overrides: LoRA settings restated on the command line (see :func:`check_lora_overrides`).
         overwrite: replace an existing ``out`` segmenter directory.
     Returns:
@@ -153,8 +163,10 @@ def merge_checkpoint(
     else:
         logger.info("merging %s (LoRA %s) into its base model", directory, settings)
     try:
+        # is_trainable: the adapter and the head are read in float32 (as trained), the rest in dtype.
         model = ReasonSegmenter.from_pretrained(
-            directory, dtype=dtype, base_model=base_model, sam_checkpoint=sam_checkpoint
+            directory, dtype=dtype, is_trainable=True, base_model=base_model, sam_checkpoint=sam_checkpoint,
+            train_language_model=False,
         )
     except (FileNotFoundError, ValueError, OSError) as err:
         raise MergeError(f"cannot load {directory}: {err}") from err
@@ -167,6 +179,8 @@ def merge_checkpoint(
         model.hidden_states = FinalHiddenStates(model.vlm)
         model.config.lora = {}  # no LoRA left; the trained settings go to merged_from
         _check_no_peft_left(model.vlm)
+    model.requires_grad_(False)
+    model.cast_for_run(dtype)  # the merged weights and the head in dtype, as they are written
     model.save_pretrained(out, include_sam=True)
     _record_provenance(out, directory, base_model or (config.vlm_path if config.adapter_path else None), settings, to_apply, dtype)
     logger.info("wrote the standalone model to %s", out)

@@ -187,13 +187,19 @@ def resolve_model_name(name: str) -> str:
     return key
 
 
-def build_vlm_config(spec: VLMSpec):
-    """The transformers config of a published checkpoint, from :class:`VLMSpec` numbers."""
+def build_vlm_config(spec: VLMSpec, text_overrides: dict[str, Any] | None = None, **top_level):
+    """The transformers config of a published checkpoint, from :class:`VLMSpec` numbers.
+
+    Args:
+        text_overrides: ``text_config`` fields to replace (e.g. the bos/eos/pad ids of another tokenizer).
+        top_level: top-level fields (e.g. ``image_token_id`` of another tokenizer).
+    """
     model_class = VLM_FAMILIES[spec.family].model_class
     text = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.text.items()}
+    text.update(text_overrides or {})
     vision = {k: (list(v) if isinstance(v, list) else v) for k, v in spec.vision.items()}
     return model_class.config_class(
-        text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_word_embeddings
+        text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_word_embeddings, **top_level
     )
 
 

@@ -7,7 +7,8 @@ builds the processor from three parts that never touch torchvision:
 * the checkpoint's tokenizer (``AutoTokenizer``),
 * ``Qwen2VLImageProcessorPil`` reading the checkpoint's ``preprocessor_config.json``
   (Qwen2-VL, Qwen2.5-VL and Qwen3-VL all use this image processor family; the file carries the
-  family's patch size, merge size, normalisation and pixel budget),
+  family's patch size, merge size, normalisation and pixel budget; the entry points bound that
+  budget with :mod:`model.image_tokens`),
 * an image-only subclass of the family's processor class, whose ``__init__`` takes no video
   processor, so ``ProcessorMixin`` does not ask for one.
 

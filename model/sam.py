@@ -474,21 +474,41 @@ def infer_variant_from_checkpoint(path: str | os.PathLike) -> str:
     return variant
 
 
-def build_sam(variant: str, checkpoint: str | os.PathLike | None = None) -> "Sam":
+def build_sam(
+    variant: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    fp32_modules: Sequence[str] = ("prompt_encoder",),
+) -> "Sam":
     """
     Builds the official ``segment_anything.modeling.Sam`` module of a variant, in eval mode.
+
+    With a checkpoint nothing is allocated before the weights are read: the module is built on
+    the ``meta`` device, the file is read memory-mapped (``torch.load(mmap=True,
+    weights_only=True)`` or safetensors), each tensor is cast to its dtype on ``device`` one at a
+    time, and the results become the module's weights (``load_state_dict(assign=True)``). A bf16
+    SAM ViT-H therefore never exists in float32 in memory, and a file already in ``dtype`` on the
+    CPU is not copied at all.
 
     Arguments:
       variant (str): "vit_h", "vit_l", "vit_b" or "tiny" (see SAM_VARIANTS).
       checkpoint (str, PathLike or None): optional weights. ``.safetensors`` files are read with
         ``safetensors.torch.load_file``; anything else with
-        ``torch.load(map_location="cpu", weights_only=True)``. A plain state dict (the official
-        format) or one nested under a "model" / "state_dict" key. Loaded with ``strict=True``.
-        Without a checkpoint the weights are random (SAM's own initialisation).
+        ``torch.load(map_location="cpu", weights_only=True, mmap=True)``. A plain state dict (the
+        official format) or one nested under a "model" / "state_dict" key. Loaded with
+        ``strict=True``. Without a checkpoint the weights are random (SAM's own initialisation).
+      dtype (torch.dtype): dtype of the floating-point weights (default float32).
+      device (str, torch.device or None): where the weights live (None: the current default
+        device, e.g. build inside ``with torch.device("meta"):`` to get shapes only).
+      fp32_modules (sequence of str): top-level parts ("image_encoder", "prompt_encoder",
+        "mask_decoder") kept in float32 whatever ``dtype`` is. The prompt encoder is by default:
+        its positional encoding multiplies a float32 coordinate grid. Add "mask_decoder" when it
+        is to be trained (its master weights, read from the file without a bf16 round trip).
 
     Returns:
-      (Sam): parameters on the current default device (e.g. build inside
-        ``with torch.device("meta"):`` to get shapes only), float32, eval mode.
+      (Sam): eval mode, on ``device``, floating weights in ``dtype`` except ``fp32_modules``.
 
     Raises:
       ValueError: unknown variant.
@@ -497,31 +517,56 @@ def build_sam(variant: str, checkpoint: str | os.PathLike | None = None) -> "Sam
         another variant (e.g. "expected vit_h, file contains vit_b").
     """
     spec = _check_variant(variant)
-    state_dict = None
-    if checkpoint is not None:
-        # Read and check the file before building: a wrong file fails fast, without a ViT-H init.
-        state_dict = _read_state_dict(checkpoint, variant)
-        found = detect_sam_variant(state_dict)
-        if found != variant:
-            what = found if found is not None else (
-                f"a SAM state dict matching no known variant ({_describe(_signature(state_dict) or {})})"
-            )
-            raise SamCheckpointError(
-                f"SAM checkpoint '{checkpoint}' holds a different variant: expected {variant}, "
-                f"file contains {what}. Pass the matching variant"
-                + (f" (build_sam({found!r}, ...))" if found else "")
-                + " or the right file."
-            )
-    sam = _build_from_spec(spec)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    keep_fp32 = tuple(f"{name}." for name in fp32_modules)
+
+    def target_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
+        if not tensor.is_floating_point():
+            return tensor.dtype
+        return torch.float32 if name.startswith(keep_fp32) else dtype
+
+    if checkpoint is None:
+        with device:
+            sam = _build_from_spec(spec)
+        for name, param in sam.named_parameters():
+            wanted = target_dtype(name, param)
+            if param.dtype != wanted:
+                param.data = param.data.to(wanted)
+        return sam.eval()
+
+    # Read and check the file before building: a wrong file fails fast, without a ViT-H init.
+    state_dict = _read_state_dict(checkpoint, variant, mmap=True)
+    found = detect_sam_variant(state_dict)
+    if found != variant:
+        what = found if found is not None else (
+            f"a SAM state dict matching no known variant ({_describe(_signature(state_dict) or {})})"
+        )
+        raise SamCheckpointError(
+            f"SAM checkpoint '{checkpoint}' holds a different variant: expected {variant}, "
+            f"file contains {what}. Pass the matching variant"
+            + (f" (build_sam({found!r}, ...))" if found else "")
+            + " or the right file."
+        )
+    with torch.device("meta"):
+        sam = _build_from_spec(spec)
     sam.eval()
-    if state_dict is not None:
-        try:
-            sam.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            raise SamCheckpointError(
-                f"SAM checkpoint '{checkpoint}' does not match the {variant} architecture: {err}"
-            ) from err
-        logger.info("Loaded SAM %s weights from %s", variant, checkpoint)
+    for name in list(state_dict):  # one tensor at a time; same dtype and device: no copy
+        tensor = state_dict[name]
+        if isinstance(tensor, torch.Tensor):
+            state_dict[name] = tensor.to(device=device, dtype=target_dtype(name, tensor))
+    try:
+        sam.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        raise SamCheckpointError(
+            f"SAM checkpoint '{checkpoint}' does not match the {variant} architecture: {err}"
+        ) from err
+    # The pixel statistics are not saved (non-persistent buffers): set them again.
+    sam.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN, device=device).view(-1, 1, 1), False)
+    sam.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD, device=device).view(-1, 1, 1), False)
+    left = [name for name, t in (*sam.named_parameters(), *sam.named_buffers()) if t.is_meta]
+    if left and device.type != "meta":
+        raise RuntimeError(f"SAM tensors not loaded from '{checkpoint}': {', '.join(left[:5])}")
+    logger.info("Loaded SAM %s weights from %s (%s)", variant, checkpoint, str(dtype).removeprefix("torch."))
     return sam
 
 

@@ -30,9 +30,11 @@ from torch import nn
 
 from utils.masks import mask_to_box
 
-from .batch import collate, encode_sample, to_device, vlm_inputs
+from .batch import collate, encode_sample, row_images, to_device
 from .config import SegmenterConfig
+from .image_cache import shared_images
 from .losses import mask_bce_loss, mask_dice_loss
+from .image_tokens import image_token_counts
 from .processor import load_processor, save_processor
 from .projection import SegProjection
 from .sam import SamTransform, build_sam, freeze_for_segmentation, postprocess_masks, sam_prompt_embed_dim
@@ -53,6 +55,9 @@ SAM_WEIGHTS = "sam.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
 VLM_DIR = "vlm"
 ADAPTER_DIR = "adapter"
+# SAM parts read in float32 when the model is built to train: the prompt encoder (always float32)
+# and the mask decoder (trained; its IoU head is frozen and cast to the run dtype afterwards).
+TRAINED_SAM_FP32 = ("prompt_encoder", "mask_decoder")
 
 
 @dataclass
@@ -84,6 +89,8 @@ class SegmentationResult:
         boxes: XYXY boxes (exclusive x1, y1) derived from the masks; None for an empty mask.
         token_ids: the generated token ids.
         seg_states: [n, H] hidden states of the ``[SEG]`` tokens (None when there are none).
+        image_tokens: image tokens the image became in the language model's input (see
+            :func:`model.image_tokens.image_token_counts`); None when unknown.
     """
 
     text: str
@@ -91,6 +98,7 @@ class SegmentationResult:
     boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     seg_states: torch.Tensor | None = None
+    image_tokens: int | None = None
 
 
 class FinalHiddenStates:
@@ -150,24 +158,32 @@ class ReasonSegmenter(nn.Module):
         lora: LoraSettings | None = None,
         train_language_model: bool = False,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
         **config_overrides,
     ) -> "ReasonSegmenter":
         """A new segmenter from a Qwen-VL directory and a SAM checkpoint (the start of training).
 
+        Every weight is read straight into its run dtype on ``device`` (see :meth:`cast_for_run`):
+        frozen ones in ``dtype``, trainable ones in float32 (the master weights). No float32 copy
+        of the frozen model is made.
+
         Args:
             lora: wrap the VLM with LoRA (None: a frozen VLM, or see ``train_language_model``).
-            train_language_model: train the whole language model instead of LoRA.
+            train_language_model: train the whole language model instead of LoRA (the VLM is
+                then read in float32 and only its vision tower is cast to ``dtype``).
+            dtype: the run dtype of the frozen weights (bf16 for a bf16 run on CUDA).
+            device: where the model is built (None: the CPU).
         """
         family = vlm_family(vlm_path)
         processor = load_processor(vlm_path, family)
-        vlm = load_vlm(vlm_path, dtype=dtype)
+        vlm = load_vlm(vlm_path, dtype=torch.float32 if train_language_model else dtype, device=device)
         seg_id = ensure_seg_token(vlm, processor.tokenizer)
         vlm.requires_grad_(False)
         if train_language_model:
             make_language_model_trainable(vlm)
         elif lora is not None:
             vlm = apply_lora(vlm, lora, seg_id)
-        sam = build_sam(sam_variant, sam_checkpoint)
+        sam = build_sam(sam_variant, sam_checkpoint, dtype=dtype, device=device, fp32_modules=TRAINED_SAM_FP32)
         config = SegmenterConfig(
             vlm_family=family,
             sam_variant=sam_variant,
@@ -179,7 +195,9 @@ class ReasonSegmenter(nn.Module):
             train_language_model=train_language_model,
             **config_overrides,
         )
-        return cls(config, vlm, processor, sam)
+        model = cls(config, vlm, processor, sam)
+        model.projection.to(sam.mask_decoder.iou_token.weight.device)
+        return model.cast_for_run(dtype)
 
     @classmethod
     def from_pretrained(
@@ -189,15 +207,31 @@ class ReasonSegmenter(nn.Module):
         is_trainable: bool = False,
         base_model: str | os.PathLike | None = None,
         sam_checkpoint: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        train_language_model: bool | None = None,
         **vlm_kwargs,
     ) -> "ReasonSegmenter":
         """Load a directory written by :meth:`save_pretrained` (full or trainable-only).
 
+        Every weight is read straight into its run dtype on ``device``; nothing is loaded in
+        float32 first and cast afterwards.
+
         Args:
-            is_trainable: keep a LoRA adapter trainable (resuming training).
+            dtype: the run dtype. For inference (``is_trainable=False``) every weight is in
+                ``dtype`` except SAM's prompt encoder (float32). For training (``is_trainable``)
+                only the frozen weights are; the trainable ones (LoRA, ``[SEG]`` rows,
+                projection, mask decoder) are float32, read from the files without a round trip
+                through ``dtype``.
+            is_trainable: load for training: keep a LoRA adapter trainable (resuming training),
+                trainable weights in float32.
             base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files).
             sam_checkpoint: override the official SAM file of a checkpoint without SAM weights.
-            vlm_kwargs: passed to the VLM's ``from_pretrained`` (e.g. ``quantization_config``).
+            device: where the model is loaded (None: the CPU).
+            train_language_model: with ``is_trainable``, the whole language model trains: it is
+                read in float32 and made trainable (None: as the checkpoint's config says).
+            vlm_kwargs: passed to the VLM's ``from_pretrained`` (e.g. ``quantization_config``
+                with a ``device_map``, which then places the VLM instead of ``device``).
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -218,7 +252,11 @@ class ReasonSegmenter(nn.Module):
                 f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {vlm_family(vlm_path)}"
             )
         processor = load_processor(processor_path, config.vlm_family)
-        vlm = load_vlm(vlm_path, dtype=dtype, **vlm_kwargs)
+        if train_language_model is None:
+            train_language_model = config.train_language_model
+        train_language_model = bool(is_trainable and train_language_model)
+        vlm_dtype = torch.float32 if train_language_model else dtype
+        vlm = load_vlm(vlm_path, dtype=vlm_dtype, device=device, **vlm_kwargs)
         if text_hidden_size(vlm.config) != config.hidden_size:
             raise ValueError(
                 f"{directory} was trained on a {config.vlm_family} model with hidden size {config.hidden_size}, "
@@ -227,6 +265,8 @@ class ReasonSegmenter(nn.Module):
             )
         ensure_seg_token(vlm, processor.tokenizer)
         vlm.requires_grad_(False)
+        if train_language_model:
+            make_language_model_trainable(vlm)
         if config.adapter_path:
             from peft import PeftModel
 
@@ -240,7 +280,10 @@ class ReasonSegmenter(nn.Module):
                 f"{directory} holds no SAM weights ({SAM_WEIGHTS}) and names no SAM checkpoint; "
                 "pass --vision_pretrained with the official SAM file"
             )
-        sam = build_sam(config.sam_variant, sam_file)
+        sam = build_sam(
+            config.sam_variant, sam_file, dtype=dtype, device=device,
+            fp32_modules=TRAINED_SAM_FP32 if is_trainable else ("prompt_encoder",),
+        )
         # In memory the config points at the files this model came from, so that a trainable-only
         # checkpoint saved later can name its base model and SAM file.
         config.sam_checkpoint = str(Path(sam_file).resolve())
@@ -250,8 +293,19 @@ class ReasonSegmenter(nn.Module):
         head_file = directory / HEAD_WEIGHTS
         if not head_file.is_file():
             raise FileNotFoundError(f"{head_file} not found: the segmentation head of {directory} is missing")
+        model.projection.to(sam.mask_decoder.iou_token.weight.device)
         model.load_head_state(load_file(head_file))
-        return model.to(dtype)
+        return model.cast_for_run(dtype, trainable_dtype=torch.float32 if is_trainable else dtype)
+
+    def cast_for_run(self, dtype: torch.dtype, trainable_dtype: torch.dtype = torch.float32) -> "ReasonSegmenter":
+        """Put every weight in the dtype it runs in (see :func:`cast_for_run`); returns ``self``.
+
+        Frozen weights in ``dtype``, trainable ones (``requires_grad``) in ``trainable_dtype``:
+        float32 for training (master weights), ``dtype`` for inference. SAM's prompt encoder stays
+        float32 (its positional encoding multiplies a float32 grid). Weights already in their
+        dtype are left as they are (no copy), so this is cheap on a model loaded in its dtype.
+        """
+        return cast_for_run(self, dtype, trainable_dtype, keep_fp32=("sam.prompt_encoder.",))
 
     def _apply(self, fn, recurse=True):
         # SAM's prompt encoder multiplies a float32 coordinate grid by its positional matrix, so it
@@ -378,7 +432,9 @@ class ReasonSegmenter(nn.Module):
         """Teacher-forced forward with losses.
 
         Args:
-            batch: from :meth:`collate` (right padding), with ``labels`` and ``masks``.
+            batch: from :meth:`collate` (right padding), with ``labels`` and ``masks``. Both
+                encoders run once per image, however many conversations are about it; the
+                ``[SEG]`` states of a sample (from all its conversations, in order) prompt its masks.
         """
         output, seg_states = self.teacher_forced_seg_states(batch)
         image_embeddings = self.encode_images(batch["sam_pixel_values"])
@@ -417,17 +473,22 @@ class ReasonSegmenter(nn.Module):
         return SegmenterOutput(loss, ce_loss, bce_loss, dice_loss, mask_logits, num_masks)
 
     def teacher_forced_seg_states(self, batch: dict) -> tuple:
-        """Run the VLM on a right-padded batch with labels.
+        """Run the VLM on a right-padded batch with labels (the vision tower once per image).
 
         Returns:
-            (the VLM output with ``.loss`` and ``.hidden`` [B, T, H] final hidden states,
-            per sample the [n_i, H] states of the ``[SEG]`` tokens in its answers).
+            (the VLM output with ``.loss`` (token cross-entropy averaged over the answer tokens of
+            all rows) and ``.hidden`` [R, T, H] final hidden states, per sample the [n_i, H] states
+            of the ``[SEG]`` tokens in the answers of its conversations, in row order).
         """
-        with self.hidden_states.capture() as captured:
-            output = self.vlm(**vlm_inputs(batch), labels=batch["labels"])
+        with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
+            output = self.vlm(**inputs, labels=batch["labels"])
         output.hidden = captured[-1]
         seg_positions = batch["labels"] == self.seg_token_id  # answer [SEG] tokens only
-        return output, [output.hidden[i][seg_positions[i]] for i in range(len(seg_positions))]
+        per_sample: list[list[torch.Tensor]] = [[] for _ in batch["masks"]]
+        for row, sample in enumerate(row_images(batch)):
+            per_sample[sample].append(output.hidden[row][seg_positions[row]])
+        states = [torch.cat(parts) if parts else output.hidden.new_zeros((0, output.hidden.shape[-1])) for parts in per_sample]
+        return output, states
 
     @staticmethod
     def _first_sizes(batch: dict) -> tuple:
@@ -442,9 +503,8 @@ class ReasonSegmenter(nn.Module):
         Greedy decoding with the KV cache; the vision encoders run once per image; no second
         forward pass. ``generate_kwargs`` go to the VLM's ``generate`` (e.g. a logits processor).
         """
-        inputs = vlm_inputs(batch)
-        prompt_length = inputs["input_ids"].shape[1]
-        with self.hidden_states.capture() as captured:
+        prompt_length = batch["input_ids"].shape[1]
+        with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
             sequences = self.vlm.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens + 1,
@@ -454,7 +514,9 @@ class ReasonSegmenter(nn.Module):
             )
         generated = sequences[:, prompt_length:]
         image_embeddings = self.encode_images(batch["sam_pixel_values"])
+        rows = row_images(batch)  # the image of each request
         stop_ids = self._stop_token_ids()
+        image_tokens = self.image_token_counts(batch)
         results = []
         for index in range(len(generated)):
             tokens = generated[index, :max_new_tokens].tolist()
@@ -464,16 +526,25 @@ class ReasonSegmenter(nn.Module):
             seg_steps = [j + 1 for j, token in enumerate(tokens) if token == self.seg_token_id]
             text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
             result = SegmentationResult(text=text, token_ids=tokens)
+            if rows[index] < len(image_tokens):
+                result.image_tokens = image_tokens[rows[index]]
             if seg_steps:
                 states = torch.stack([captured[step][index, -1] for step in seg_steps])
                 result.seg_states = states
+                image = rows[index]
                 logits = self.decode_masks(
-                    image_embeddings[index], states, batch["sam_input_size"][index], batch["original_size"][index]
+                    image_embeddings[image], states, batch["sam_input_size"][image], batch["original_size"][image]
                 )
                 result.masks = [mask.cpu().numpy() for mask in logits > 0]
                 result.boxes = [mask_to_box(mask) for mask in result.masks]
             results.append(result)
         return results
+
+    def image_token_counts(self, batch: dict) -> list[int]:
+        """Image tokens of each image of ``batch`` (from its ``image_grid_thw``)."""
+        if batch.get("image_grid_thw") is None:
+            return []
+        return image_token_counts(batch["image_grid_thw"], self.processor.image_processor.merge_size)
 
     def _stop_token_ids(self) -> set[int]:
         tokenizer = self.processor.tokenizer
@@ -495,6 +566,36 @@ class ReasonSegmenter(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.projection.fc1.weight.device
+
+
+def cast_for_run(
+    model: nn.Module,
+    dtype: torch.dtype,
+    trainable_dtype: torch.dtype = torch.float32,
+    keep_fp32: Sequence[str] = (),
+) -> nn.Module:
+    """Cast ``model``'s floating-point parameters to their run dtype, in place; returns ``model``.
+
+    * frozen parameters (``requires_grad=False``): ``dtype`` (e.g. bf16 for a bf16 run);
+    * trainable parameters: ``trainable_dtype`` (float32 in training: the optimizer updates
+      float32 master weights while autocast computes in ``dtype``);
+    * parameters whose name starts with one of ``keep_fp32``: float32.
+
+    Parameters already in their dtype are not touched (no copy). Integer and quantised
+    parameters (bitsandbytes) are left alone, and so are buffers: transformers keeps its rotary
+    frequencies in float32 on purpose.
+    """
+    keep_fp32 = tuple(keep_fp32)
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if keep_fp32 and name.startswith(keep_fp32):
+            wanted = torch.float32
+        else:
+            wanted = trainable_dtype if param.requires_grad else dtype
+        if param.dtype != wanted:
+            param.data = param.data.to(wanted)
+    return model
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -61,9 +61,26 @@ def text_hidden_size(config) -> int:
     return config.text_config.hidden_size
 
 
-def load_vlm(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
-    """Load a Qwen-VL model of any supported generation from a directory or hub id."""
+def load_vlm(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Load a Qwen-VL model of any supported generation from a directory or hub id.
+
+    The weights are read straight into ``dtype`` on ``device`` (``device_map={"": device}``):
+    transformers builds the model without allocating weights and reads the safetensors shards
+    into place, so no float32 copy is ever made for a bf16 run (on the CPU, a checkpoint already
+    in ``dtype`` stays memory-mapped). ``device=None`` loads onto the CPU; a ``device_map`` in
+    ``kwargs`` (e.g. with a quantisation config) wins over ``device``.
+    """
     family = vlm_family(path)
+    if device is not None and "device_map" not in kwargs:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        kwargs["device_map"] = {"": device}
     model = VLM_FAMILIES[family].model_class.from_pretrained(path, dtype=dtype, **kwargs)
     return model
 

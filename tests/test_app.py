@@ -81,7 +81,8 @@ def check_result(result, image_shape):
     assert np.array(Image.open(overlay)).shape == image_shape
     assert isinstance(text, str) and isinstance(boxes, list)
     assert len(boxes) == text.count("[SEG]")
-    assert status == (NO_MASK_MESSAGE if not boxes else f"{len(boxes)} mask{'s' if len(boxes) > 1 else ''}")
+    masks = NO_MASK_MESSAGE if not boxes else f"{len(boxes)} mask{'s' if len(boxes) > 1 else ''}"
+    assert status.startswith(masks) and status.endswith(" image tokens")
 
 
 def test_a_request_over_http(client, server):
@@ -150,7 +151,7 @@ def test_handler_draws_one_mask_and_box_per_seg(tiny_segmenter_dir, monkeypatch)
     monkeypatch.setattr(session, "ask", lambda image, prompt: ask(image, prompt, logits_processor=scripted(model, "Sure, [SEG] and [SEG].")))
     payload = {"path": str(DATA / "dog.jpg"), "orig_name": "dog.jpg"}
     overlay, text, boxes, status = handle_request(session, payload, "Where is the dog and the grass?")
-    assert text == "Sure, [SEG] and [SEG]." and status == "2 masks"
+    assert text == "Sure, [SEG] and [SEG]." and status == "2 masks; 28 image tokens"
     assert [b["mask"] for b in boxes] == [0, 1] and overlay.shape == (534, 800, 3)
     assert not np.array_equal(overlay, load_photo("dog.jpg"))
     with pytest.raises(InputError, match="no image"):

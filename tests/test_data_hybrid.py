@@ -203,3 +203,57 @@ def test_dataloader_workers_return_skip_counts(tmp_path: Path) -> None:
     in_workers = sum(sample.meta["num_skipped"] for batch in loader for sample in batch)
     assert dataset.num_skipped == 0  # the main process's counter saw none of it
     assert in_workers == sum(dataset[i].meta["num_skipped"] for i in range(12)) > 0
+
+
+class CountingDataset(FakeDataset):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads = 0
+
+    def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
+        self.reads += 1
+        return super().get_sample(index, rng)
+
+    def item_path(self, index: int) -> str:
+        return f"/fake/{self.name}/{index}.jpg"
+
+
+def test_check_sources_names_a_dataset_none_of_whose_items_can_be_read() -> None:
+    from utils.data import UnreadableSourceError
+
+    flaky = CountingDataset("flaky", 20, failing=set(range(19)))  # one good item: fine
+    good = CountingDataset("good", 50)
+    HybridDataset({"x": flaky, "y": good}, [1, 1], samples_per_epoch=4).check_sources()
+    assert good.reads == 1 and flaky.reads == 8  # stops at the first success; tries 8 spread items
+    dead = CountingDataset("dead", 30, failing=set(range(30)))
+    mixed = HybridDataset({"x": good, "y": [CountingDataset("fine", 3), dead]}, [1, 1], samples_per_epoch=4)
+    with pytest.raises(UnreadableSourceError) as raised:
+        mixed.check_sources()
+    message = str(raised.value)
+    assert "training source 'y'" in message and "dataset 'dead'" in message
+    assert "none of the 8 items tried" in message and "/fake/dead/0.jpg" in message
+    assert "first error: CorruptSampleError: /fake/dead/0.jpg is corrupt" in message
+    assert isinstance(raised.value, ValueError)  # train_ddp.py reports it as a data configuration error
+    # A source with rate 0 is never drawn, so it is not read either.
+    HybridDataset({"x": good, "y": dead}, [1, 0], samples_per_epoch=4).check_sources()
+
+
+def test_a_source_in_the_wrong_layout_stops_the_build_with_source_path_and_error(tmp_path: Path) -> None:
+    from utils.data import UnreadableSourceError
+
+    write_synthetic_dataset(str(tmp_path), seed=0, num_train=6, num_val=3)
+    (tmp_path / "coco" / "train2017").rename(tmp_path / "coco" / "images")  # VQA images where nobody looks
+    args = argparse.Namespace(
+        dataset_dir=str(tmp_path), dataset="sem_seg||refer_seg||vqa||reason_seg", sample_rates="3,3,1,3",
+        sem_seg_data="ade20k", refer_seg_data="refcoco||grefcoco", vqa_data="synthetic_vqa",
+        reason_seg_data="ReasonSeg|train", seed=7, samples_per_epoch=24,
+    )
+    with pytest.raises(UnreadableSourceError) as raised:
+        build_train_dataset(args)
+    message = str(raised.value)
+    assert "training source 'vqa'" in message and "dataset 'synthetic_vqa'" in message
+    assert str(tmp_path / "coco" / "train2017") in message  # the path tried
+    assert "first error: CorruptSampleError: cannot read image" in message
+    # The other sources are fine: without vqa the build succeeds.
+    assert build_train_dataset(args, dataset="sem_seg||refer_seg||reason_seg", sample_rates="1,1,1").source_names == [
+        "sem_seg", "refer_seg", "reason_seg"]

@@ -100,7 +100,7 @@ def test_reason_seg_explanatory_and_text_only_answers(tmp_path: Path) -> None:
 
 def test_reason_seg_val_has_one_item_per_query(tmp_path: Path) -> None:
     expected = fx.write_reason_seg(tmp_path)
-    dataset = build_val_dataset("ReasonSeg|val", str(tmp_path))
+    dataset = build_val_dataset("ReasonSeg|val", str(tmp_path), reason_seg_queries="all")
     assert len(dataset) == 3  # b.json: 2 queries, c.json: 1
     first, second = dataset[0], dataset[1]
     assert first.requests == ["What would you use to sit down?"] and second.requests == ["Where can one rest?"]
@@ -108,7 +108,9 @@ def test_reason_seg_val_has_one_item_per_query(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first.masks[0], expected["val_mask_b"])
     assert first.meta["is_sentence"] is True
     assert dataset[1].turns == dataset[1].turns  # deterministic
-    assert len(build_val_dataset("ReasonSeg|val", str(tmp_path), val_queries="first")) == 2
+    # The default (test.py's and training validation's): the first query of each image, as LISA.
+    assert len(build_val_dataset("ReasonSeg|val", str(tmp_path))) == 2
+    assert len(ReasonSegDataset(str(tmp_path), "val", mode="val")) == 2
     assert len(ReasonSegDataset(str(tmp_path), "train_val")) == 3
 
 

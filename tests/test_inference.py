@@ -187,7 +187,8 @@ def test_an_answer_without_seg_reports_no_mask(session, tmp_path):
     answer = session.ask(DOG, "How many dogs?", logits_processor=scripted(session.model, "One."))
     assert answer.text == "One." and answer.masks == []
     assert save_visuals(answer, tmp_path, "dog") == [] and not list(tmp_path.iterdir())
-    assert describe(answer) == f"answer: One.\n{NO_MASK_MESSAGE}"
+    assert describe(answer) == f"answer: One.\n{NO_MASK_MESSAGE}\nimage: 800x534, {answer.image_tokens} image tokens"
+    assert answer.image_tokens == 28  # the tiny model's limits: 112x196 pixels
     assert answer.record()["masks"] == [] and answer.record()["boxes"] == []
 
 
@@ -308,6 +309,7 @@ def test_one_shot(tiny_segmenter_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("answer: ")
+    assert "image: 800x534, 28 image tokens" in result.stdout
     assert_masks_reported(result.stdout, tmp_path / "vis")
 
 
@@ -342,6 +344,7 @@ def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
     assert len(records) == 3
     good, corrupt, gone = records
     assert good["error"] is None and isinstance(good["text"], str) and good["image_size"] == [534, 800]
+    assert good["image_tokens"] == 28
     assert len(good["masks"]) == len(good["boxes"]) == good["text"].count("[SEG]")
     assert all(decode_rle(rle).shape == (534, 800) for rle in good["masks"])
     assert "corrupt.jpg" in corrupt["error"] and "gone.jpg does not exist" in gone["error"]

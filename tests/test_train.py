@@ -150,6 +150,8 @@ def test_killed_and_resumed_run_matches_uninterrupted_run_under_torchrun(tiny_se
         (["--sample_rates", "1,1"], "--sample_rates"),
         (["--vision_pretrained", "missing_sam.pth"], "--vision_pretrained missing_sam.pth: file not found"),
         (["--val_dataset", "ReasonSeg|nosuchsplit"], "nosuchsplit"),
+        pytest.param(["--precision", "fp16"], "--precision fp16 trains only on a CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on CUDA")),
     ],
 )
 def test_bad_configuration_stops_before_training(tiny_segmenter_dir, synthetic_root, tmp_path, extra, message):
@@ -278,3 +280,125 @@ def test_non_finite_losses_skip_steps_and_too_many_stop_the_run(tiny_segmenter_d
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and all(torch.isfinite(p).all() for p in trainer.model.parameters())
     trainer.close()
+
+
+def test_fp16_loss_scaling_in_the_training_step_and_on_resume(tiny_segmenter_dir, synthetic_root, tmp_path, monkeypatch):
+    """The Trainer's own step with loss scaling: small gradients survive fp16, an overflow skips
+    the step (not a non-finite loss), a NaN loss is still one, and the scale resumes exactly.
+
+    No GPU here: a CPU GradScaler stands in for CUDA's and CPU autocast gives the fp16 compute.
+    """
+    import utils.trainer as trainer_module
+    from utils.data.builders import build_train_dataset
+    from utils.distributed import DistInfo
+    from utils.mixed_precision import DynamicLossScaling, NoLossScaling
+    from utils.train_args import parse_args
+    from utils.trainer import LOSS_SCALER_FILE, Trainer
+
+    monkeypatch.setattr(trainer_module, "loss_scaling_for", lambda device, precision: DynamicLossScaling("cpu"))
+    flags = ["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
+             "--dataset_dir", str(synthetic_root), "--log_base_dir", str(tmp_path), "--no_eval", "--workers", "0",
+             "--batch_size", "2", "--steps_per_epoch", "8", "--lora_dropout", "0", "--save_steps", "100"]
+    args = parse_args(flags)
+    data = build_train_dataset(args, samples_per_epoch=16, seed=args.seed)
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    trainer = Trainer(args, cpu, data, None)
+    scaling = trainer.loss_scaling
+    assert isinstance(scaling, DynamicLossScaling) and scaling.scale == 2.0**16
+    batch = trainer.model.collate([data[0], data[1]], padding_side="right")
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in params.items()}
+    applied = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: applied.append(torch.cat([p.grad.flatten() for p in params.values() if p.grad is not None]))
+    )
+    real_forward = trainer.model.forward
+
+    def step(loss_scaling, fp16: bool, factor: float) -> dict:
+        """One optimizer step on the same batch with the loss times ``factor``; weights restored."""
+        trainer.loss_scaling = loss_scaling
+
+        def forward(batch):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                output = real_forward(batch)
+            output.loss = output.loss * factor
+            return output
+
+        trainer.model.forward = forward
+        applied.clear()
+        record = trainer._optimizer_step([batch])
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(start[name])
+        return record
+
+    step(NoLossScaling(), fp16=False, factor=1e-6)  # true gradients of about 1e-8 per element
+    reference = applied[0]
+    assert 0 < reference.abs().max() < 1e-6
+    record = step(NoLossScaling(), fp16=True, factor=1e-6)
+    # Flushed to zero in fp16: all but a few (<1%) of the gradient elements.
+    assert len(applied) == 1 and torch.count_nonzero(applied[0]) < 0.01 * torch.count_nonzero(reference)
+    record = step(scaling, fp16=True, factor=1e-6)
+    assert len(applied) == 1 and torch.count_nonzero(applied[0]) > 0.8 * torch.count_nonzero(reference)
+    assert torch.nn.functional.cosine_similarity(applied[0], reference, dim=0) > 0.999
+    assert (applied[0] - reference).norm() < 0.05 * reference.norm()
+    assert record["loss_scale"] == 2.0**16 and record["overflow_steps"] == 0 and record["nonfinite_steps"] == 0
+
+    record = step(scaling, fp16=True, factor=1e12)  # finite loss, gradients overflow once scaled
+    assert not applied and record["grad_norm"] == 0.0
+    assert record["overflow_steps"] == 1 and record["nonfinite_steps"] == 0 and record["loss_scale"] == 2.0**15
+    record = step(scaling, fp16=True, factor=float("nan"))  # a non-finite loss is still counted as one
+    assert not applied and record["nonfinite_steps"] == 1 and record["overflow_steps"] == 1
+    assert record["loss_scale"] == 2.0**15
+    step(scaling, fp16=True, factor=1.0)
+    # One clean step since the overflow reset the growth tracker (the NaN step left the scaler alone).
+    assert len(applied) == 1 and scaling.state_dict()["_growth_tracker"] == 1
+
+    trainer.global_step = 5
+    trainer.skipped_by_source["vqa"] = 2
+    checkpoint = trainer.save_checkpoint()
+    trainer.close()
+    assert (checkpoint / LOSS_SCALER_FILE).is_file()
+    assert ckpt.read_state(checkpoint)["overflow_total"] == 1
+    resumed = Trainer(parse_args(flags + ["--resume", str(checkpoint)]), cpu, build_train_dataset(args, samples_per_epoch=16, seed=args.seed), None)
+    assert resumed.loss_scaling.state_dict() == scaling.state_dict()
+    assert resumed.overflow_total == 1 and resumed.nonfinite_total == 1 and resumed.global_step == 5
+    assert resumed.skipped_by_source == {"sem_seg": 0, "refer_seg": 0, "vqa": 2, "reason_seg": 0}
+    resumed.close()
+
+
+def small_synthetic_root(path: Path) -> Path:
+    from utils.data import write_synthetic_dataset
+
+    write_synthetic_dataset(str(path), seed=1, num_train=10, num_val=4)
+    return path
+
+
+def test_a_source_that_cannot_be_read_stops_the_run_before_training(tiny_segmenter_dir, tmp_path):
+    root = small_synthetic_root(tmp_path / "data")
+    (root / "coco" / "train2017").rename(root / "coco" / "images")  # every VQA image where nobody looks
+    result = run(train_command(tiny_segmenter_dir(), root, tmp_path, "bad_source", "--steps_per_epoch", "2"), timeout=200)
+    assert result.returncode != 0
+    assert "data configuration error: training source 'vqa' cannot be read" in result.stderr
+    assert str(root / "coco" / "train2017") in result.stderr and "first error: CorruptSampleError" in result.stderr
+    assert not (tmp_path / "bad_source" / "metrics.jsonl").exists()
+
+
+def test_corrupt_files_are_skipped_and_counted_per_source(tiny_segmenter_dir, tmp_path):
+    root = small_synthetic_root(tmp_path / "data")
+    images = sorted((root / "reason_seg" / "ReasonSeg" / "train").glob("*.jpg"))
+    for image in images[1::2]:  # half of ReasonSeg's training images
+        image.write_bytes(b"\xff\xd8 not a jpeg")
+    result = run(train_command(tiny_segmenter_dir(), root, tmp_path, "corrupt", "--sample_rates", "1,1,1,4",
+                               "--epochs", "1", "--steps_per_epoch", "3", "--grad_accumulation_steps", "1",
+                               "--no_eval", "--save_steps", "100"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping" in result.stderr
+    records = train_records(tmp_path / "corrupt")
+    last = records[3]
+    assert last["skipped_samples"] > 0
+    assert last["skipped_by_source"] == {"sem_seg": 0, "refer_seg": 0, "vqa": 0, "reason_seg": last["skipped_samples"]}
+    counts = [r["skipped_by_source"]["reason_seg"] for r in records.values()]
+    assert counts == sorted(counts)  # cumulative
+    state = ckpt.read_state(tmp_path / "corrupt" / "checkpoint-0000003")
+    assert state["skipped_by_source"] == last["skipped_by_source"] and state["samples_skipped"] == last["skipped_samples"]

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from utils.gradio_app import build_demo, examples_in  # noqa: E402
-from utils.inference import add_model_arguments, session_from_args, setup_logging  # noqa: E402
+from utils.inference import add_model_arguments, check_model_arguments, session_from_args, setup_logging  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--queue_size", type=int, default=16, help="requests that may wait in the queue (default 16)")
     parser.add_argument("--examples", default=str(REPO / "tools" / "examples"), help="directory of example photographs")
     args = parser.parse_args()
+    check_model_arguments(args, parser)
     setup_logging()
     session = session_from_args(args)
     demo = build_demo(session, Path(args.version).name, examples_in(args.examples), queue_size=args.queue_size)

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from utils.data.builders import SYNTHETIC_VAL_SPLITS, build_val_dataset, split_names
+from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
+from utils.data.builders import build_val_dataset, split_names, val_split_kind
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from utils.eval_report import PredictionWriter, build_report, format_summary, result_entry, write_json
 from utils.evaluation import (
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vision_pretrained", help="training checkpoint only: the official SAM .pth (overrides the recorded path)")
     model.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                        help="weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
+    add_pixel_arguments(model)
     data = p.add_argument_group("data")
     data.add_argument("--val_dataset", default="ReasonSeg|val",
                       help="one or several splits joined by '||': ReasonSeg|val, ReasonSeg|test, refcoco|unc|val, "
@@ -81,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.max_samples < 0 or args.workers < 0:
         parser.error("--max_samples and --workers must be >= 0")
+    check_pixel_arguments(args, parser)
     if not split_names(args.val_dataset):
         parser.error("--val_dataset is empty: name at least one split, e.g. 'ReasonSeg|val'")
     if not Path(args.dataset_dir).is_dir():
@@ -88,20 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def split_kind(name: str) -> str:
-    """``reason_seg`` or ``refer_seg``: the source kind behind a validation split name."""
-    if name in SYNTHETIC_VAL_SPLITS:
-        return SYNTHETIC_VAL_SPLITS[name][0]
-    return "reason_seg" if len(name.split("|")) == 2 else "refer_seg"
+split_kind = val_split_kind  # ``reason_seg`` or ``refer_seg``: the source kind behind a split name
 
 
 def build_splits(names: str, dataset_dir: str, reason_seg_queries: str) -> dict:
     """Every requested split, checked before the model loads (a wrong name costs no model load)."""
     splits = {}
     for name in split_names(names):
-        options = {"val_queries": reason_seg_queries} if split_kind(name) == "reason_seg" else {}
         try:
-            dataset = build_val_dataset(name, dataset_dir, **options)
+            # The same call as training validation (train_ddp.py), so both score the same items.
+            dataset = build_val_dataset(name, dataset_dir, reason_seg_queries=reason_seg_queries)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: split {name!r}: {error}") from None
         if len(dataset) == 0:
@@ -124,13 +123,17 @@ def load_model(args: argparse.Namespace, device: torch.device):
             device=device,
             base_model=args.base_model,
             vision_pretrained=args.vision_pretrained,
+            min_pixels=getattr(args, "min_pixels", None),
+            max_pixels=getattr(args, "max_pixels", None),
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     kind = "training checkpoint (LoRA adapter on a base model)" if config.adapter_path else "standalone model"
+    limits = pixel_limits(model.processor)
     dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")
     info = {
-        "description": f"{kind}, {config.vlm_family} + SAM {config.sam_variant}, {dtype}",
+        "description": f"{kind}, {config.vlm_family} + SAM {config.sam_variant}, {dtype}, "
+                       f"images up to {limits.max_tokens:,} image tokens",
         "version": str(args.version),
         "kind": "adapter" if config.adapter_path else "standalone",
         "vlm_family": config.vlm_family,
@@ -139,6 +142,10 @@ def load_model(args: argparse.Namespace, device: torch.device):
         "sam_checkpoint": model.config.sam_checkpoint,
         "dtype": dtype,
         "device": str(device),
+        # What the model sees of an image (flags, else the checkpoint's values capped at the default).
+        "min_pixels": limits.min_pixels,
+        "max_pixels": limits.max_pixels,
+        "max_image_tokens": limits.max_tokens,
     }
     return model, str(Path(directory).resolve()), info
 

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.batch import SampleEncoder, encode_sample, to_device
+from model.batch import SINGLE_TURN, SampleEncoder, encode_sample, to_device
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
 from utils.data.samplers import ShardedEvalSampler
 from utils.distributed import ignore_stop_signals
@@ -385,7 +385,9 @@ def evaluate(
         raise ValueError(f"the evaluation split {description!r} is empty")
     device = model.device
     generate = protocol == GENERATE
-    dataset = EncodedDataset(raw_dataset, SampleEncoder(model.processor, model.sam_transform), per_question=generate)
+    # Every question is asked as its own conversation (validation items have one question each).
+    encoder = SampleEncoder(model.processor, model.sam_transform, conversation_mode=SINGLE_TURN)
+    dataset = EncodedDataset(raw_dataset, encoder, per_question=generate)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -397,6 +399,7 @@ def evaluate(
     step = partial(_score_generated, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs) if generate else _score_teacher_forced
     scorer = SplitScorer(protocol, groups=groups, group_of=group_of, on_prediction=on_prediction)
     was_training = model.training
+    image_tokens: list[int] = []
     model.eval()
     try:
         for item in tqdm(loader, desc=description, disable=not show_progress, leave=False):
@@ -404,11 +407,17 @@ def evaluate(
             scorer.counters["items"] += item["items"]
             if item["batch"] is None:
                 continue
+            image_tokens += model.image_token_counts(item["batch"])
             batch = to_device(item["batch"], device)
             with autocast_context(device, precision):
                 step(model, batch, scorer)
     finally:
         model.train(was_training)
+    if image_tokens:
+        logger.info(
+            "%s: image tokens per image %.0f on average, %d at most (%d images on this process)",
+            description, sum(image_tokens) / len(image_tokens), max(image_tokens), len(image_tokens),
+        )
     return scorer.result(device, description)
 
 

@@ -1,7 +1,7 @@
 """The Gradio demo's page and request handler (``tools/app.py`` launches it).
 
 One request: an image and a sentence in; the image with the masks and their boxes drawn, the
-answer text, the boxes, and a status line ("2 masks" / "no mask") out. Problems with the input
+answer text, the boxes, and a status line ("2 masks; 551 image tokens" / "no mask...") out. Problems with the input
 (no image, an unreadable or oversized file, an empty request) are shown to the person as a
 message in the page (``gr.Error``); anything unexpected is logged with its traceback on the
 server and shown as a short message. The model answers one request at a time (a queue holds the
@@ -76,7 +76,20 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any):
     if answer.image.resized_from:
         height, width = answer.image.resized_from
         status += f" (the {width}x{height} image was downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
+    if answer.image_tokens is not None:
+        status += f"; {answer.image_tokens:,} image tokens"
     return render_overlay(answer), answer.text, boxes, status
+
+
+def _limits_line(session: InferenceSession) -> str:
+    """What the model sees of an image: its pixel limits in image tokens ("" when unknown)."""
+    from model.image_tokens import pixel_limits
+
+    try:
+        limits = pixel_limits(session.model.processor)
+    except (AttributeError, ValueError):
+        return ""
+    return f" Images are resized to at most {limits.max_pixels:,} pixels: up to {limits.max_tokens:,} image tokens each."
 
 
 def build_demo(session: InferenceSession, model_name: str, examples: list[list[str]], queue_size: int = 16):
@@ -96,7 +109,7 @@ def build_demo(session: InferenceSession, model_name: str, examples: list[list[s
             ) from None
 
     with gr.Blocks(title="Reasoning segmentation", analytics_enabled=False) as demo:
-        gr.Markdown("# Reasoning segmentation\n" + DESCRIPTION.format(model=model_name))
+        gr.Markdown("# Reasoning segmentation\n" + DESCRIPTION.format(model=model_name) + _limits_line(session))
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=420)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 from utils.masks import encode_rle, mask_to_box, overlay_masks
 
 logger = logging.getLogger(__name__)
@@ -192,13 +193,20 @@ class Answer:
     def boxes(self) -> list[tuple[int, int, int, int] | None]:
         return self.result.boxes
 
+    @property
+    def image_tokens(self) -> int | None:
+        """Image tokens the image became in the language model's input (None when unknown)."""
+        return getattr(self.result, "image_tokens", None)
+
     def record(self) -> dict:
-        """JSON-ready: text, boxes (XYXY, exclusive end; null for an empty mask), masks as COCO RLE."""
+        """JSON-ready: text, boxes (XYXY, exclusive end; null for an empty mask), masks as COCO RLE,
+        the image size and its number of image tokens."""
         record = {
             "text": self.text,
             "boxes": [list(box) if box is not None else None for box in self.boxes],
             "masks": [encode_rle(mask) for mask in self.masks],
             "image_size": list(self.image.array.shape[:2]),
+            "image_tokens": self.image_tokens,
         }
         if self.image.resized_from:
             record["resized_from"] = list(self.image.resized_from)
@@ -209,8 +217,16 @@ def describe_box(box) -> str:
     return "empty mask (no box)" if box is None else f"box (x0, y0, x1, y1) = ({box[0]}, {box[1]}, {box[2]}, {box[3]})"
 
 
+def describe_image(answer: Answer) -> str:
+    """One line: the image's size and the image tokens it became."""
+    height, width = answer.image.array.shape[:2]
+    tokens = answer.image_tokens
+    return f"image: {width}x{height}, " + (f"{tokens:,} image tokens" if tokens is not None else "image tokens unknown")
+
+
 def describe(answer: Answer, saved: list[tuple[Path, Path]] | None = None) -> str:
-    """What a person reads: the answer text, then one line per mask (or "no mask")."""
+    """What a person reads: the answer text, one line per mask (or "no mask"), then the image's
+    size and image tokens."""
     lines = [f"answer: {answer.text}"]
     if not answer.masks:
         lines.append(NO_MASK_MESSAGE)
@@ -219,6 +235,7 @@ def describe(answer: Answer, saved: list[tuple[Path, Path]] | None = None) -> st
         if saved:
             line += f" -> {saved[index][0]}, {saved[index][1]}"
         lines.append(line)
+    lines.append(describe_image(answer))
     return "\n".join(lines)
 
 
@@ -479,8 +496,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_image_side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
                        help=f"longer images are downscaled to this longest side (default {DEFAULT_MAX_IMAGE_SIDE})")
     group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                       help=f"larger images are refused (default {DEFAULT_MAX_IMAGE_PIXELS})")
+                       help=f"larger image files are refused (default {DEFAULT_MAX_IMAGE_PIXELS}; what the model "
+                       "sees is bounded by --max_pixels)")
     group.add_argument("--cache_size", type=int, default=8, help="images whose encoded features are kept for reuse (default 8)")
+    add_pixel_arguments(group)
+
+
+def check_model_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``parser.error`` naming the flag for values that cannot work (before the model loads)."""
+    check_pixel_arguments(args, parser)
 
 
 def session_from_args(args: argparse.Namespace) -> InferenceSession:
@@ -496,6 +520,8 @@ def session_from_args(args: argparse.Namespace) -> InferenceSession:
             vision_pretrained=args.vision_pretrained,
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,
+            min_pixels=getattr(args, "min_pixels", None),
+            max_pixels=getattr(args, "max_pixels", None),
         )
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None

@@ -49,6 +49,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from model.batch import SampleEncoder, to_device, vlm_inputs
 from model.config import SegmenterConfig
+from model.image_tokens import DEFAULT_MAX_IMAGE_TOKENS
 from model.segmenter import ReasonSegmenter, SegmentationResult
 from model.vlm import LoraSettings, ensure_seg_token, text_hidden_size
 from utils.distributed import free_port
@@ -66,9 +67,11 @@ BENCHMARKS = ("generation", "repeated_image", "batched", "training_step", "param
 #: The training log train_ddp.py writes in its run directory (utils.trainer.METRICS_FILE; not
 #: imported from there, which would pull in DeepSpeed and its start-up messages).
 METRICS_FILE = "metrics.jsonl"
-#: Qwen2.5-VL's default image-processor pixel limits (preprocessor_config.json of the checkpoints).
+#: The pixel limits this project's entry points give a Qwen2.5-VL checkpoint by default: Qwen's
+#: shipped min_pixels (3,136 = 56x56) and the project's cap of 1,280 image tokens (1,003,520 =
+#: 28x28x1280 pixels; the checkpoints themselves allow 12,845,056, see model/image_tokens.py).
 QWEN25_MIN_PIXELS = 56 * 56
-QWEN25_MAX_PIXELS = 28 * 28 * 1280
+QWEN25_MAX_PIXELS = 28 * 28 * DEFAULT_MAX_IMAGE_TOKENS
 #: Rows of Qwen2.5-VL-7B's embedding and LM head (the training-step row pads the tiny model to it).
 QWEN25_7B_VOCAB = 152064
 
@@ -264,8 +267,9 @@ def apply_published_training_recipe(model: ReasonSegmenter, lora: LoraSettings |
 
 
 def default_qwen25_processor():
-    """An image-only Qwen2.5-VL processor with the checkpoints' default pixel limits
-    (min 56x56, max 28x28x1280 pixels) and the tiny tokenizer of :mod:`model.tiny`."""
+    """An image-only Qwen2.5-VL processor with the limits the entry points use by default
+    (min 56x56, max 28x28x1280 pixels: at most 1,280 image tokens) and the tiny tokenizer of
+    :mod:`model.tiny`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from model.processor import PROCESSOR_CLASSES
@@ -865,7 +869,7 @@ def bench_data_loading(settings: BenchSettings, scratch: Path) -> list[BenchRow]
     """Samples per second of what one DataLoader worker does, on 640x480 JPEGs.
 
     Per sample: ReasonSeg reading (JPEG decode, polygons, 3 questions), the project's
-    :class:`SampleEncoder` (Qwen2.5-VL image processor at its default pixel limits, SAM
+    :class:`SampleEncoder` (Qwen2.5-VL image processor at the project's default limits, SAM
     transform at 1024), and collating into batches of 2 -- in this (the main) process.
     """
     from model.sam import SamTransform
@@ -944,7 +948,7 @@ def build_real_size_segmenter(spec, sam_variant: str, device: torch.device, dtyp
     """A segmenter of ``spec``'s real size with random weights, built on ``device`` in ``dtype``.
 
     The processor's tokenizer is the tiny one (its ids index the random embedding); the image
-    processor has Qwen2.5-VL's default pixel limits.
+    processor has the project's default limits for Qwen2.5-VL (at most 1,280 image tokens).
     """
     from model.sam import build_sam, sam_prompt_embed_dim
     from model.vlm import VLM_FAMILIES

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from model.image_tokens import add_pixel_arguments, check_pixel_arguments
+
 BOOL = argparse.BooleanOptionalAction
 
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ce_loss_weight", type=float, default=1.0)
     model.add_argument("--bce_loss_weight", type=float, default=2.0)
     model.add_argument("--dice_loss_weight", type=float, default=0.5)
+    add_pixel_arguments(model)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_dir", default="./dataset")
     data.add_argument("--dataset", default="sem_seg||refer_seg||vqa||reason_seg")
@@ -44,8 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--coco_data", default="", help="your own COCO data as 'instances.json|image_dir' (add 'coco' to --dataset)")
     data.add_argument("--explanatory", type=float, default=0.1, help="share of ReasonSeg samples answered with an explanation")
     data.add_argument("--num_questions_per_image", type=int, default=3)
+    data.add_argument(
+        "--conversation_mode", choices=["single_turn", "multi_turn"], default="single_turn",
+        help="the questions of a sample (one image): single_turn asks each as its own conversation (LISA's way, "
+        "and how evaluation asks them), multi_turn as the turns of one conversation; the image is encoded once "
+        "either way, and VQA dialogues stay one conversation",
+    )
     data.add_argument("--val_dataset", default="ReasonSeg|val")
+    data.add_argument(
+        "--reason_seg_queries", choices=["first", "all"], default="first",
+        help="ReasonSeg validation: score the first query of each image (LISA's protocol, as test.py by default) "
+        "or every query",
+    )
     data.add_argument("--max_val_samples", type=int, default=0, help="score only the first N validation samples (0: all)")
+    data.add_argument("--val_batch_size", type=int, default=1,
+                      help="validation batch per process (1, as test.py: the same numbers it prints)")
     data.add_argument("--workers", type=int, default=4)
     data.add_argument("--max_skipped_share", type=float, default=0.1, help="abort when more than this share of samples is unreadable")
     optim = p.add_argument_group("optimisation")
@@ -64,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup_steps", type=int, default=100)
     optim.add_argument("--lr_schedule", choices=["linear", "cosine", "constant"], default="linear")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    optim.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast on CUDA; CPU runs fp32")
+    optim.add_argument(
+        "--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
+        help="autocast on CUDA (fp16 with dynamic loss scaling); CPU runs fp32 and refuses fp16",
+    )
     optim.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite losses in a row")
     optim.add_argument("--seed", type=int, default=42)
     optim.add_argument("--deepspeed", default=None, help="DeepSpeed ZeRO config JSON (instead of plain DDP)")
@@ -118,21 +137,34 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--vision_pretrained is required with a plain Qwen-VL --version: the official SAM file, e.g. weights/sam_vit_h_4b8939.pth")
     if args.vision_pretrained and not Path(args.vision_pretrained).is_file():
         parser.error(f"--vision_pretrained {args.vision_pretrained}: file not found (see weights/README.md for the download links)")
-    for flag in ("batch_size", "grad_accumulation_steps", "epochs", "steps_per_epoch"):
+    for flag in ("batch_size", "grad_accumulation_steps", "epochs", "steps_per_epoch", "val_batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.effective_batch_size < 0:
         parser.error("--effective_batch_size must be >= 0")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    check_pixel_arguments(args, parser)
     if not args.no_eval and not args.val_dataset:
         parser.error("--val_dataset is empty: name a split (e.g. 'ReasonSeg|val') or pass --no_eval")
     if args.resume and not Path(args.resume).is_dir():
         parser.error(f"--resume {args.resume}: checkpoint directory not found")
+    precision_error = _precision_problem(args.precision)
+    if precision_error and not args.eval_only:
+        parser.error(precision_error)
     if args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed {args.deepspeed}: config file not found (one ships as configs/ds_zero2.json)")
     if not Path(args.dataset_dir).is_dir() and not args.eval_only:
         parser.error(f"--dataset_dir {args.dataset_dir}: directory not found (see dataset/README.md, or make one with tools/make_synthetic.py)")
+
+
+def _precision_problem(precision: str) -> str | None:
+    """Why ``--precision`` cannot train on this machine (train_ddp.py uses CUDA when it is there)."""
+    import torch
+
+    from utils.mixed_precision import precision_problem
+
+    return precision_problem(precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def accumulation_for(args: argparse.Namespace, world_size: int) -> int:
@@ -149,6 +181,8 @@ def accumulation_for(args: argparse.Namespace, world_size: int) -> int:
 
 
 # Flags that change what the weights are: a checkpoint trained with other values cannot resume.
+# (--min_pixels / --max_pixels are not among them: a resumed run keeps the values its checkpoint's
+# processor saved unless they are given again, and one given with another value is logged.)
 STRUCTURE_FLAGS = ("lora_r", "lora_alpha", "lora_target_modules", "train_language_model")
 
 

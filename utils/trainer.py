@@ -26,17 +26,20 @@ from tqdm import tqdm
 
 from model.batch import SampleEncoder, to_device
 from model.config import SegmenterConfig
+from model.image_tokens import PixelLimits, apply_pixel_limits, pixel_limits
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, all_reduce_sum, barrier, ignore_stop_signals
 from utils.evaluation import autocast_context, evaluate_teacher_forced
+from utils.mixed_precision import NoLossScaling, deepspeed_precision_config, loss_scaling_for
 from utils.optim import build_optimizer, build_scheduler
 from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+LOSS_SCALER_FILE = "loss_scaler.pt"  # the fp16 GradScaler's state (scale and growth tracker)
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
@@ -44,17 +47,41 @@ def lora_settings(args: argparse.Namespace) -> LoraSettings:
     return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
 
 
-def build_model(args: argparse.Namespace, resume_from: Path | None, dtype: torch.dtype) -> ReasonSegmenter:
-    """The model to train: resumed, from a segmenter directory, or from Qwen-VL + SAM."""
+def training_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of the frozen weights in training: ``--precision`` on CUDA, float32 on the CPU.
+
+    The CPU trains without autocast, in float32, whatever ``--precision`` says.
+    """
+    if device.type != "cuda":
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_model(
+    args: argparse.Namespace,
+    resume_from: Path | None,
+    dtype: torch.dtype,
+    device: str | torch.device | None = None,
+) -> ReasonSegmenter:
+    """The model to train: resumed, from a segmenter directory, or from Qwen-VL + SAM.
+
+    Read straight into place on ``device``: frozen weights in ``dtype``, trainable ones in
+    float32 (master weights; see :meth:`ReasonSegmenter.cast_for_run`). No float32 copy of the
+    frozen model is ever made.
+    """
     loss_weights = dict(ce_weight=args.ce_loss_weight, bce_weight=args.bce_loss_weight, dice_weight=args.dice_loss_weight)
     if resume_from is not None:
         model = ReasonSegmenter.from_pretrained(
-            resume_from, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained
+            resume_from, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained, device=device,
+            train_language_model=args.train_language_model,
         )
         if args.train_language_model:
             model.configure_training(None, train_language_model=True)
     elif SegmenterConfig.is_segmenter_directory(args.version):
-        model = ReasonSegmenter.from_pretrained(args.version, dtype=dtype, sam_checkpoint=args.vision_pretrained)
+        model = ReasonSegmenter.from_pretrained(
+            args.version, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained, device=device,
+            train_language_model=args.train_language_model,
+        )
         model.configure_training(lora_settings(args), args.train_language_model)
     else:
         from model.sam import infer_variant_from_checkpoint
@@ -67,7 +94,9 @@ def build_model(args: argparse.Namespace, resume_from: Path | None, dtype: torch
             lora=lora_settings(args),
             train_language_model=args.train_language_model,
             dtype=dtype,
+            device=device,
         )
+    model.cast_for_run(dtype)  # the LoRA just added is float32 already: a check, not a copy
     for name, value in loss_weights.items():
         setattr(model.config, name, value)
     return model
@@ -110,24 +139,34 @@ class Trainer:
         self.nonfinite_total = 0
         self.samples_seen = 0
         self.samples_skipped = 0
+        self.overflow_total = 0  # fp16 steps skipped by the loss scaling (gradient overflow)
+        # Skipped samples per training source (cumulative, summed over ranks like samples_skipped).
+        self.source_names = list(getattr(train_data, "source_names", None) or [])
+        self.skipped_by_source = dict.fromkeys(self.source_names, 0)
 
         torch.manual_seed(args.seed + dist_info.rank)
         resume_from = self._resume_checkpoint()
         saved_state = ckpt.read_state(resume_from) if resume_from else None
         if saved_state:
             check_resume_compatible(saved_state.get("args", {}), args, resume_from)
-        dtype = torch.bfloat16 if (self.device.type == "cuda" and args.precision == "bf16") else torch.float32
-        self.model = build_model(args, resume_from, dtype=torch.float32).to(self.device)
-        if dtype != torch.float32:
-            # Frozen weights in bf16 save memory; trainable parameters stay fp32 (master weights).
-            for param in self.model.vlm.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
+        # Loaded in place: frozen weights in the run dtype (bf16 on CUDA by default), trainable
+        # ones in float32 (master weights); never a float32 copy of the whole model.
+        dtype = training_dtype(self.device, args.precision)
+        self.model = build_model(args, resume_from, dtype=dtype, device=self.device)
+        # Before any data is encoded: every checkpoint's processor saves the limits used.
+        self.pixel_limits = training_pixel_limits(self.model.processor, args, resumed=saved_state is not None)
         if args.gradient_checkpointing:
             self.model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.vlm.enable_input_require_grads()
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, (args.beta1, args.beta2))
         self.scheduler = build_scheduler(self.optimizer, args.warmup_steps, self.total_steps, args.lr_schedule)
+        # fp16: a GradScaler (DeepSpeed scales its loss itself); fp32 / bf16: nothing to do.
+        self.loss_scaling = NoLossScaling()
+        if not (args.deepspeed or args.eval_only):
+            try:
+                self.loss_scaling = loss_scaling_for(self.device, args.precision)
+            except ValueError as error:
+                raise SystemExit(str(error)) from None
         self.engine = None
         self.ddp = None
         if args.deepspeed:
@@ -140,7 +179,9 @@ class Trainer:
 
         self.train_data = train_data
         if train_data is not None:
-            train_data.transform = SampleEncoder(self.model.processor, self.model.sam_transform)
+            train_data.transform = SampleEncoder(
+                self.model.processor, self.model.sam_transform, conversation_mode=args.conversation_mode
+            )
             train_data.set_rank(dist_info.rank)
         self.val_data = val_data
         self.writer = None
@@ -185,8 +226,7 @@ class Trainer:
         config["train_batch_size"] = self.args.batch_size * self.accumulation * self.dist.world_size
         config["gradient_clipping"] = self.args.max_grad_norm
         config.setdefault("zero_allow_untested_optimizer", True)
-        config["bf16"] = {"enabled": self.device.type == "cuda" and self.args.precision == "bf16"}
-        config["fp16"] = {"enabled": False}
+        deepspeed_precision_config(config, self.device, self.args.precision)  # bf16, or fp16 with DeepSpeed's loss scaling
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
             model_parameters=[p for p in self.model.parameters() if p.requires_grad],
@@ -198,6 +238,9 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
         self.samples_skipped = int(state.get("samples_skipped", 0))
+        self.overflow_total = int(state.get("overflow_total", 0))
+        for name, count in (state.get("skipped_by_source") or {}).items():
+            self.skipped_by_source[name] = int(count)
         if self.engine is not None:
             self.engine.load_checkpoint(
                 str(checkpoint / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=True
@@ -205,6 +248,12 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(ckpt.load_torch(checkpoint / "optimizer.pt"))
             self.scheduler.load_state_dict(ckpt.load_torch(checkpoint / "scheduler.pt"))
+            if self.loss_scaling.enabled:
+                scaler_file = checkpoint / LOSS_SCALER_FILE
+                if scaler_file.is_file():
+                    self.loss_scaling.load_state_dict(ckpt.load_torch(scaler_file))
+                else:
+                    logger.warning("%s has no %s (not an fp16 run?): the loss scale starts afresh", checkpoint, LOSS_SCALER_FILE)
         rng_file = checkpoint / f"rng_state_rank{self.dist.rank}.pt"
         if rng_file.is_file():
             rng = ckpt.load_torch(rng_file)
@@ -276,36 +325,53 @@ class Trainer:
         sums = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0}
         nonfinite = False
         samples = skipped = 0
+        image_tokens: list[int] = []
+        skipped_by_source = dict.fromkeys(self.source_names, 0)
         for index, batch in enumerate(micro_batches):
             final = index == len(micro_batches) - 1
             samples += len(batch["masks"])
-            skipped += sum(extra.get("num_skipped", 0) for extra in batch["extra"])
+            image_tokens += self.model.image_token_counts(batch)
+            for extra in batch["extra"]:
+                count = int(extra.get("num_skipped", 0))
+                skipped += count
+                source = (extra.get("meta") or {}).get("source")
+                if count and source in skipped_by_source:
+                    skipped_by_source[source] += count
             batch = to_device(batch, self.device)
             sync = nullcontext() if (final or self.ddp is None) else self.ddp.no_sync()
             with sync:
                 output = self._forward(batch)
                 nonfinite |= not bool(torch.isfinite(output.loss))
                 if self.engine is not None:
-                    # DeepSpeed scales by the accumulation, skips the all-reduce off the boundary,
-                    # and steps optimizer and scheduler itself on the boundary micro-step.
+                    # DeepSpeed scales by the accumulation (and, in fp16, by its loss scale), skips
+                    # the all-reduce off the boundary, and steps optimizer and scheduler itself on
+                    # the boundary micro-step.
                     self.engine.backward(output.loss)
                     if not final:
                         self.engine.step()
                 else:
-                    (output.loss / len(micro_batches)).backward()
+                    self.loss_scaling.backward(output.loss / len(micro_batches))
             for key in sums:
                 sums[key] += float(getattr(output, key).detach()) / len(micro_batches)
         # One all-reduce carries the losses, the counters and the flags of every rank.
         reduced = all_reduce_sum(
-            [*sums.values(), samples, skipped, float(nonfinite), float(self.stop.requested)], self.device
+            [*sums.values(), samples, skipped, float(nonfinite), float(self.stop.requested), *skipped_by_source.values()],
+            self.device,
         )
         world = self.dist.world_size
         record = {key: value / world for key, value in zip(sums, reduced[:4])}
-        samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:]
+        samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:8]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        grad_norm = self._apply_gradients(skip=nonfinite_any > 0)
+        # A non-finite loss (data, or a diverging model) skips the step here; an fp16 gradient
+        # overflow is found by the loss scaling, which skips the step and lowers its scale.
+        grad_norm, overflow = self._apply_gradients(skip=nonfinite_any > 0)
         self.samples_seen += int(samples_all)
         self.samples_skipped += int(skipped_all)
+        for name, count in zip(self.source_names, reduced[8:]):
+            self.skipped_by_source[name] = self.skipped_by_source.get(name, 0) + int(count)
+        if overflow:
+            self.overflow_total += 1
+            logger.info("fp16 gradient overflow at step %d: step skipped, loss scale lowered", self.global_step + 1)
         if nonfinite_any:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -319,9 +385,11 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         attempted = self.samples_seen + self.samples_skipped
         if attempted >= 50 and self.samples_skipped / attempted > self.args.max_skipped_share:
+            by_source = ", ".join(f"{name} {count}" for name, count in self.skipped_by_source.items() if count)
             raise SystemExit(
-                f"{self.samples_skipped} of {attempted} samples were unreadable, more than --max_skipped_share "
-                f"{self.args.max_skipped_share}: check --dataset_dir (tools/inspect_data.py shows what is read)"
+                f"{self.samples_skipped} of {attempted} samples were unreadable ({by_source}), more than "
+                f"--max_skipped_share {self.args.max_skipped_share}: check --dataset_dir (tools/inspect_data.py "
+                "shows what is read)"
             )
         record.update(
             step=self.global_step + 1,
@@ -329,29 +397,61 @@ class Trainer:
             grad_norm=grad_norm,
             samples=samples_all,
             skipped_samples=self.samples_skipped,
+            skipped_by_source=dict(self.skipped_by_source),
             nonfinite_steps=self.nonfinite_total,
+            overflow_steps=self.overflow_total,
             stop=bool(stop_any),
         )
+        scale = self._loss_scale()
+        if scale is not None:
+            record["loss_scale"] = scale
+        record.update(self._image_token_stats(image_tokens))
         return record
 
-    def _apply_gradients(self, skip: bool) -> float:
+    def _image_token_stats(self, counts: list[int]) -> dict:
+        """Mean and max image tokens per image of this step's micro-batches, over all ranks."""
+        total, number = all_reduce_sum([float(sum(counts)), float(len(counts))], self.device)
+        largest = torch.tensor([float(max(counts, default=0))], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        return {"image_tokens_mean": total / number if number else 0.0, "image_tokens_max": int(largest.item())}
+
+    def _apply_gradients(self, skip: bool) -> tuple[float, bool]:
+        """Clip, step, zero the gradients, step the schedule.
+
+        Returns the gradient norm (0 for a skipped step) and whether the loss scaling skipped the
+        step because the fp16 gradients overflowed (always False in fp32 / bf16).
+        """
         if self.engine is not None:
             if skip:
                 # DeepSpeed's boundary step cannot be skipped without shifting its micro-step
                 # count, so the step runs on zeroed gradients (the AdamW moments still decay).
                 self.engine.zero_grad()
             self.engine.step()  # the boundary micro-step: clip, optimizer step, scheduler step
+            overflow = not skip and not self.engine.was_step_applied()  # fp16: DeepSpeed skipped it
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else 0.0
-        grad_norm = 0.0
+            return (float(norm) if norm is not None and not overflow else 0.0), overflow
+        grad_norm, overflow = 0.0, False
         if not skip:
             params = [p for p in self.model.parameters() if p.requires_grad]
+            self.loss_scaling.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             if self.args.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
-            self.optimizer.step()
+            overflow = not self.loss_scaling.step(self.optimizer)
+            if overflow:
+                grad_norm = 0.0  # inf/nan gradients: the step was skipped
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return grad_norm
+        return grad_norm, overflow
+
+    def _loss_scale(self) -> float | None:
+        """The current fp16 loss scale (None without loss scaling)."""
+        if self.engine is not None:
+            if not self.engine.fp16_enabled():
+                return None
+            scale = getattr(self.engine.optimizer, "cur_scale", None)
+            return float(scale) if scale is not None else None
+        return self.loss_scaling.scale
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
 
@@ -364,10 +464,23 @@ class Trainer:
         if self.writer is not None and (record["step"] % max(1, self.args.log_steps) == 0 or record["step"] == 1):
             for key in ("loss", "ce_loss", "bce_loss", "dice_loss", "lr", "grad_norm", "samples_per_second", "skipped_samples", "nonfinite_steps"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+            for name, count in record.get("skipped_by_source", {}).items():
+                self.writer.add_scalar(f"train/skipped_samples/{name}", count, record["step"])
+            if "loss_scale" in record:
+                self.writer.add_scalar("train/loss_scale", record["loss_scale"], record["step"])
+                self.writer.add_scalar("train/overflow_steps", record["overflow_steps"], record["step"])
+            for key in ("image_tokens_mean", "image_tokens_max"):
+                if key in record:
+                    self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             self.writer.flush()
 
     def validate(self) -> dict:
-        """Teacher-forced validation on every rank's shard; the model returns to training mode."""
+        """Teacher-forced validation on every rank's shard; the model returns to training mode.
+
+        The numbers test.py prints for the same model and split (its defaults): the same split
+        (``--reason_seg_queries``, first query of each ReasonSeg image by default), the same
+        evaluation code and batch size (``--val_batch_size`` 1). ``best`` is chosen on them.
+        """
         data = self.val_data
         if self.args.max_val_samples:
             data = torch.utils.data.Subset(data, range(min(len(data), self.args.max_val_samples)))
@@ -376,7 +489,7 @@ class Trainer:
             data,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            batch_size=self.args.batch_size,
+            batch_size=self.args.val_batch_size,
             workers=min(self.args.workers, 2),
             precision=self.args.precision,
             description=f"validate {self.args.val_dataset}",
@@ -413,6 +526,8 @@ class Trainer:
         elif self.dist.is_main:
             ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.loss_scaling.enabled:
+                ckpt.save_torch(self.loss_scaling.state_dict(), tmp / LOSS_SCALER_FILE)
         if self.dist.is_main:
             self.model.save_pretrained(tmp, include_sam=False)
         barrier()
@@ -429,6 +544,8 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "samples_seen": self.samples_seen,
                 "samples_skipped": self.samples_skipped,
+                "skipped_by_source": dict(self.skipped_by_source),
+                "overflow_total": self.overflow_total,
                 "world_size": self.dist.world_size,
                 "accumulation": self.accumulation,
                 "args": {k: v for k, v in vars(self.args).items()},
@@ -444,6 +561,29 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def training_pixel_limits(processor, args: argparse.Namespace, resumed: bool = False) -> PixelLimits:
+    """Apply ``--min_pixels`` / ``--max_pixels`` to the processor the run encodes its data with.
+
+    A new run: a flag wins, else the model's saved value with the maximum capped at
+    ``model.image_tokens.DEFAULT_MAX_IMAGE_TOKENS`` tokens. A resumed run keeps the values its
+    checkpoint's processor saved (not capped again) unless a flag is given; a flag that changes
+    them is logged, since the images are then seen at another resolution than before.
+    """
+    before = pixel_limits(processor)
+    try:
+        limits = apply_pixel_limits(
+            processor, getattr(args, "min_pixels", None), getattr(args, "max_pixels", None), cap_saved=not resumed
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if resumed and (limits.min_pixels, limits.max_pixels) != (before.min_pixels, before.max_pixels):
+        logger.warning(
+            "resuming with other pixel limits than the checkpoint's (%s; it used %s): images are now "
+            "encoded at another resolution", limits.describe(), before.describe(),
+        )
+    return limits
 
 
 def _plain(scores: dict) -> dict:

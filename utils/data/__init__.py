@@ -15,7 +15,7 @@ from utils.data.builders import (
     split_names,
 )
 from utils.data.coco_instances import CocoCategoryDataset, CocoInstancesDataset, PacoLvisDataset, PascalPartDataset
-from utils.data.hybrid import HybridDataset
+from utils.data.hybrid import HybridDataset, UnreadableSourceError
 from utils.data.io import load_image_rgb, load_label_map
 from utils.data.reason_seg import ReasonSegDataset
 from utils.data.refer import GRefCocoDataset, ReferSegDataset
@@ -50,6 +50,7 @@ __all__ = [
     "ShardedEvalSampler",
     "TargetDataset",
     "TrainDataConfig",
+    "UnreadableSourceError",
     "build_source_dataset",
     "build_train_dataset",
     "build_val_dataset",

@@ -69,6 +69,10 @@ class RawDataset(torch.utils.data.Dataset, abc.ABC):
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         """Build item ``index``; all random choices come from ``rng`` (unused in val mode)."""
 
+    def item_path(self, index: int) -> str | None:
+        """The file item ``index`` reads (its image), for messages; None when unknown."""
+        return None
+
     def __getitem__(self, index: int) -> RawSample:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")

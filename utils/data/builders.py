@@ -191,6 +191,11 @@ def build_train_dataset(
     """The training :class:`HybridDataset` from an args-like object and/or keyword settings.
 
     Settings are the fields of :class:`TrainDataConfig` (keywords override ``args``).
+
+    Raises:
+        UnreadableSourceError (a ValueError): a (sub-)dataset none of whose first few items can be
+            read (see :meth:`HybridDataset.check_sources`), so that a wrong layout stops the run
+            before training instead of being redrawn sample after sample.
     """
     config = TrainDataConfig.from_args(args, **overrides)
     kinds = split_names(config.dataset)
@@ -208,18 +213,34 @@ def build_train_dataset(
             )
             for spec in config.source_specs(kind)
         ]
-    return HybridDataset(
+    dataset = HybridDataset(
         sources, rates, config.samples_per_epoch, config.seed, transform,
         sub_dataset_weighting=config.sub_dataset_weighting, rank=rank,  # type: ignore[arg-type]
     )
+    dataset.check_sources()
+    return dataset
 
 
-def build_val_dataset(name: str, dataset_dir: str, **options: Any) -> RawDataset:
+def val_split_kind(name: str) -> str:
+    """``reason_seg`` or ``refer_seg``: the source kind behind a validation split name."""
+    name = name.strip()
+    if name in SYNTHETIC_VAL_SPLITS:
+        return SYNTHETIC_VAL_SPLITS[name][0]
+    return "reason_seg" if len(name.split("|")) == 2 else "refer_seg"
+
+
+def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "first", **options: Any) -> RawDataset:
     """A validation dataset (mode ``"val"``) from a name such as ``refcoco|unc|testA``.
 
-    ``options`` go to the dataset class (e.g. ``val_queries="first"`` for ReasonSeg).
+    ``reason_seg_queries`` (ReasonSeg splits only): ``"first"`` scores the first query of each
+    image (LISA's protocol, the default of test.py and of training validation), ``"all"`` every
+    query. ``options`` go to the dataset class.
     """
     name = name.strip()
+    if reason_seg_queries not in ("first", "all"):
+        raise ValueError(f"reason_seg_queries must be 'first' or 'all', got {reason_seg_queries!r}")
+    if val_split_kind(name) == "reason_seg":
+        options = {"val_queries": reason_seg_queries, **options}
     if name in SYNTHETIC_VAL_SPLITS:
         if not is_synthetic_root(dataset_dir):
             raise FileNotFoundError(

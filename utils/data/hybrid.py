@@ -12,12 +12,19 @@ Item ``i`` of epoch ``e`` on rank ``r`` is a pure function of ``(seed, e, r, i)`
    within the same source so the mix keeps its proportions. ``max_consecutive_failures``
    failed attempts for one item raise a ``RuntimeError`` listing the errors.
 
+A source that cannot be read at all (a whole dataset in the wrong layout: every image in another
+folder, every annotation in another format) would otherwise be redrawn silently, item after item.
+:meth:`HybridDataset.check_sources` (called by ``build_train_dataset``) reads a few items of each
+(sub-)dataset before training and raises :class:`UnreadableSourceError`, naming the source, the
+paths tried and the first error, when none of them can be read.
+
 Skip accounting: DataLoader workers are separate processes, so a counter on the dataset object
 only counts the skips of the process it lives in (``num_skipped``). Every sample therefore
 carries its own count, ``sample.meta["num_skipped"]`` (failed attempts replaced to produce this
 item), set before ``transform`` runs; summing it over the samples a trainer consumes gives the
 exact number of skipped samples across all workers and ranks with no double counting. A
-transform should carry it on (e.g. into the batch).
+transform should carry it on (e.g. into the batch), with ``sample.meta["source"]`` (all the
+attempts of one item are in the same source) for per-source counts.
 
 Epochs: call :meth:`HybridDataset.set_epoch` before iterating each epoch (DataLoader workers
 receive the dataset when the iterator is created, so this reaches them unless
@@ -41,6 +48,14 @@ logger = logging.getLogger(__name__)
 
 SubDatasetWeighting = Literal["uniform", "size"]
 SourceSpec = torch.utils.data.Dataset | Sequence[torch.utils.data.Dataset]
+
+
+PROBE_ITEMS = 8
+"""Items of each (sub-)dataset :meth:`HybridDataset.check_sources` tries before giving up on it."""
+
+
+class UnreadableSourceError(ValueError):
+    """None of the items tried of a training source could be read (see ``check_sources``)."""
 
 
 def normalise_rates(rates: Sequence[float]) -> np.ndarray:
@@ -148,6 +163,29 @@ class HybridDataset(torch.utils.data.Dataset):
             )
         }
 
+    def check_sources(self, max_items: int = PROBE_ITEMS) -> None:
+        """Make sure every (sub-)dataset of every source can give a sample.
+
+        Reads up to ``max_items`` items of each, spread over its length and stopping at the first
+        that works (normally one read per dataset). Single bad files are left to ``__getitem__``
+        (skipped, counted, replaced).
+
+        Raises:
+            UnreadableSourceError: for the first dataset none of whose tried items could be read;
+                the message names the source, the dataset, the paths tried and the first error.
+        """
+        for name, datasets, probability in zip(self.source_names, self.sources, self.source_probabilities):
+            if probability == 0:
+                continue  # never drawn
+            for dataset in datasets:
+                problem = _probe(dataset, max_items, self.seed)
+                if problem:
+                    raise UnreadableSourceError(
+                        f"training source {name!r} cannot be read: {problem}. Check that its files are in the "
+                        "layout of dataset/README.md (tools/inspect_data.py shows what is read), or leave it out "
+                        "of --dataset"
+                    )
+
     def draw_source(self, index: int) -> int:
         """The source of item ``index`` in the current epoch and rank."""
         rng = derive_rng(self.seed, self.epoch, self.rank, index)
@@ -189,3 +227,27 @@ class HybridDataset(torch.utils.data.Dataset):
         if isinstance(sample, RawSample):
             sample.validate()
         return sample
+
+
+def _probe(dataset: torch.utils.data.Dataset, max_items: int, seed: int) -> str | None:
+    """None if one of up to ``max_items`` items of ``dataset`` builds, else what went wrong."""
+    count = min(len(dataset), max(1, max_items))
+    items = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, count).round()})
+    paths: list[str] = []
+    first_error = ""
+    for item in items:
+        try:
+            HybridDataset._build(dataset, item, derive_rng(seed, "probe", item))
+            return None
+        except Exception as error:  # any failure counts, as in __getitem__
+            first_error = first_error or f"{type(error).__name__}: {error}"
+            item_path = getattr(dataset, "item_path", None)
+            try:
+                path = item_path(item) if callable(item_path) else None
+            except Exception:
+                path = None
+            if path:
+                paths.append(str(path))
+    name = getattr(dataset, "name", type(dataset).__name__)
+    tried = f"; paths tried: {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}" if paths else ""
+    return f"dataset {name!r}: none of the {len(items)} items tried could be read{tried}; first error: {first_error}"

@@ -106,16 +106,18 @@ class ReasonSegDataset(RawDataset):
 
     Items:
         * train: one per image. Up to ``num_questions_per_image`` of its queries are asked (all
-          about the same target, so every turn gets the same mask). For images listed in the
+          about the same target, so every turn gets the same mask); each turn is a question on
+          its own (training asks each as its own conversation by default, see
+          ``--conversation_mode``). For images listed in the
           explanatory file, the whole sample is, with probability ``text_only_rate``, a
           text-only one (the query asked as is, or "What is X in this image?" for a short
           phrase, answered by the explanation: no ``[SEG]``, no mask), or
           with probability ``explanatory_rate`` a "mask + explanation" one (explanatory question,
           answer ``"Sure, [SEG]. <explanation>"``), otherwise plain. LISA's ``--explanatory 0.1``
           equals ``text_only_rate=0.1, explanatory_rate=0.45``.
-        * val: one per (image, query) with ``val_queries="all"`` so that every query is scored;
-          ``val_queries="first"`` keeps only the first query of each image (LISA's protocol, for
-          comparing with published numbers).
+        * val: one per image with ``val_queries="first"`` (the default): its first query, LISA's
+          protocol, scored by test.py and training validation alike; ``val_queries="all"``: one per
+          (image, query), so that every query is scored (``--reason_seg_queries all``).
 
     Meta: ``is_sentence`` (bool), ``query_indices`` (list[int]), ``answer_kind`` (``"mask"``,
     ``"mask+explanation"`` or ``"text"``), ``no_target`` (list[bool], all False).
@@ -132,7 +134,7 @@ class ReasonSegDataset(RawDataset):
         num_questions_per_image: int = 3,
         explanatory_rate: float = 0.45,
         text_only_rate: float = 0.1,
-        val_queries: ValQueries = "all",
+        val_queries: ValQueries = "first",
         folder: str = "ReasonSeg",
         name: str | None = None,
     ) -> None:
@@ -185,6 +187,9 @@ class ReasonSegDataset(RawDataset):
 
     def __len__(self) -> int:
         return len(self.image_paths) if self.is_train else len(self.val_items)
+
+    def item_path(self, index: int) -> str | None:
+        return self.image_paths[index if self.is_train else self.val_items[index][0]]
 
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         if self.is_train:

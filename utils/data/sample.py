@@ -42,6 +42,10 @@ class RawSample:
         meta: everything else. Keys set by every loader: ``no_target`` (``list[bool]``, one per
             turn: the request names nothing in the image, the answer has no ``[SEG]``). See
             ``dataset/README.md`` for the other keys.
+        dialogue: the turns form one dialogue (a turn may refer to earlier ones, as in VQA), so
+            they are always asked as one conversation. False (every segmentation source): each
+            turn is a question on its own, asked as its own single-turn conversation in training's
+            ``single_turn`` mode (``--conversation_mode``) and in evaluation.
     """
 
     image: np.ndarray
@@ -51,6 +55,7 @@ class RawSample:
     masks: list[np.ndarray]
     requests: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    dialogue: bool = False
 
     @property
     def num_seg_tokens(self) -> int:

@@ -116,6 +116,9 @@ class LabelMapDataset(RawDataset):
         classes[inside] = self.value_to_class[values[inside]]
         return classes
 
+    def item_path(self, index: int) -> str | None:
+        return f"{self.image_paths[index]} (label map {self.label_paths[index]})"
+
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         image_path, label_path = self.image_paths[index], self.label_paths[index]
         image = load_image_rgb(image_path)

@@ -144,6 +144,10 @@ class TargetDataset(RawDataset):
                     choices.append((position, queues[position].pop(0)))
         return choices
 
+    def item_path(self, index: int) -> str | None:
+        image_id = self.image_ids[index] if self.is_train else self.targets[self.val_items[index][0]].image_id
+        return self.images[image_id].path
+
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         if self.is_train:
             image_id = self.image_ids[index]

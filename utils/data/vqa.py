@@ -91,6 +91,9 @@ class LlavaVqaDataset(RawDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def item_path(self, index: int) -> str | None:
+        return self.image_path(self.records[index][1])
+
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         record_id, image, turns = self.records[index]
         image_path = self.image_path(image)
@@ -106,4 +109,5 @@ class LlavaVqaDataset(RawDataset):
             masks=[],
             requests=[question for question, _ in turns],
             meta={"record_id": record_id, "no_target": [False] * len(turns)},
+            dialogue=True,
         )
