@@ -69,7 +69,7 @@ def encode_sample(
     sample: dict[str, Any] = {"conversations": []}
     for group in groups:
         encoded = encode_conversation(processor, image, group)
-        sample["conversations"].append({k: encoded.pop(k) for k in (*_TOKEN_FIELDS, "labels") if k in encoded})
+        sample["conversations"].append({k: encoded.pop(k) for k in _TOKEN_FIELDS if k in encoded})
         for key, value in encoded.items():  # the image fields: the same for every conversation
             sample.setdefault(key, value)
     sam_input = sam_transform.preprocess(image)

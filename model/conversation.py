@@ -1,7 +1,10 @@
 """Conversations in the checkpoint's own chat template, and their training labels.
 
-One image per conversation, in the first user turn; any number of (question, answer) turns. The
-image is therefore encoded once however many questions are asked about it.
+One image per conversation, in the first user turn; any number of (question, answer) turns.
+Training asks the questions of a sample either as one conversation of several turns or, by
+default, as several single-turn conversations (``model.batch.encode_sample``'s
+``conversation_mode``); either way a batch holds the image once and the encoders run once per
+image (``model.image_cache.shared_images``).
 
 Labels are -100 everywhere except the assistant replies. The reply spans are found from the chat
 template itself: the token sequence that opens an assistant turn (the template's generation prompt)

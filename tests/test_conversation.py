@@ -58,22 +58,56 @@ def test_collate_pads_right_for_training_and_left_for_generation(tiny_vlm_dir, d
     long = encode_sample(processor, transform, dog, TURNS, [mask, mask, mask])
     short = encode_sample(processor, transform, dog[:200], [("Dog?", "[SEG].")], [mask[:200]])
     pad = processor.tokenizer.pad_token_id
+    assert len(long["conversations"]) == len(short["conversations"]) == 1  # multi_turn: one conversation
+    long_tokens, short_tokens = long["conversations"][0], short["conversations"][0]
     for side in ("right", "left"):
         batch = collate([long, short], pad, side)
-        length = len(long["input_ids"])
-        n_pad = length - len(short["input_ids"])
+        length = len(long_tokens["input_ids"])
+        n_pad = length - len(short_tokens["input_ids"])
         assert batch["input_ids"].shape == (2, length) and n_pad > 0
         padded = slice(length - n_pad, length) if side == "right" else slice(0, n_pad)
         kept = slice(0, length - n_pad) if side == "right" else slice(n_pad, length)
         assert (batch["input_ids"][1, padded] == pad).all()
         assert (batch["attention_mask"][1, padded] == 0).all() and (batch["attention_mask"][1, kept] == 1).all()
         assert (batch["labels"][1, padded] == IGNORE_INDEX).all()
-        assert torch.equal(batch["input_ids"][1, kept], short["input_ids"])
-        assert torch.equal(batch["labels"][1, kept], short["labels"])
+        assert torch.equal(batch["input_ids"][1, kept], short_tokens["input_ids"])
+        assert torch.equal(batch["labels"][1, kept], short_tokens["labels"])
         assert batch["pixel_values"].shape[0] == long["pixel_values"].shape[0] + short["pixel_values"].shape[0]
-        assert [m.shape[0] for m in batch["masks"]] == [3, 1]
+        assert [m.shape[0] for m in batch["masks"]] == [3, 1] and batch["image_index"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="padding_side"):
         collate([long], pad, "middle")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_turn_mode_asks_each_question_as_its_own_conversation(tiny_vlm_dir, family, dog):
+    processor = load_processor(tiny_vlm_dir(family), family)
+    tokenizer = processor.tokenizer
+    mask = np.zeros(dog.shape[:2], np.uint8)
+    turns = [*TURNS, ("How many dogs?", "One.")]
+    sample = encode_sample(processor, SamTransform(256), dog, turns, [mask, mask, mask], conversation_mode="single_turn")
+    assert len(sample["conversations"]) == 3 and sample["masks"].shape[0] == 3
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    alone = [encode_conversation(processor, dog, [turn]) for turn in turns]
+    for (question, answer), conversation, reference in zip(turns, sample["conversations"], alone):
+        ids, labels = conversation["input_ids"], conversation["labels"]
+        text = tokenizer.decode(ids)
+        # One question (this one), its image, and only its answer supervised.
+        assert text.count("<|im_start|>user") == 1 and question in text
+        assert all(other not in text for other, _ in turns if other != question)
+        assert (ids == image_token).sum() == (reference["input_ids"] == image_token).sum() > 0
+        assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == answer + "<|im_end|>"
+        for key in conversation:
+            assert torch.equal(conversation[key], reference[key]), key
+    # The image fields once, as in a one-conversation sample.
+    assert torch.equal(sample["pixel_values"], alone[0]["pixel_values"])
+    assert torch.equal(sample["image_grid_thw"], alone[0]["image_grid_thw"])
+    batch = collate([sample, encode_sample(processor, SamTransform(256), dog[:200], [("Dog?", "[SEG].")], [mask[:200]])],
+                    tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4 and batch["image_index"].tolist() == [0, 0, 0, 1]
+    assert batch["image_grid_thw"].shape[0] == 2 and batch["sam_pixel_values"].shape[0] == 2
+    assert [m.shape[0] for m in batch["masks"]] == [3, 1] and len(batch["extra"]) == 2
+    with pytest.raises(ValueError, match="conversation_mode"):
+        encode_sample(processor, SamTransform(256), dog, turns, [mask] * 3, conversation_mode="several")
 
 
 def test_masks_must_match_the_image(tiny_vlm_dir, dog):

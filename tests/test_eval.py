@@ -96,10 +96,14 @@ def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segm
         assert groups["short"]["count"] + groups["long"]["count"] == 12
         assert groups["short"]["sum_union"] + groups["long"]["sum_union"] == entry["metrics"]["sum_union"]
     assert "groups" not in results[("synthetic|refer_val", "teacher_forced")]
-    # gRefCOCO: no-target expressions are scored; teacher-forced gives their empty answer.
+    # gRefCOCO: teacher forcing cannot score the no-target expressions (their given answer has no
+    # [SEG]): it leaves them out and says so; generation scores them (N-acc).
     tf, gen = results[("synthetic|grefer_val", "teacher_forced")], results[("synthetic|grefer_val", "generate")]
-    assert tf["counts"]["no_target_questions"] == tf["metrics"]["no_target_count"] == 12
-    assert tf["metrics"]["n_acc"] == 1.0 and tf["metrics"]["count"] == 48
+    assert tf["counts"]["questions"] == 48 and tf["counts"]["no_target_questions"] == 12
+    assert tf["counts"]["excluded_no_target"] == 12 and tf["counts"]["masks"] == tf["metrics"]["count"] == 36
+    assert tf["metrics"]["no_target_count"] == 0 and tf["metrics"]["n_acc"] is None
+    assert gen["counts"]["excluded_no_target"] == 0 and gen["metrics"]["no_target_count"] == 12
+    assert all(r["counts"]["excluded_no_target"] == 0 for (split, _), r in results.items() if split != "synthetic|grefer_val")
     answers = gen["answers"]
     assert answers["total"] == 48 and answers["seg_format_rate"] == answers["with_expected_seg"] / 48
     assert gen["metrics"]["n_acc"] is not None
@@ -109,6 +113,9 @@ def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segm
     rows = [line for line in table.splitlines() if line.startswith(("teacher_forced ", "generate "))]
     assert len(rows) == 2 * (3 + 1 + 1)  # synthetic|val has overall, short, long
     assert any("synthetic|grefer_val" in row and " 48 " in row for row in rows)
+    excluded_rows = [row for row in rows if "excl*" in row]
+    assert len(excluded_rows) == 1 and excluded_rows[0].startswith("teacher_forced") and "synthetic|grefer_val" in excluded_rows[0]
+    assert "* teacher_forced synthetic|grefer_val: 12 no-target expressions left out" in table
     assert "protocol teacher_forced:" in table and "protocol generate:" in table
     assert (out / "results.txt").read_text().strip() in table
 
@@ -116,7 +123,8 @@ def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segm
 def test_saved_predictions_are_rle_and_rescore_to_the_report(single_run, synthetic_root):
     _, report, out = single_run
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(lines) == sum(r["counts"]["questions"] for r in report["results"])
+    # One line per scored question (teacher forcing leaves the no-target expressions out).
+    assert len(lines) == sum(r["counts"]["questions"] - r["counts"]["excluded_no_target"] for r in report["results"])
     assert not list(out.glob("*.part"))
     first = lines[0]
     assert first["split"] == "synthetic|val" and first["protocol"] == "teacher_forced" and first["index"] == 0
@@ -124,8 +132,8 @@ def test_saved_predictions_are_rle_and_rescore_to_the_report(single_run, synthet
     image = Image.open(first["image_path"])
     mask = decode_rle(first["pred_masks"][0]["rle"])
     assert mask.shape == (image.height, image.width)
-    no_target = [l for l in lines if l["no_target"] and l["protocol"] == "teacher_forced"]
-    assert len(no_target) == 12 and all(l["pred_masks"] == [] and l["targets"][0]["iou"] == 1.0 for l in no_target)
+    assert not [l for l in lines if l["no_target"] and l["protocol"] == "teacher_forced"]
+    assert len([l for l in lines if l["no_target"] and l["protocol"] == "generate"]) == 12
     rescored = rescore_predictions(out / "predictions.jsonl")
     for key, entry in results_by_key(report).items():
         assert rescored[key] == {**entry["metrics"], **({"groups": entry["groups"]} if "groups" in entry else {})}, key
@@ -228,6 +236,24 @@ def test_no_target_answer_under_generation(tiny_model, synthetic_root):
                                    generate_kwargs=forced(tiny_model, "[SEG]."))
     assert with_masks["no_target_count"] == n and with_masks["n_acc"] == 0.0
     assert with_masks["seg_format_rate"] == (12 - n) / 12
+
+
+def test_mask_less_model_scores_zero_teacher_forced_on_grefcoco(tiny_model, synthetic_root, monkeypatch):
+    """A model that never outputs a mask used to get gIoU 0.25 and N-acc 1.0 here from the
+    no-target expressions alone; teacher forcing now leaves them out: gIoU 0 and no N-acc."""
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import evaluate_teacher_forced
+
+    monkeypatch.setattr(tiny_model, "decode_masks", lambda _embedding, states, _input_size, original_size:
+                        torch.full((len(states), *original_size), -1.0))
+    data = build_val_dataset("synthetic|grefer_val", str(synthetic_root))
+    n = sum(data[i].meta["no_target"][0] for i in range(len(data)))
+    assert 0 < n < len(data) == 48
+    scores = evaluate_teacher_forced(tiny_model, data, batch_size=4, show_progress=False)
+    assert scores["giou"] == 0.0 and scores["ciou"] == 0.0 and scores["t_acc"] == 0.0
+    assert scores["n_acc"] is None and scores["no_target_count"] == 0
+    assert scores["count"] == len(data) - n and scores["excluded_no_target"] == scores["no_target_questions"] == n
+    assert scores["questions"] == len(data)
 
 
 # --------------------------------------------------------------------------- bad input

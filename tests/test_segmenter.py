@@ -297,3 +297,100 @@ def test_bf16_model_decodes_masks(tiny_segmenter_dir, dog):
     batch["sam_pixel_values"] = batch["sam_pixel_values"].to(torch.bfloat16)
     [result] = model.generate(batch, 8, logits_processor=forced(model, "It is [SEG].", batch["input_ids"].shape[1]))
     assert len(result.masks) == 1 and result.masks[0].shape == dog.shape[:2]
+
+
+# --------------------------------------------------------------------------- single-turn conversations
+
+
+def reason_seg_training_sample(tmp_path):
+    """A ReasonSeg training sample with 3 queries (one target), from the on-disk format."""
+    import data_fixtures as fx
+    from utils.data.reason_seg import ReasonSegDataset
+
+    fx.write_reason_seg(tmp_path)
+    dataset = ReasonSegDataset(str(tmp_path), "train", explanatory_rate=0.0, text_only_rate=0.0)
+    sample = dataset[0]
+    assert len(sample.turns) == 3 and len(sample.masks) == 3 and not sample.dialogue
+    return sample, ReasonSegDataset(str(tmp_path), "val", mode="val")[0]
+
+
+def count_calls(module, counts, key, rows=lambda args: args[0].shape[0]):
+    return module.register_forward_pre_hook(lambda _m, args: counts[key].append(rows(args)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_turn_training_forward_equals_separate_samples(tiny_vlm_dir, family, tmp_path):
+    """Three questions about one image: three single-turn conversations in one sample, whose
+    vision tower and SAM encoder run once per image, with the loss and gradients of the three
+    conversations given as three separate samples (each with its own copy of the image)."""
+    from model.batch import SampleEncoder, encode_sample
+    from model.image_cache import find_vision_tower
+    from utils.data.sample import SEG_TOKEN
+
+    raw, other = reason_seg_training_sample(tmp_path)
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir(family), "tiny", lora=LoraSettings(dropout=0.0)).train()
+    encoder = SampleEncoder(model.processor, model.sam_transform, conversation_mode="single_turn")
+    sample = encoder(raw)
+    tokenizer = model.processor.tokenizer
+    assert len(sample["conversations"]) == 3
+    for (question, _), conversation in zip(raw.turns, sample["conversations"]):
+        text = tokenizer.decode(conversation["input_ids"])
+        assert text.count(SEG_TOKEN) == 1 and text.count("<|im_start|>user") == 1 and question in text
+
+    # Once per image: the vision tower's patch embedding and SAM's encoder see each image once.
+    shared = model.collate([sample, encoder(other)])
+    assert shared["input_ids"].shape[0] == 4 and shared["image_index"].tolist() == [0, 0, 0, 1]
+    visual = find_vision_tower(model.vlm)
+    counts = {"vision_calls": [], "patches": [], "sam": []}
+    handles = [count_calls(visual, counts, "vision_calls", rows=lambda args: 1),
+               count_calls(visual.patch_embed, counts, "patches"), count_calls(model.sam.image_encoder, counts, "sam")]
+    try:
+        output = model(shared)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert counts["vision_calls"] == [1] and counts["patches"] == [shared["pixel_values"].shape[0]]
+    assert counts["sam"] == [2] and output.num_masks == 4
+    assert [tuple(m.shape[:1]) for m in output.mask_logits] == [(3,), (1,)]
+
+    # The same three conversations as three samples, each carrying the image.
+    separate = [
+        encode_sample(model.processor, model.sam_transform, raw.image, [turn], [mask])
+        for turn, mask in zip(raw.turns, raw.masks)
+    ]
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        result = model(batch)
+        result.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return result, grads
+
+    one, one_grads = loss_and_grads(model.collate([sample]))
+    three, three_grads = loss_and_grads(model.collate(separate))
+    assert model.collate(separate)["image_index"].tolist() == [0, 1, 2]
+    for part in ("loss", "ce_loss", "bce_loss", "dice_loss"):
+        torch.testing.assert_close(getattr(one, part), getattr(three, part), rtol=0, atol=1e-5)
+    assert one.num_masks == three.num_masks == 3
+    torch.testing.assert_close(one.mask_logits[0], torch.cat(three.mask_logits), rtol=0, atol=1e-5)
+    assert one_grads.keys() == three_grads.keys() and len(one_grads) == len(trainable_names(model))
+    for name in one_grads:
+        torch.testing.assert_close(one_grads[name], three_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_dialogues_stay_one_conversation_and_multi_turn_is_an_option(lora_model, tmp_path):
+    from model.batch import SampleEncoder
+    from utils.data.sample import RawSample
+
+    raw, _ = reason_seg_training_sample(tmp_path)
+    multi = SampleEncoder(lora_model.processor, lora_model.sam_transform, conversation_mode="multi_turn")(raw)
+    assert len(multi["conversations"]) == 1
+    assert lora_model.processor.tokenizer.decode(multi["conversations"][0]["input_ids"]).count("<|im_start|>user") == 3
+    dialogue = RawSample(raw.image, "x.jpg", "vqa", [("How many?", "Two."), ("And now?", "Three.")], [], ["a", "b"],
+                         {"no_target": [False, False]}, dialogue=True)
+    single = SampleEncoder(lora_model.processor, lora_model.sam_transform, conversation_mode="single_turn")
+    assert len(single(dialogue)["conversations"]) == 1
+    lora_model.train()
+    output = lora_model(lora_model.collate([multi, single(raw)]))
+    assert output.num_masks == 6 and torch.isfinite(output.loss)

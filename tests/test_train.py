@@ -402,3 +402,41 @@ def test_corrupt_files_are_skipped_and_counted_per_source(tiny_segmenter_dir, tm
     assert counts == sorted(counts)  # cumulative
     state = ckpt.read_state(tmp_path / "corrupt" / "checkpoint-0000003")
     assert state["skipped_by_source"] == last["skipped_by_source"] and state["samples_skipped"] == last["skipped_samples"]
+
+
+def test_validation_scores_what_test_py_prints(tiny_segmenter_dir, synthetic_root, tmp_path):
+    """The best checkpoint is chosen on test.py's numbers: training validation and test.py score
+    the same ReasonSeg items (the first query of each image by default, every query with
+    --reason_seg_queries all) with the same code, and give identical gIoU and cIoU."""
+    result = run(train_command(
+        tiny_segmenter_dir(), synthetic_root, tmp_path, "val", "--max_steps", "2", "--eval_steps", "2",
+        "--max_val_samples", "0",
+    ), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "val"
+    [val] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    checkpoint = ckpt.best_checkpoint(run_dir)
+    assert checkpoint is not None and ckpt.read_state(checkpoint)["best_giou"] == val["giou"]
+
+    def test_py(*extra):
+        out = tmp_path / f"test{len(extra)}"
+        done = run([sys.executable, "test.py", "--version", str(run_dir), "--pick", "best", "--dataset_dir",
+                    str(synthetic_root), "--val_dataset", "synthetic|val", "--workers", "0", "--no_progress",
+                    "--log_dir", str(out), *extra], timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        [entry] = json.loads((out / "report.json").read_text())["results"]
+        return entry
+
+    first = test_py()
+    assert first["counts"]["questions"] == val["questions"] == val["items"] == 12  # one query per image
+    assert (first["metrics"]["giou"], first["metrics"]["ciou"]) == (val["giou"], val["ciou"])
+    # Every query: the same flag on both sides.
+    result = run(train_command(
+        tiny_segmenter_dir(), synthetic_root, tmp_path, "val_all", "--resume", str(checkpoint), "--eval_only",
+        "--max_val_samples", "0", "--reason_seg_queries", "all",
+    ), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [val_all] = [json.loads(l) for l in (tmp_path / "val_all" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    every = test_py("--reason_seg_queries", "all")
+    assert every["counts"]["questions"] == val_all["questions"] > 12
+    assert (every["metrics"]["giou"], every["metrics"]["ciou"]) == (val_all["giou"], val_all["ciou"])

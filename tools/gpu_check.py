@@ -285,7 +285,7 @@ def probe_load(mode: str, version: str, vision_pretrained: str | None, precision
 
     from model.loading import load_segmenter
     from utils.train_args import parse_args
-    from utils.trainer import build_model
+    from utils.trainer import build_model, training_dtype
 
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # the CUDA context's host memory is the baseline's, not loading's
@@ -295,7 +295,7 @@ def probe_load(mode: str, version: str, vision_pretrained: str | None, precision
         args = parse_args(["--version", version, "--vision_pretrained", vision_pretrained, "--precision", precision,
                            "--dataset_dir", str(Path(version).parent)])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(args, None, dtype=torch.float32).to(device)  # TODO(lead): the trainer's loader
+        model = build_model(args, None, dtype=training_dtype(device, precision), device=device)
     else:
         model = load_segmenter(version, precision=precision)
     if torch.cuda.is_available():

@@ -3,10 +3,10 @@
 A checkpoint is a directory ``checkpoint-0000123`` in the run directory holding the trainable
 weights as a segmenter directory (``ReasonSegmenter.save_pretrained(include_sam=False)``:
 config.json, adapter/, head.safetensors), plus ``optimizer.pt``, ``scheduler.pt``,
-``rng_state_rank{R}.pt`` and, written last, ``trainer_state.json``. Everything is first written
-to a hidden temporary directory that is renamed into place only when complete, so a crash
-mid-write never leaves a checkpoint that looks complete. ``latest`` and ``best`` are small text
-files naming a checkpoint, replaced atomically.
+``rng_state_rank{R}.pt``, ``loss_scaler.pt`` (fp16 runs) and, written last, ``trainer_state.json``.
+Everything is first written to a hidden temporary directory that is renamed into place only when
+complete, so a crash mid-write never leaves a checkpoint that looks complete. ``latest`` and
+``best`` are small text files naming a checkpoint, replaced atomically.
 """
 
 from __future__ import annotations

@@ -187,6 +187,11 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                 except ValueError as error:
                     raise SystemExit(f"error: {error}") from None
                 results.append(result_entry(name, protocol, scores, split_items, len(dataset)))
+                if scores["excluded_no_target"] and GENERATE not in protocols and dist_info.is_main:
+                    logger.warning(
+                        "%s: %d no-target expressions are not scored under teacher forcing; "
+                        "--protocol generate (or both) scores them and N-acc", name, scores["excluded_no_target"],
+                    )
     finally:
         if writer is not None:
             writer.close()

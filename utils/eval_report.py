@@ -9,7 +9,8 @@ Saved predictions (``--save_predictions FILE.jsonl``): one line per question, in
 request, the question, the reference and given/generated answer, every predicted mask as COCO RLE
 (pycocotools, with its box), and per scored target the ground truth as RLE (``gt_rle``: pixels
 with value 1; ``ignore_rle``: pixels with value 255, or null) with its I, U, IoU and boxes. A file
-is self-contained: :func:`rescore_predictions` recomputes every metric from it alone.
+is self-contained: :func:`rescore_predictions` recomputes every metric from it alone. Questions a
+protocol does not score (no-target expressions under teacher forcing) have no line.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ REPORT_VERSION = 1
 PROTOCOL_DESCRIPTIONS: dict[str, str] = {
     TEACHER_FORCED: (
         "the reference answer with its [SEG] tokens is given (nothing generated) and the mask of each "
-        "[SEG] is scored: LISA's published protocol. A no-target expression (gRefCOCO) is answered "
-        "without [SEG], so its prediction is empty and N-acc is 1 by construction."
+        "[SEG] is scored: LISA's published protocol. No-target expressions (gRefCOCO) are left out "
+        "(counts.excluded_no_target): their given answer has no [SEG], so any model would score IoU 1 and "
+        "N-acc 1 on them; N-acc and no-target items are scored under the generate protocol only."
     ),
     GENERATE: (
         "each question is asked on its own and the model answers freely (greedy, at most max_new_tokens); "
@@ -51,14 +53,14 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "(both empty = 1, one empty = 0)",
     "box_acc@0.5": "share of masks whose box IoU >= 0.5 (referring-expression comprehension Acc@0.5)",
     "n_acc": "among no-target expressions (empty ground truth), the share predicted empty (GRES N-acc); "
-    "null when the split has none",
+    "null when none was scored (always under teacher_forced, which leaves no-target expressions out)",
     "t_acc": "among expressions with a target, the share with a non-empty prediction",
     "groups": "ReasonSeg: short (is_sentence false) and long (is_sentence true) queries; overall = both",
     "count": "masks scored (one per target; one per no-target expression)",
 }
 
-_COUNT_KEYS = ("items", "questions", "no_target_questions", "unreadable")
-_REPORTED_COUNTS = ("unreadable", "questions", "no_target_questions")
+_COUNT_KEYS = ("items", "questions", "no_target_questions", "excluded_no_target", "unreadable")
+_REPORTED_COUNTS = ("unreadable", "questions", "no_target_questions", "excluded_no_target")
 _SCORE_ORDER = (
     "count", "giou", "ciou", "precision@0.5", "precision@0.6", "precision@0.7", "precision@0.8",
     "precision@0.9", "box_iou", "box_acc@0.5", "n_acc", "no_target_count", "t_acc", "target_count",
@@ -82,7 +84,7 @@ def result_entry(split: str, protocol: str, scores: dict, split_items: int, eval
         "counts": {
             "split_items": split_items,
             "evaluated_items": evaluated_items,
-            **{key: scores[key] for key in _REPORTED_COUNTS},
+            **{key: scores.get(key, 0) for key in _REPORTED_COUNTS},
             "masks": scores["count"],
         },
         "metrics": _metrics(scores),
@@ -144,10 +146,13 @@ def format_table(results: Iterable[dict]) -> str:
         if not entry["complete"]:
             items += f"/{entry['counts']['split_items']}"
         seg_ok = _percent(entry["answers"]["seg_format_rate"]) if "answers" in entry else "-"
+        excluded = entry["counts"].get("excluded_no_target", 0)
         subsets = [("overall", entry["metrics"])] + list(entry.get("groups", {}).items())
         for name, metrics in subsets:
             row = [entry["protocol"], entry["split"], name, items if name == "overall" else "", str(metrics["count"])]
             row += [_percent(metrics.get(key)) if metrics["count"] else "-" for _, key in _COLUMNS]
+            if excluded:  # N-acc: not measured (the note under the table says why)
+                row[5 + [key for _, key in _COLUMNS].index("n_acc")] = "excl*"
             row.append(seg_ok if name == "overall" else "")
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -168,6 +173,13 @@ def format_summary(report: dict) -> str:
         "scores in % (the JSON report holds fractions); masks = scored masks; items marked N/M = first N of M",
         format_table(results),
     ]
+    for entry in results:
+        excluded = entry["counts"].get("excluded_no_target", 0)
+        if excluded:
+            lines.append(
+                f"* {entry['protocol']} {entry['split']}: {excluded} no-target expressions left out (their given "
+                "answer has no [SEG]: teacher forcing cannot score them); N-acc and no-target items: --protocol generate"
+            )
     for name, text in report["protocols"].items():
         lines.append(f"protocol {name}: {text}")
     partial = [f"{e['split']} ({e['protocol']})" for e in results if not e["complete"]]
@@ -242,7 +254,8 @@ def rescore_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
 
     Returns ``{(split, protocol): scores}`` with the keys of ``utils.metrics.scores_from_state``
     and, when the records carry groups, ``groups`` (name -> scores). The same pairing rule as the
-    evaluation (:func:`utils.evaluation.scored_pairs`) is applied to the decoded masks.
+    evaluation (:func:`utils.evaluation.scored_pairs`) is applied to the decoded masks, and, as
+    there, a teacher-forced no-target record (written by earlier versions) is not scored.
     """
     meters: dict[tuple[str, str], SegmentationMeter] = {}
     with open(path, encoding="utf-8") as handle:
@@ -250,6 +263,8 @@ def rescore_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
             if not line.strip():
                 continue
             record = json.loads(line)
+            if record["protocol"] == TEACHER_FORCED and record["no_target"]:
+                continue
             key = (record["split"], record["protocol"])
             meter = meters.setdefault(key, SegmentationMeter())
             gts = [_ground_truth(t) for t in record["targets"]]

@@ -5,9 +5,11 @@ Two protocols, scored by the same code (:class:`SplitScorer`) with the same metr
 
 * ``teacher_forced`` (LISA's published protocol, used by training validation): the reference
   answer with its ``[SEG]`` tokens is fed and the mask of each ``[SEG]`` is scored against its
-  ground truth. A no-target expression (gRefCOCO) has a reference answer without ``[SEG]``, so
-  its prediction is empty: it is scored as an empty prediction against the all-zero ground truth
-  (IoU 1, and N-acc is 1 by construction in this protocol).
+  ground truth. A no-target expression (gRefCOCO) has a reference answer without ``[SEG]``: fed
+  that answer, any model would "predict" no mask (IoU 1, N-acc 1 by construction), so this
+  protocol cannot score it. No-target expressions are left out of its scores and counted
+  (``excluded_no_target``); gRefCOCO's N-acc and no-target items are scored under ``generate``
+  only.
 * ``generate``: every question is asked on its own (a left-padded batch of open turns) and the
   model answers freely (greedy, KV cache). The k-th ``[SEG]`` of the answer is scored against the
   k-th target of the question; a missing ``[SEG]`` counts as an empty mask, extra ones are not
@@ -146,7 +148,10 @@ class SplitScorer:
         self.group_of = group_of
         self.on_prediction = on_prediction
         self.meter = SegmentationMeter(groups=self.groups)
-        self.counters = {"items": 0, "questions": 0, "no_target_questions": 0, "answers_with_expected_seg": 0, "unreadable": 0}
+        self.counters = {
+            "items": 0, "questions": 0, "no_target_questions": 0, "excluded_no_target": 0,
+            "answers_with_expected_seg": 0, "unreadable": 0,
+        }
 
     def add_question(
         self,
@@ -157,7 +162,16 @@ class SplitScorer:
         answer: str,
         image_size: Sequence[int],
     ) -> None:
-        """Score one question's predicted masks (bool HxW, in ``[SEG]`` order) against its targets."""
+        """Score one question's predicted masks (bool HxW, in ``[SEG]`` order) against its targets.
+
+        Under teacher forcing a no-target question is only counted (``excluded_no_target``):
+        its given answer has no ``[SEG]``, so it says nothing about the model.
+        """
+        if self.protocol == TEACHER_FORCED and info["no_target"]:
+            self.counters["questions"] += 1
+            self.counters["no_target_questions"] += 1
+            self.counters["excluded_no_target"] += 1
+            return
         groups = list(self.group_of(extra.get("meta") or {})) if self.group_of else []
         pairs = scored_pairs(pred_masks, gt_masks, info["no_target"], image_size, info.get("no_target_gt"))
         counts = [self.meter.update(pred, gt, group=groups) for pred, gt in pairs]
@@ -205,23 +219,29 @@ class SplitScorer:
         """All-reduce (exactly) and score. Every rank must call it.
 
         Returns the keys of :func:`utils.metrics.scores_from_state` plus ``items``, ``questions``,
-        ``no_target_questions``, ``unreadable``; ``groups`` (name -> scores, or ``{"count": 0}``)
-        when groups are declared; for ``generate`` also ``answers_with_expected_seg`` and
-        ``seg_format_rate``.
+        ``no_target_questions``, ``excluded_no_target`` (no-target questions left out: all of them
+        under teacher forcing, none under generation), ``unreadable``; ``groups`` (name -> scores,
+        or ``{"count": 0}``) when groups are declared; for ``generate`` also
+        ``answers_with_expected_seg`` and ``seg_format_rate``.
         """
         reduce_device = device if device is not None and device.type == "cuda" else None
         state = reduce_state_across_ranks(self.meter.state(), device=reduce_device)
         counters = reduce_state_across_ranks(self.counters, device=reduce_device)
         if state["count"] == 0:
+            excluded = (
+                f", {counters['excluded_no_target']} no-target expressions left out (teacher forcing cannot "
+                "score them: use the generate protocol)" if counters["excluded_no_target"] else ""
+            )
             raise ValueError(
                 f"{description}: no mask was scored ({counters['items']} samples read, "
-                f"{counters['unreadable']} unreadable): an empty evaluation has no score"
+                f"{counters['unreadable']} unreadable{excluded}): an empty evaluation has no score"
             )
         scores = scores_from_state(state)
         scores.update(
             items=counters["items"],
             questions=counters["questions"],
             no_target_questions=counters["no_target_questions"],
+            excluded_no_target=counters["excluded_no_target"],
             unreadable=counters["unreadable"],
         )
         if self.groups or any("/" in key for key in state):

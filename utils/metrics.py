@@ -37,7 +37,9 @@ Over a split
   share whose prediction is empty, i.e. no-target samples correctly predicted
   as no-target; ``None`` if the split has no empty target. ``t_acc`` likewise =
   among masks with a non-empty target, the share with a non-empty prediction.
-  "Empty" is judged after removing ignore pixels.
+  "Empty" is judged after removing ignore pixels. (The evaluation feeds no-target
+  expressions to the meter only under free generation: teacher forcing gives
+  their answer without ``[SEG]`` and cannot score them, see ``utils.evaluation``.)
 
 All scores are fractions in [0, 1] (multiply by 100 for papers).
 

@@ -3,8 +3,9 @@
 Data order is a pure function of (seed, epoch, rank, index) (see ``utils.data.hybrid``): optimizer
 step ``s`` of epoch ``e`` on rank ``r`` always reads items ``[s * b * a, (s + 1) * b * a)`` of that
 rank's epoch stream (b = batch size, a = accumulation). A checkpoint stores the global step, the
-optimizer, scheduler and every rank's torch RNG (LoRA dropout), so a resumed run continues with
-the same batches, the same dropout masks and therefore the same weights and losses.
+optimizer, scheduler, the fp16 loss scaler and every rank's torch RNG (LoRA dropout), so a resumed
+run continues with the same batches, the same dropout masks and therefore the same weights and
+losses.
 """
 
 from __future__ import annotations

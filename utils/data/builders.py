@@ -12,6 +12,8 @@ Validation (:func:`build_val_dataset`): ``ReasonSeg|val``, ``ReasonSeg|test``,
 ``refcoco|unc|val``, ``refcoco|unc|testA``, ``refcoco+|unc|testB``, ``refcocog|umd|test``,
 ``grefcoco|unc|val``, and on a synthetic root ``synthetic|val`` (its ReasonSeg val split),
 ``synthetic|refer_val`` (its refcoco val split), ``synthetic|grefer_val`` (its gRefCOCO val).
+A ReasonSeg split holds the first query of each image unless ``reason_seg_queries="all"``
+(``--reason_seg_queries`` of test.py and train_ddp.py, which both build their splits here).
 """
 
 from __future__ import annotations
