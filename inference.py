@@ -6,8 +6,13 @@ Interactive (asks for a request, then an image path; an empty input quits):
 One request:
     python inference.py --version MODEL_DIR --image photo.jpg --prompt "Where is the dog?"
 
-A batch ({"image": PATH, "prompt": TEXT} per line -> text, boxes and COCO-RLE masks per line):
+A batch ({"image": PATH, "prompt": TEXT} per line -> one JSON answer per line):
     python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl
+
+JSON answers on stdout (one object per request, one line each; the schema is in the README,
+"Boxes: grounding and detection"): per [SEG] its bbox_2d [x1, y1, x2, y2] in pixels of the
+original image, label, score, area and COCO-RLE mask:
+    python inference.py --version MODEL_DIR --image photo.jpg --prompt "Where is the dog?" --format json
 
 Each answer prints its text, per [SEG] the mask's box, and the image tokens the image became
 (--min_pixels / --max_pixels bound them; by default the model's saved limits, at most 1,280
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from utils.inference import (  # noqa: E402
+    OUTPUT_FORMATS,
     add_model_arguments,
     check_model_arguments,
     interactive_loop,
@@ -45,6 +51,9 @@ def main() -> int:
     parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line')
     parser.add_argument("--output_jsonl", help="batch: where the answers go (default: INPUT.out.jsonl)")
     parser.add_argument("--image_root", help="batch: base of relative image paths (default: the input file's directory)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="text",
+                        help="text: answers for people; json: one JSON object per request on stdout, one line each "
+                        "(batch lines are always JSON)")
     parser.add_argument("--no_progress", action="store_true", help="batch: no progress bar")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -75,7 +84,15 @@ def main() -> int:
         print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
         return 0
     if one:
-        return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error)
+        return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)
+    if args.format == "json":  # stdout carries only JSON: the questions and the goodbye go to stderr
+        def read(question: str) -> str:
+            print(question, end="", file=sys.stderr, flush=True)
+            return input()
+
+        answered = interactive_loop(session, args.vis_save_path, say, read, output_format="json")
+        say_error(f"bye ({answered} requests answered; files in {args.vis_save_path})")
+        return 0
     answered = interactive_loop(session, args.vis_save_path, say)
     print(f"bye ({answered} requests answered; files in {args.vis_save_path})")
     return 0

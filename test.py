@@ -7,7 +7,10 @@
 
 Prints a table (protocol, split, counts, gIoU, cIoU, precision@0.5-0.9, box IoU, Acc@0.5, N-acc,
 T-acc, share of answers with the expected [SEG]) and writes a JSON report (--report, default
-runs/test/report.json); --save_predictions FILE.jsonl keeps every mask as COCO RLE. See
+runs/test/report.json); --save_predictions FILE.jsonl keeps every mask as COCO RLE. Under
+--protocol generate a second table scores every answer's boxes as detections (precision, recall
+and F1 at IoU 0.5), and a COCO-format split ("coco|instances.json|image_dir") gets COCO box and
+mask AP from pycocotools on the detections it writes (--save_detections). See
 `python test.py --help`; the work is in utils/eval_cli.py, utils/evaluation.py, utils/metrics.py.
 """
 

@@ -179,8 +179,7 @@ def merge_checkpoint(
         model.hidden_states = FinalHiddenStates(model.vlm)
         model.config.lora = {}  # no LoRA left; the trained settings go to merged_from
         _check_no_peft_left(model.vlm)
-    model.requires_grad_(False)
-    model.cast_for_run(dtype)  # the merged weights and the head in dtype, as they are written
+    model.cast_for_run(dtype, trainable_dtype=dtype)  # everything in dtype, as it is written
     model.save_pretrained(out, include_sam=True)
     _record_provenance(out, directory, base_model or (config.vlm_path if config.adapter_path else None), settings, to_apply, dtype)
     logger.info("wrote the standalone model to %s", out)

@@ -7,7 +7,7 @@ The official ``segment_anything.modeling.image_encoder.Attention`` computes
 with explicit matrix products: it writes the whole attention matrix (``[B*heads, HW, HW]``), adds
 the decomposed relative-position bias to it in a second pass, runs softmax in a third and reads
 it again for ``@ v``. In bf16 that matrix is also rounded to bf16 before the softmax. Every
-ViT-H global block (64x64 tokens) thus moves about 2 GB per image, and each call copies a small
+ViT-H global block (64x64 tokens) thus moves about 3 GB per image, and each call copies a small
 index tensor from the CPU to the GPU (``get_rel_pos`` builds it with ``torch.arange`` on the
 CPU), which blocks the host until the GPU has caught up, twice per block.
 
@@ -36,22 +36,22 @@ written to memory). The relative-position bias reaches the kernel in one of two 
     ``d`` to ``d + kh + kw`` (padded to a multiple of 8: ViT-H 80 -> 208 in global blocks, 80 ->
     112 in window blocks), ``v`` keeps ``d``. Extra memory is O(HW * (kh + kw)) instead of
     O(HW^2) (ViT-H global block: 27 MB per image instead of 512 MB), at the price of 2.6x the
-    ``q @ k^T`` FLOPs in global blocks (1.8x the attention FLOPs; +5% of the encoder's). Different q/v head sizes rule flash out again: the
-    memory-efficient (or cuDNN) kernel runs it.
+    ``q @ k^T`` FLOPs in global blocks (1.8x the attention FLOPs; +5% of the encoder's).
+    Different q/v head sizes rule flash out again: the memory-efficient (or cuDNN) kernel runs it.
 ``"fold_flash"``
     ``"fold"`` with ``v`` zero-padded to the same head size, which makes the flash kernel
     eligible (head size <= 256), at the price of also 2.6x the ``@ v`` FLOPs in global blocks
     (2.6x the attention FLOPs; +10% of the encoder's).
 
 Which one is fastest depends on the GPU's kernels, not on arithmetic alone (the mask moves
-~1 GB per image per global block, the folds add ~0.3-0.55 TFLOP per ViT-H image against ~6 TFLOP
-in all); ``tools/bench_sam_encoder.py`` times all three, with each SDPA backend, on the real
+~1 GB per image per global block, the folds add ~0.3-0.6 TFLOP per ViT-H image to its 5.96
+TFLOP); ``tools/bench_sam_encoder.py`` times all three, with each SDPA backend, on the real
 ViT-H, and prints which one won. ``"mask"`` is the default because it adds no FLOPs, is the
 approach with a published record (segment-anything-fast) and does not depend on a kernel
 accepting unequal or large head sizes; change :data:`DEFAULT_REL_POS_MODE` if the benchmark on
 the target GPU says otherwise. All modes compute the same function as the official module (fp32
-differences are rounding only, ~1e-6); in bf16 they are *more* accurate than the official path,
-whose attention scores are rounded to bf16 before the softmax.
+differences are rounding only, ~1e-6); in bf16 they are at least as accurate as the official
+path, whose attention scores are rounded to bf16 before the softmax.
 
 When it is used: :func:`use_fast_attention` swaps it into a built image encoder (every block,
 window and global), in place, keeping the very same parameter tensors; :func:`use_official_attention`

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from utils.masks import mask_to_box
+from utils.masks import mask_score, mask_to_box
 
 from .batch import collate, encode_sample, row_images, to_device
 from .config import SegmenterConfig
@@ -56,7 +56,8 @@ HEAD_WEIGHTS = "head.safetensors"
 VLM_DIR = "vlm"
 ADAPTER_DIR = "adapter"
 # SAM parts read in float32 when the model is built to train: the prompt encoder (always float32)
-# and the mask decoder (trained; its IoU head is frozen and cast to the run dtype afterwards).
+# and the mask decoder (trained). The decoder's frozen IoU head stays float32 with it: the decoder
+# runs as one float32 block, with or without autocast (it is 0.2 M parameters).
 TRAINED_SAM_FP32 = ("prompt_encoder", "mask_decoder")
 
 
@@ -87,6 +88,8 @@ class SegmentationResult:
         text: the generated answer, ``[SEG]`` kept, end-of-turn tokens removed.
         masks: HxW bool masks at the original image size, in the order of the ``[SEG]``s.
         boxes: XYXY boxes (exclusive x1, y1) derived from the masks; None for an empty mask.
+        scores: per mask, its confidence: the mean sigmoid probability of the decoder's logits
+            over the mask's pixels (:func:`utils.masks.mask_score`); None for an empty mask.
         token_ids: the generated token ids.
         seg_states: [n, H] hidden states of the ``[SEG]`` tokens (None when there are none).
         image_tokens: image tokens the image became in the language model's input (see
@@ -96,6 +99,7 @@ class SegmentationResult:
     text: str
     masks: list[np.ndarray] = field(default_factory=list)
     boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     seg_states: torch.Tensor | None = None
     image_tokens: int | None = None
@@ -221,8 +225,8 @@ class ReasonSegmenter(nn.Module):
             dtype: the run dtype. For inference (``is_trainable=False``) every weight is in
                 ``dtype`` except SAM's prompt encoder (float32). For training (``is_trainable``)
                 only the frozen weights are; the trainable ones (LoRA, ``[SEG]`` rows,
-                projection, mask decoder) are float32, read from the files without a round trip
-                through ``dtype``.
+                projection, mask decoder with its IoU head) are float32, read from the files
+                without a round trip through ``dtype``.
             is_trainable: load for training: keep a LoRA adapter trainable (resuming training),
                 trainable weights in float32.
             base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files).
@@ -302,10 +306,15 @@ class ReasonSegmenter(nn.Module):
 
         Frozen weights in ``dtype``, trainable ones (``requires_grad``) in ``trainable_dtype``:
         float32 for training (master weights), ``dtype`` for inference. SAM's prompt encoder stays
-        float32 (its positional encoding multiplies a float32 grid). Weights already in their
-        dtype are left as they are (no copy), so this is cheap on a model loaded in its dtype.
+        float32 (its positional encoding multiplies a float32 grid); in training so does the mask
+        decoder's frozen IoU head, so that the decoder is one float32 block (a bf16 layer inside
+        it would need autocast). Weights already in their dtype are left as they are (no copy),
+        so this is cheap on a model loaded in its dtype.
         """
-        return cast_for_run(self, dtype, trainable_dtype, keep_fp32=("sam.prompt_encoder.",))
+        keep_fp32 = ["sam.prompt_encoder."]
+        if trainable_dtype == torch.float32:
+            keep_fp32.append("sam.mask_decoder.")
+        return cast_for_run(self, dtype, trainable_dtype, keep_fp32=keep_fp32)
 
     def _apply(self, fn, recurse=True):
         # SAM's prompt encoder multiplies a float32 coordinate grid by its positional matrix, so it
@@ -537,6 +546,7 @@ class ReasonSegmenter(nn.Module):
                 )
                 result.masks = [mask.cpu().numpy() for mask in logits > 0]
                 result.boxes = [mask_to_box(mask) for mask in result.masks]
+                result.scores = [mask_score(mask_logits) for mask_logits in logits]
             results.append(result)
         return results
 

@@ -201,7 +201,7 @@ def count_flops(fn) -> int | None:
 
 
 def kernel_profile(fn, device: torch.device, top: int = 8) -> list[dict] | str:
-    """Top kernels of one call by self device time."""
+    """Top kernels (CUDA) or operators (CPU) of one call by self time."""
     try:
         from torch.profiler import ProfilerActivity, profile
         fn()
@@ -211,9 +211,12 @@ def kernel_profile(fn, device: torch.device, top: int = 8) -> list[dict] | str:
             sync(device)
         rows = []
         for evt in prof.key_averages():
-            dev_us = getattr(evt, "self_device_time_total", None)
-            if dev_us is None:
-                dev_us = getattr(evt, "self_cuda_time_total", 0)
+            if device.type == "cuda":
+                dev_us = getattr(evt, "self_device_time_total", None)
+                if dev_us is None:
+                    dev_us = getattr(evt, "self_cuda_time_total", 0)
+            else:  # CPU: operators' own CPU time
+                dev_us = evt.self_cpu_time_total
             if dev_us > 0:
                 rows.append({"kernel": evt.key[:110], "calls": evt.count, "device_ms": dev_us / 1e3})
         rows.sort(key=lambda r: -r["device_ms"])
@@ -526,7 +529,7 @@ def print_table(report: dict, floor_ms: float) -> list[str]:
             lines.append(f"kernels {label}: {prof}")
             continue
         top = ", ".join(f"{k['kernel'][:60]} {k['device_ms']:.2f} ms" for k in prof[1:4])
-        lines.append(f"kernels {label} (GPU {prof[0]['total_device_ms']:.1f} ms): {top}")
+        lines.append(f"kernels {label} (total {prof[0]['total_device_ms']:.1f} ms): {top}")
     for s in report.get("skipped", []):
         lines.append(f"skipped: {s}")
     lines.append(f"total wall time {report['wall_s']:.0f} s")

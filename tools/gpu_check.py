@@ -20,7 +20,7 @@ What it does, as a user would, each entry point in its own process:
 
 Per stage it records wall time, peak GPU memory (``nvidia-smi``'s device total, sampled every
 0.2 s, minus the value before the stage) and peak host memory (the summed PSS of the stage's
-process tree, sampled every 0.2 s; the load stages report their own exact ``ru_maxrss``), and
+process tree, sampled every 0.2 s; the load stages report their own exact peak, ``VmHWM``), and
 writes a JSON summary and a markdown table. The working directory is deleted at the end unless
 ``--keep``. Random weights: the answers are nonsense; what is checked is that every stage runs,
 fits and is fast enough.
@@ -279,6 +279,18 @@ def write_dataset(root: Path, num_train: int, num_val: int) -> list[tuple[str, t
 # ------------------------------------------------------------------ loading alone (a child process)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: ``VmHWM`` (``ru_maxrss`` would carry the
+    parent's peak over fork and exec on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def probe_load(mode: str, version: str, vision_pretrained: str | None, precision: str) -> None:
     """Load the model as training (``train``) or inference (``infer``) does; print one JSON line."""
     import torch
@@ -289,7 +301,7 @@ def probe_load(mode: str, version: str, vision_pretrained: str | None, precision
 
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # the CUDA context's host memory is the baseline's, not loading's
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak_rss()
     started = time.perf_counter()
     if mode == "train":
         args = parse_args(["--version", version, "--vision_pretrained", vision_pretrained, "--precision", precision,
@@ -305,7 +317,7 @@ def probe_load(mode: str, version: str, vision_pretrained: str | None, precision
     for param in model.parameters():
         key = f"{str(param.dtype).removeprefix('torch.')}{'/trainable' if param.requires_grad else ''}"
         dtypes[key] = dtypes.get(key, 0) + param.numel() * param.element_size()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print("PROBE " + json.dumps({
         "seconds": seconds,
         "host_peak_bytes": peak,

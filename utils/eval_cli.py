@@ -2,12 +2,15 @@
 
 Runs as one process or under torchrun (each rank scores its shard of every split; the integer
 metric sums are all-reduced, so the numbers do not depend on the number of processes). Rank 0
-prints the table and writes the JSON report (and merges the saved predictions).
+prints the table and writes the JSON report (and merges the saved predictions). On a COCO-format
+split (``coco|instances.json|image_dir``) under ``generate``, rank 0 also writes the detections
+file (COCO results format, ``--save_detections``) and scores it with pycocotools' COCOeval.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LOG_DIR = "./runs/test"
 REPORT_NAME = "report.json"
 TABLE_NAME = "results.txt"
+DETECTIONS_NAME = "detections.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val_dataset", default="ReasonSeg|val",
                       help="one or several splits joined by '||': ReasonSeg|val, ReasonSeg|test, refcoco|unc|val, "
                       "refcoco|unc|testA, refcoco+|unc|testB, refcocog|umd|test, grefcoco|unc|val, synthetic|val, "
-                      "synthetic|refer_val, synthetic|grefer_val ...")
+                      "synthetic|refer_val, synthetic|grefer_val; your own COCO-format file: coco|instances.json|image_dir "
+                      "(every category asked about every image, one [SEG] per instance, COCO AP under generate; "
+                      "add |present to ask only the categories an image has) ...")
     data.add_argument("--dataset_dir", default="./dataset")
     data.add_argument("--reason_seg_queries", choices=["first", "all"], default="first",
                       help="ReasonSeg: score the first query of each image (LISA's published protocol) or every query")
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log_dir", default=DEFAULT_LOG_DIR, help=f"where {REPORT_NAME} and {TABLE_NAME} go")
     out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
     out.add_argument("--save_predictions", help="JSONL of every prediction (COCO RLE masks, boxes, answers, targets)")
+    out.add_argument("--save_detections",
+                     help="COCO-format splits under generate: the detections file (COCO results format: image_id, "
+                     "category_id, bbox [x, y, w, h], score, segmentation RLE; re-score it with pycocotools alone) "
+                     f"that COCO AP is computed from (default: LOG_DIR/{DETECTIONS_NAME}; several COCO splits: "
+                     "NAME_1.json, NAME_2.json ... in --val_dataset order)")
     out.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -88,10 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--val_dataset is empty: name at least one split, e.g. 'ReasonSeg|val'")
     if not Path(args.dataset_dir).is_dir():
         parser.error(f"--dataset_dir {args.dataset_dir}: directory not found (see dataset/README.md)")
+    if args.save_detections:
+        if not any(val_split_kind(name) == "coco" for name in split_names(args.val_dataset)):
+            parser.error("--save_detections needs a COCO-format split in --val_dataset "
+                         "('coco|<instances.json>|<image_dir>'): detections are written for those only")
+        if args.protocol == TEACHER_FORCED:
+            parser.error("--save_detections needs --protocol generate (or both): teacher forcing gives the model "
+                         "the number of instances, so its masks are not detections")
     return args
 
 
-split_kind = val_split_kind  # ``reason_seg`` or ``refer_seg``: the source kind behind a split name
+split_kind = val_split_kind  # ``reason_seg``, ``refer_seg`` or ``coco``: the source kind behind a split name
 
 
 def build_splits(names: str, dataset_dir: str, reason_seg_queries: str) -> dict:
@@ -107,6 +125,52 @@ def build_splits(names: str, dataset_dir: str, reason_seg_queries: str) -> dict:
             raise SystemExit(f"error: split {name!r} in {dataset_dir} is empty (0 items): there is nothing to score")
         splits[name] = dataset
     return splits
+
+
+def detections_paths(args: argparse.Namespace, names: list[str]) -> dict[str, Path]:
+    """Split name -> its detections file, for the COCO-format splits among ``names``."""
+    coco = [name for name in names if split_kind(name) == "coco"]
+    base = Path(args.save_detections) if args.save_detections else Path(args.log_dir) / DETECTIONS_NAME
+    if len(coco) == 1:
+        return {coco[0]: base}
+    return {name: base.with_name(f"{base.stem}_{k}{base.suffix or '.json'}") for k, name in enumerate(coco, 1)}
+
+
+def _gather(records: list) -> list:
+    """Every rank's records, in rank order (this rank's own without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(records)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part]
+
+
+def coco_ap_of_split(raw_dataset, evaluated: int, detections: list, path: Path) -> dict:
+    """Write ``detections`` (COCO results) to ``path`` and score them with COCOeval, over the
+    images every item of which was evaluated (the first ``evaluated`` items of the split)."""
+    from utils.metrics import coco_average_precision
+
+    detections = sorted(detections, key=lambda d: (d["image_id"], d["category_id"]))  # stable: answer order kept
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(detections) + "\n", encoding="utf-8")
+    images = sorted(image for image, items in raw_dataset.image_items().items() if max(items) < evaluated)
+    if not images:
+        logger.warning("%s: no image had all its requests answered (--max_samples %d); no COCO AP", path, evaluated)
+    result = {
+        iou_type: coco_average_precision(raw_dataset.annotation_file, str(path), iou_type, images)
+        for iou_type in ("bbox", "segm")
+    }
+    logger.info("%d detections written to %s; COCO box AP %s, mask AP %s over %d images",
+                len(detections), path, result["bbox"]["AP"], result["segm"]["AP"], len(images))
+    return {
+        **result,
+        "images": len(images),
+        "detections": len(detections),
+        "detections_file": str(path.resolve()),
+        "annotation_file": str(Path(raw_dataset.annotation_file).resolve()),
+    }
 
 
 def load_model(args: argparse.Namespace, device: torch.device):
@@ -157,6 +221,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     precision = args.precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     writer = PredictionWriter(args.save_predictions, dist_info.rank) if args.save_predictions else None
+    detection_files = detections_paths(args, list(splits)) if GENERATE in protocols else {}
     results = []
     try:
         for name, dataset in splits.items():
@@ -165,6 +230,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                 dataset = torch.utils.data.Subset(dataset, range(min(split_items, args.max_samples)))
             reason_seg = split_kind(name) == "reason_seg"
             for protocol in protocols:
+                detections = [] if protocol == GENERATE and name in detection_files else None
                 if dist_info.is_main:
                     logger.info("scoring %s (%d items) under %s", name, len(dataset), protocol)
                 try:
@@ -183,10 +249,17 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                         group_of=query_length_group if reason_seg else None,
                         on_prediction=writer.sink(name) if writer else None,
                         max_new_tokens=args.max_new_tokens,
+                        on_detections=detections.extend if detections is not None else None,
                     )
                 except ValueError as error:
                     raise SystemExit(f"error: {error}") from None
-                results.append(result_entry(name, protocol, scores, split_items, len(dataset)))
+                entry = result_entry(name, protocol, scores, split_items, len(dataset))
+                if detections is not None:
+                    detections = _gather(detections)
+                    if dist_info.is_main:
+                        raw = splits[name]
+                        entry["coco_ap"] = coco_ap_of_split(raw, len(dataset), detections, detection_files[name])
+                results.append(entry)
                 if scores["excluded_no_target"] and GENERATE not in protocols and dist_info.is_main:
                     logger.warning(
                         "%s: %d no-target expressions are not scored under teacher forcing; "
@@ -212,6 +285,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
         "max_samples": args.max_samples,
         "max_new_tokens": args.max_new_tokens if GENERATE in protocols else None,
         "predictions": str(Path(args.save_predictions).resolve()) if args.save_predictions else None,
+        "detections": {name: str(path.resolve()) for name, path in detection_files.items()} or None,
         "command": getattr(args, "command", None),
     }
     return build_report(model_info, checkpoint, run_info, results)

@@ -23,9 +23,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from utils.evaluation import GENERATE, TEACHER_FORCED, scored_pairs
-from utils.masks import IGNORE_LABEL, decode_rle
-from utils.metrics import SegmentationMeter
+from utils.evaluation import GENERATE, TEACHER_FORCED, detection_targets, scored_pairs
+from utils.masks import IGNORE_LABEL, decode_rle, mask_to_box
+from utils.metrics import DetectionMeter, SegmentationMeter
 
 REPORT_VERSION = 1
 
@@ -57,6 +57,16 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "t_acc": "among expressions with a target, the share with a non-empty prediction",
     "groups": "ReasonSeg: short (is_sentence false) and long (is_sentence true) queries; overall = both",
     "count": "masks scored (one per target; one per no-target expression)",
+    "detection": "generate only: the boxes of all the masks of an answer (one per [SEG]) against its target boxes "
+    "(one per instance the request names; else one per target mask), matched one to one maximising the summed "
+    "box IoU (Hungarian; pairs without overlap are not matches); precision@0.5 = true positives / predicted boxes, "
+    "recall@0.5 = true positives / target boxes, f1@0.5 = 2 TP / (predicted + target boxes), a true positive being a "
+    "matched pair with box IoU >= 0.5, summed over the split (null when the denominator is 0); matched_iou = mean box "
+    "IoU of the matched pairs; exact@0.5 = share of answers with F1 = 1 (all targets found, nothing else; an answer "
+    "to a no-target request with no box counts): gRefCOCO's GREC Pr@(F1=1, IoU>=0.5)",
+    "coco_ap": "generate on a COCO-format split only: COCO AP (IoU 0.50:0.95), AP50 and AP75 of boxes (bbox) and "
+    "masks (segm) from pycocotools' COCOeval on the detections file the run wrote (one detection per non-empty mask, "
+    "score = mean mask probability inside the mask), over the images every request of which was answered",
 }
 
 _COUNT_KEYS = ("items", "questions", "no_target_questions", "excluded_no_target", "unreadable")
@@ -69,7 +79,7 @@ _SCORE_ORDER = (
 
 
 def _metrics(scores: dict) -> dict:
-    skip = set(_COUNT_KEYS) | {"groups", "answers_with_expected_seg", "seg_format_rate"}
+    skip = set(_COUNT_KEYS) | {"groups", "answers_with_expected_seg", "seg_format_rate", "detection"}
     ordered = {k: scores[k] for k in _SCORE_ORDER if k in scores}
     ordered.update({k: v for k, v in scores.items() if k not in ordered and k not in skip})
     return ordered
@@ -97,6 +107,8 @@ def result_entry(split: str, protocol: str, scores: dict, split_items: int, eval
             "with_expected_seg": scores["answers_with_expected_seg"],
             "seg_format_rate": scores["seg_format_rate"],
         }
+    if "detection" in scores:
+        entry["detection"] = scores["detection"]
     return entry
 
 
@@ -165,6 +177,39 @@ def format_table(results: Iterable[dict]) -> str:
     return "\n".join(lines)
 
 
+_BOX_COLUMNS = (
+    ("answers", "answers", False), ("boxes", "predictions", False), ("targets", "targets", False),
+    ("boxP@0.5", "precision@0.5", True), ("boxR@0.5", "recall@0.5", True), ("boxF1@0.5", "f1@0.5", True),
+    ("matchIoU", "matched_iou", True), ("F1=1", "exact@0.5", True),
+)
+_AP_COLUMNS = (("boxAP", "bbox", "AP"), ("AP50", "bbox", "AP50"), ("AP75", "bbox", "AP75"),
+               ("maskAP", "segm", "AP"), ("mAP50", "segm", "AP50"), ("mAP75", "segm", "AP75"))
+
+
+def format_box_table(results: Iterable[dict]) -> str:
+    """The detection table: one row per (generate) split with box detection scores, and COCO AP
+    on COCO-format splits; "" when no result has them."""
+    rows = []
+    for entry in results:
+        if "detection" not in entry:
+            continue
+        detection = entry["detection"]
+        row = [entry["protocol"], entry["split"]]
+        row += [_percent(detection.get(key)) if pct else str(detection.get(key, "-")) for _, key, pct in _BOX_COLUMNS]
+        coco = entry.get("coco_ap") or {}
+        row += [_percent(coco[kind][key]) if kind in coco else "-" for _, kind, key in _AP_COLUMNS]
+        rows.append(row)
+    if not rows:
+        return ""
+    header = ["protocol", "split", *(name for name, _, _ in _BOX_COLUMNS), *(name for name, _, _ in _AP_COLUMNS)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def format_summary(report: dict) -> str:
     """The table with what it measures: model, protocols, units, and partial splits flagged."""
     results = report["results"]
@@ -180,6 +225,21 @@ def format_summary(report: dict) -> str:
                 f"* {entry['protocol']} {entry['split']}: {excluded} no-target expressions left out (their given "
                 "answer has no [SEG]: teacher forcing cannot score them); N-acc and no-target items: --protocol generate"
             )
+    boxes = format_box_table(results)
+    if boxes:
+        lines += [
+            "boxes (generate): every mask's box as a detection, matched one to one to the target boxes; "
+            "P/R/F1 at box IoU 0.5 in %; F1=1 = share of answers with every target found and nothing else; "
+            "COCO AP from pycocotools' COCOeval on the saved detections",
+            boxes,
+        ]
+        for entry in results:
+            coco = entry.get("coco_ap")
+            if coco:
+                lines.append(
+                    f"  {entry['split']}: COCO AP over {coco['images']} images, {coco['detections']} detections "
+                    f"({coco['detections_file']})"
+                )
     for name, text in report["protocols"].items():
         lines.append(f"protocol {name}: {text}")
     partial = [f"{e['split']} ({e['protocol']})" for e in results if not e["complete"]]
@@ -253,11 +313,14 @@ def rescore_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
     """Recompute every metric from a saved predictions file alone.
 
     Returns ``{(split, protocol): scores}`` with the keys of ``utils.metrics.scores_from_state``
-    and, when the records carry groups, ``groups`` (name -> scores). The same pairing rule as the
-    evaluation (:func:`utils.evaluation.scored_pairs`) is applied to the decoded masks, and, as
-    there, a teacher-forced no-target record (written by earlier versions) is not scored.
+    and, when the records carry groups, ``groups`` (name -> scores); ``generate`` results also
+    ``detection`` (:func:`utils.metrics.detection_scores_from_state`, from the boxes of the decoded
+    masks and the records' ``target_boxes``). The same pairing rule as the evaluation
+    (:func:`utils.evaluation.scored_pairs`) is applied to the decoded masks, and, as there, a
+    teacher-forced no-target record (written by earlier versions) is not scored.
     """
     meters: dict[tuple[str, str], SegmentationMeter] = {}
+    detections: dict[tuple[str, str], DetectionMeter] = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if not line.strip():
@@ -276,10 +339,17 @@ def rescore_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
                 pairs = scored_pairs(preds, gts, False, shape)
             for pred, gt in pairs:
                 meter.update(pred, gt, group=record.get("groups") or None)
+            if record["protocol"] == GENERATE:
+                info = {"no_target": record["no_target"], "target_boxes": record.get("target_boxes")}
+                detections.setdefault(key, DetectionMeter()).update(
+                    [mask_to_box(pred) for pred in preds], detection_targets(info, gts)
+                )
     out = {}
     for key, meter in meters.items():
         scores = meter.scores()
         if meter.groups:
             scores["groups"] = {g: meter.scores(g) for g in meter.groups}
+        if key in detections:
+            scores["detection"] = detections[key].scores()
         out[key] = scores
     return out

@@ -15,7 +15,10 @@ Two protocols, scored by the same code (:class:`SplitScorer`) with the same metr
   k-th target of the question; a missing ``[SEG]`` counts as an empty mask, extra ones are not
   scored. A no-target expression is scored with the union of the answer's masks (empty when it has
   no ``[SEG]``), so it is correct exactly when the answer gives no (non-empty) mask. The share of
-  answers with the expected number of ``[SEG]`` is reported (``seg_format_rate``).
+  answers with the expected number of ``[SEG]`` is reported (``seg_format_rate``). The boxes of all
+  the answer's masks are also scored as detections (``utils.metrics.DetectionMeter``: one-to-one
+  matching to the target boxes, precision / recall / F1 at IoU 0.5), and on a COCO-format split
+  each mask becomes a COCO results record (``on_detections``) for COCO AP.
 
 Every sample of the split is visited exactly once across ranks (:class:`ShardedEvalSampler`, no
 padding), and the metric sums and counters are all-reduced as integers, so 1 and N processes give
@@ -40,8 +43,15 @@ from model.batch import SINGLE_TURN, SampleEncoder, encode_sample, to_device
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
 from utils.data.samplers import ShardedEvalSampler
 from utils.distributed import ignore_stop_signals
+from utils.grounding import coco_results
 from utils.masks import IGNORE_LABEL, encode_rle, mask_to_box
-from utils.metrics import SegmentationMeter, reduce_state_across_ranks, scores_from_state
+from utils.metrics import (
+    DetectionMeter,
+    SegmentationMeter,
+    detection_scores_from_state,
+    reduce_state_across_ranks,
+    scores_from_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ QUERY_LENGTH_GROUPS: tuple[str, ...] = ("short", "long")
 
 GroupOf = Callable[[dict], Sequence[str]]
 PredictionSink = Callable[[dict], None]
+DetectionSink = Callable[[list], None]
 
 
 def query_length_group(meta: dict) -> list[str]:
@@ -68,11 +79,14 @@ def question_infos(turns: Sequence[tuple[str, str]], requests: Sequence[str], me
     """One dict per turn: what is asked, the reference answer and what it expects.
 
     Keys: ``turn``, ``question``, ``reference_answer``, ``request``, ``expected_seg`` (the number
-    of ``[SEG]`` in the reference answer = the number of target masks), ``no_target`` and
-    ``no_target_gt`` (the all-zero ground truth of a no-target turn, else None).
+    of ``[SEG]`` in the reference answer = the number of target masks), ``no_target``,
+    ``no_target_gt`` (the all-zero ground truth of a no-target turn, else None) and
+    ``target_boxes`` (the loader's instance boxes of the turn, else None: the detection targets
+    are then the boxes of the target masks).
     """
     no_target = list(meta.get("no_target") or [])
     no_target_gts = iter(meta.get("no_target_gt") or [])
+    target_boxes = list(meta.get("target_boxes") or [])
     infos = []
     for index, (question, answer) in enumerate(turns):
         is_no_target = bool(no_target[index]) if index < len(no_target) else False
@@ -85,9 +99,22 @@ def question_infos(turns: Sequence[tuple[str, str]], requests: Sequence[str], me
                 "expected_seg": answer.count(SEG_TOKEN),
                 "no_target": is_no_target,
                 "no_target_gt": next(no_target_gts, None) if is_no_target else None,
+                "target_boxes": target_boxes[index] if index < len(target_boxes) else None,
             }
         )
     return infos
+
+
+def detection_targets(info: dict, gt_masks: Sequence[np.ndarray]) -> list[list[int]]:
+    """The target boxes of one question for the detection metrics: none for a no-target
+    question; the loader's instance boxes (``info["target_boxes"]``) when it gives them; else
+    the tight box of each target mask (ignore pixels are not foreground)."""
+    if info.get("no_target"):
+        return []
+    if info.get("target_boxes"):
+        return [list(box) for box in info["target_boxes"]]
+    boxes = (mask_to_box(np.asarray(gt)) for gt in gt_masks)
+    return [list(box) for box in boxes if box is not None]
 
 
 def scored_pairs(
@@ -132,6 +159,8 @@ class SplitScorer:
         groups: group names declared on every rank (e.g. :data:`QUERY_LENGTH_GROUPS`).
         group_of: sample meta -> the groups a question counts towards (besides overall).
         on_prediction: called with one JSON-ready record per question (for saving predictions).
+        on_detections: ``generate`` on a COCO-format split (meta ``coco_image_id``): called with
+            each answer's COCO results records (:func:`utils.grounding.coco_results`).
     """
 
     def __init__(
@@ -140,6 +169,7 @@ class SplitScorer:
         groups: Iterable[str] = (),
         group_of: GroupOf | None = None,
         on_prediction: PredictionSink | None = None,
+        on_detections: DetectionSink | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -148,6 +178,9 @@ class SplitScorer:
         self.group_of = group_of
         self.on_prediction = on_prediction
         self.meter = SegmentationMeter(groups=self.groups)
+        # Boxes as detections: generation only (teacher forcing gives away the number of targets).
+        self.detection = DetectionMeter() if protocol == GENERATE else None
+        self.on_detections = on_detections
         self.counters = {
             "items": 0, "questions": 0, "no_target_questions": 0, "excluded_no_target": 0,
             "answers_with_expected_seg": 0, "unreadable": 0,
@@ -161,8 +194,11 @@ class SplitScorer:
         gt_masks: Sequence[np.ndarray],
         answer: str,
         image_size: Sequence[int],
+        pred_scores: Sequence[float | None] | None = None,
     ) -> None:
         """Score one question's predicted masks (bool HxW, in ``[SEG]`` order) against its targets.
+
+        ``pred_scores``: each mask's confidence (``generate``; the detections' scores).
 
         Under teacher forcing a no-target question is only counted (``excluded_no_target``):
         its given answer has no ``[SEG]``, so it says nothing about the model.
@@ -175,11 +211,24 @@ class SplitScorer:
         groups = list(self.group_of(extra.get("meta") or {})) if self.group_of else []
         pairs = scored_pairs(pred_masks, gt_masks, info["no_target"], image_size, info.get("no_target_gt"))
         counts = [self.meter.update(pred, gt, group=groups) for pred, gt in pairs]
+        pred_boxes = [mask_to_box(np.asarray(m, bool)) for m in pred_masks]
+        target_boxes = detection_targets(info, gt_masks)
+        if self.detection is not None:
+            self.detection.update(pred_boxes, target_boxes)
+        meta = extra.get("meta") or {}
+        if self.on_detections is not None and "coco_image_id" in meta:
+            scores = list(pred_scores) if pred_scores is not None else [None] * len(pred_masks)
+            self.on_detections(coco_results(meta["coco_image_id"], meta["coco_category_id"], pred_masks, scores))
         self.counters["questions"] += 1
         self.counters["no_target_questions"] += int(info["no_target"])
         self.counters["answers_with_expected_seg"] += int(len(pred_masks) == info["expected_seg"])
         if self.on_prediction is not None:
-            self.on_prediction(self._record(extra, info, pred_masks, pairs, counts, answer, groups))
+            record = self._record(extra, info, pred_masks, pairs, counts, answer, groups)
+            record["target_boxes"] = target_boxes
+            if pred_scores is not None:
+                for entry, score in zip(record["pred_masks"], pred_scores):
+                    entry["score"] = score
+            self.on_prediction(record)
 
     def _record(self, extra, info, pred_masks, pairs, counts, answer, groups) -> dict:
         targets = []
@@ -222,7 +271,8 @@ class SplitScorer:
         ``no_target_questions``, ``excluded_no_target`` (no-target questions left out: all of them
         under teacher forcing, none under generation), ``unreadable``; ``groups`` (name -> scores,
         or ``{"count": 0}``) when groups are declared; for ``generate`` also
-        ``answers_with_expected_seg`` and ``seg_format_rate``.
+        ``answers_with_expected_seg``, ``seg_format_rate`` and ``detection`` (the scores of
+        :func:`utils.metrics.detection_scores_from_state`).
         """
         reduce_device = device if device is not None and device.type == "cuda" else None
         state = reduce_state_across_ranks(self.meter.state(), device=reduce_device)
@@ -249,6 +299,9 @@ class SplitScorer:
             scores["groups"] = {
                 name: scores_from_state(state, name) if state[f"{name}/count"] else {"count": 0} for name in names
             }
+        if self.detection is not None:
+            detection = reduce_state_across_ranks(self.detection.state(), device=reduce_device)
+            scores["detection"] = detection_scores_from_state(detection)
         if self.protocol == GENERATE:
             scores["answers_with_expected_seg"] = counters["answers_with_expected_seg"]
             scores["seg_format_rate"] = counters["answers_with_expected_seg"] / max(counters["questions"], 1)
@@ -265,7 +318,8 @@ def _group_order(declared: Sequence[str]):
 class EncodedDataset(Dataset):
     """A raw dataset seen through the sample encoder; unreadable samples become None (counted).
 
-    ``per_question=False``: item -> one sample with the whole conversation (teacher forcing);
+    ``per_question=False``: item -> one sample with every question and its reference answer
+    (teacher forcing; each question its own conversation with an encoder in ``single_turn`` mode);
     ``extra`` also carries ``index`` and ``turns``. ``per_question=True``: item -> a list of
     samples, one open prompt per question (generation); ``extra`` carries ``index``, ``info``
     (see :func:`question_infos`) and the sample's ``meta``, and ``masks`` are that turn's targets.
@@ -365,6 +419,7 @@ def _score_generated(model, batch: dict, scorer: SplitScorer, max_new_tokens: in
             list(batch["masks"][index].cpu().numpy()),
             answer=result.text,
             image_size=batch["original_size"][index],
+            pred_scores=result.scores,
         )
 
 
@@ -385,6 +440,7 @@ def evaluate(
     on_prediction: PredictionSink | None = None,
     max_new_tokens: int = 64,
     generate_kwargs: dict | None = None,
+    on_detections: DetectionSink | None = None,
 ) -> dict:
     """Score a whole split under ``protocol`` (this rank's shard, reduced over all ranks).
 
@@ -394,6 +450,8 @@ def evaluate(
         on_prediction: receives one record per question of this rank's shard (see
             :meth:`SplitScorer._record`: RLE masks, boxes, answer, per-target counts).
         max_new_tokens, generate_kwargs: ``generate`` only (e.g. a logits processor).
+        on_detections: ``generate`` on a COCO-format split: receives this rank's COCO results
+            records, one call per answer (see :class:`SplitScorer`).
     Returns:
         see :meth:`SplitScorer.result`.
     Raises:
@@ -417,7 +475,9 @@ def evaluate(
         worker_init_fn=ignore_stop_signals,
     )
     step = partial(_score_generated, max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs) if generate else _score_teacher_forced
-    scorer = SplitScorer(protocol, groups=groups, group_of=group_of, on_prediction=on_prediction)
+    scorer = SplitScorer(
+        protocol, groups=groups, group_of=group_of, on_prediction=on_prediction, on_detections=on_detections
+    )
     was_training = model.training
     image_tokens: list[int] = []
     model.eval()

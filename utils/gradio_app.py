@@ -1,7 +1,9 @@
 """The Gradio demo's page and request handler (``tools/app.py`` launches it).
 
 One request: an image and a sentence in; the image with the masks and their boxes drawn, the
-answer text, the boxes, and a status line ("2 masks; 551 image tokens" / "no mask...") out. Problems with the input
+answer text, the boxes (with labels and scores), a status line ("2 masks; 551 image tokens" /
+"no mask...") and the whole answer as a JSON file to download (the schema of
+``utils.grounding``, as ``inference.py --format json`` prints it) out. Problems with the input
 (no image, an unreadable or oversized file, an empty request) are shown to the person as a
 message in the page (``gr.Error``); anything unexpected is logged with its traceback on the
 server and shown as a short message. The model answers one request at a time (a queue holds the
@@ -10,7 +12,10 @@ others), so concurrent users wait instead of colliding.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +62,24 @@ def _image_path(image: Any) -> tuple[str, str]:
     return str(path), str(name)
 
 
+_JSON_DIR: Path | None = None
+
+
+def _json_file(record: dict, name: str) -> str:
+    """Write an answer's JSON for download; returns its path (one file per request)."""
+    global _JSON_DIR
+    if _JSON_DIR is None:
+        _JSON_DIR = Path(tempfile.mkdtemp(prefix="reasonseg_answers_"))
+    path = _JSON_DIR / f"{Path(name).stem or 'image'}_{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return str(path)
+
+
 def handle_request(session: InferenceSession, image: Any, prompt: Any):
-    """The demo's handler, without Gradio: returns (overlay, text, boxes, status).
+    """The demo's handler, without Gradio: returns (overlay, text, boxes, status, json_path).
+
+    ``boxes`` lists per ``[SEG]`` its ``bbox_2d``, ``label``, ``score`` and ``area`` (the JSON
+    objects without their RLE masks); ``json_path`` is a file with the whole answer as JSON.
 
     Raises:
         InputError: a message for the person (the upload's name, not the server's temp path).
@@ -70,7 +91,9 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any):
         answer = session.ask(path, prompt)
     except InputError as err:
         raise InputError(str(err).replace(path, name)) from None
-    boxes = [{"mask": index, "box": list(box) if box is not None else None} for index, box in enumerate(answer.boxes)]
+    record = answer.record()
+    record["image"] = name
+    boxes = [{"mask": index, **{k: v for k, v in obj.items() if k != "mask"}} for index, obj in enumerate(record["objects"])]
     count = len(answer.masks)
     status = NO_MASK_MESSAGE if count == 0 else f"{count} mask{'s' if count > 1 else ''}"
     if answer.image.resized_from:
@@ -78,7 +101,7 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any):
         status += f" (the {width}x{height} image was downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
     if answer.image_tokens is not None:
         status += f"; {answer.image_tokens:,} image tokens"
-    return render_overlay(answer), answer.text, boxes, status
+    return render_overlay(answer), answer.text, boxes, status, _json_file(record, name)
 
 
 def _limits_line(session: InferenceSession) -> str:
@@ -119,7 +142,8 @@ def build_demo(session: InferenceSession, model_name: str, examples: list[list[s
                 overlay = gr.Image(label="Masks and boxes", format="png", interactive=False, height=420)
                 answer = gr.Textbox(label="Answer", interactive=False)
                 status = gr.Textbox(label="Masks", interactive=False)
-                boxes = gr.JSON(label="Boxes (x0, y0, x1, y1; x1 and y1 exclusive)")
+                boxes = gr.JSON(label="Boxes: bbox_2d [x1, y1, x2, y2] in pixels (x2, y2 exclusive), label, score")
+                download = gr.File(label="Answer as JSON (boxes, labels, scores, COCO-RLE masks)")
         if examples:
             gr.Examples(examples=examples, inputs=[image, prompt], label="Examples")
         # preprocess=False: the handler decodes the upload itself, so an unreadable file gets a
@@ -127,7 +151,7 @@ def build_demo(session: InferenceSession, model_name: str, examples: list[list[s
         common = dict(
             fn=segment,
             inputs=[image, prompt],
-            outputs=[overlay, answer, boxes, status],
+            outputs=[overlay, answer, boxes, status, download],
             preprocess=False,
             concurrency_limit=1,
             concurrency_id="model",

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
-from utils.masks import encode_rle, mask_to_box, overlay_masks
+from utils.grounding import answer_objects
+from utils.masks import overlay_masks
 
 logger = logging.getLogger(__name__)
 
@@ -194,23 +195,35 @@ class Answer:
         return self.result.boxes
 
     @property
+    def scores(self) -> list[float | None]:
+        """Per mask, its confidence (mean mask probability inside it; None for an empty mask)."""
+        return list(getattr(self.result, "scores", None) or [None] * len(self.masks))
+
+    @property
     def image_tokens(self) -> int | None:
         """Image tokens the image became in the language model's input (None when unknown)."""
         return getattr(self.result, "image_tokens", None)
 
+    def objects(self) -> list[dict]:
+        """One object per ``[SEG]``: ``bbox_2d``, ``label``, ``score``, ``area``, ``mask`` (see
+        :mod:`utils.grounding`), in pixels of the original image."""
+        return answer_objects(self.text, self.masks, self.scores, self.image.resized_from)
+
     def record(self) -> dict:
-        """JSON-ready: text, boxes (XYXY, exclusive end; null for an empty mask), masks as COCO RLE,
-        the image size and its number of image tokens."""
-        record = {
+        """The answer as JSON (the schema of :mod:`utils.grounding`): prompt, text, objects, the
+        original image's width and height, its image tokens, and the size the model saw when
+        the image was downscaled."""
+        height, width = self.image.resized_from or self.image.array.shape[:2]
+        seen_height, seen_width = self.image.array.shape[:2]
+        return {
+            "prompt": self.prompt,
             "text": self.text,
-            "boxes": [list(box) if box is not None else None for box in self.boxes],
-            "masks": [encode_rle(mask) for mask in self.masks],
-            "image_size": list(self.image.array.shape[:2]),
+            "objects": self.objects(),
+            "width": int(width),
+            "height": int(height),
             "image_tokens": self.image_tokens,
+            "downscaled_to": {"width": int(seen_width), "height": int(seen_height)} if self.image.resized_from else None,
         }
-        if self.image.resized_from:
-            record["resized_from"] = list(self.image.resized_from)
-        return record
 
 
 def describe_box(box) -> str:
@@ -225,13 +238,19 @@ def describe_image(answer: Answer) -> str:
 
 
 def describe(answer: Answer, saved: list[tuple[Path, Path]] | None = None) -> str:
-    """What a person reads: the answer text, one line per mask (or "no mask"), then the image's
-    size and image tokens."""
+    """What a person reads: the answer text, one line per mask (or "no mask") with its label
+    and score when it has them, then the image's size and image tokens."""
+    from utils.grounding import seg_labels
+
     lines = [f"answer: {answer.text}"]
     if not answer.masks:
         lines.append(NO_MASK_MESSAGE)
+    labels, scores = seg_labels(answer.text), answer.scores
     for index, box in enumerate(answer.boxes):
-        line = f"mask {index}: {describe_box(box)}"
+        label = labels[index] if index < len(labels) else None
+        line = f"mask {index}" + (f" ({label})" if label else "") + f": {describe_box(box)}"
+        if index < len(scores) and scores[index] is not None:
+            line += f", score {scores[index]:.3f}"
         if saved:
             line += f" -> {saved[index][0]}, {saved[index][1]}"
         lines.append(line)
@@ -337,6 +356,19 @@ class InferenceSession:
 # The three ways of running inference.py
 # ---------------------------------------------------------------------------------------------
 
+OUTPUT_FORMATS: tuple[str, ...] = ("text", "json")
+"""``text``: for people (:func:`describe`); ``json``: one JSON object per request on one line
+(:meth:`Answer.record`, the schema of :mod:`utils.grounding`)."""
+
+
+def format_answer(answer: Answer, output_format: str = "text", saved: list[tuple[Path, Path]] | None = None) -> str:
+    """An answer as ``output_format`` (see :data:`OUTPUT_FORMATS`)."""
+    if output_format == "json":
+        return json.dumps(answer.record(), ensure_ascii=False)
+    if output_format != "text":
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    return describe(answer, saved)
+
 
 def one_shot(
     session: InferenceSession,
@@ -345,16 +377,17 @@ def one_shot(
     vis_dir: str | os.PathLike,
     say: Callable[[str], None],
     say_error: Callable[[str], None],
+    output_format: str = "text",
 ) -> int:
-    """Answer one request, save its files and hand the description to ``say`` (a bad input's
-    message to ``say_error``). Returns an exit status (0, or 1 on bad input)."""
+    """Answer one request, save its files and hand the answer to ``say`` as ``output_format``
+    (a bad input's message to ``say_error``). Returns an exit status (0, or 1 on bad input)."""
     try:
         answer = session.ask(image, prompt)
     except InputError as err:
         say_error(f"error: {err}")
         return 1
     saved = save_visuals(answer, vis_dir, answer.image.name)
-    say(describe(answer, saved))
+    say(format_answer(answer, output_format, saved))
     return 0
 
 
@@ -363,10 +396,13 @@ def interactive_loop(
     vis_dir: str | os.PathLike,
     say: Callable[[str], None],
     read: Callable[[str], str] = input,
+    output_format: str = "text",
 ) -> int:
     """Ask for a request, then an image path, answer, repeat; an empty input (or EOF) ends it.
 
-    Answers and messages go to ``say`` (the entry point prints them).
+    Answers and messages go to ``say`` (the entry point prints them), answers as
+    ``output_format``; in ``json`` a request that fails gives ``{"prompt", "image", "error"}``,
+    so every request gives one JSON line.
 
     Returns:
         the number of requests answered.
@@ -382,21 +418,30 @@ def interactive_loop(
                 break
         except (EOFError, KeyboardInterrupt):
             break
+        def fail(message: str) -> None:
+            if output_format == "json":
+                say(json.dumps({"prompt": prompt, "image": path, "error": message}, ensure_ascii=False))
+            else:
+                say(f"error: {message}")
+
         try:
             answer = session.ask(path, prompt)
         except InputError as err:
-            say(f"error: {err}")
+            fail(str(err))
             continue
         except KeyboardInterrupt:
-            say("interrupted")
+            if output_format == "json":
+                logger.info("interrupted")
+            else:
+                say("interrupted")
             break
         except Exception as err:  # noqa: BLE001 - report and keep the loop alive
             logger.exception("request failed")
-            say(f"error: the request failed ({type(err).__name__}: {err})")
+            fail(f"the request failed ({type(err).__name__}: {err})")
             continue
         answered += 1
         saved = save_visuals(answer, vis_dir, f"{answer.image.name}_{answered}")
-        say(describe(answer, saved))
+        say(format_answer(answer, output_format, saved))
     return answered
 
 
@@ -424,9 +469,10 @@ def run_batch(
 ) -> BatchSummary:
     """Answer every ``{"image": PATH, "prompt": TEXT}`` line of ``input_jsonl``.
 
-    Writes one output line per input line (same order): the input fields, ``text``, ``boxes``,
-    ``masks`` (COCO RLE), ``image_size``, and ``error`` (null, or why that line failed). A failed
-    line does not stop the batch. Relative image paths are read from ``image_root`` (default:
+    Writes one output line per input line (same order): ``line``, the input fields, the answer's
+    JSON (:meth:`Answer.record`: ``text``, ``objects`` with ``bbox_2d``, ``label``, ``score``,
+    ``area`` and the COCO-RLE ``mask``, ``width``, ``height``, ``image_tokens``...) and ``error``
+    (null, or why that line failed). A failed line does not stop the batch. Relative image paths are read from ``image_root`` (default:
     the directory of ``input_jsonl``).
     """
     from tqdm import tqdm

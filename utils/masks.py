@@ -44,6 +44,8 @@ __all__ = [
     "box_area",
     "box_intersection_union",
     "box_iou",
+    "box_to_xywh",
+    "mask_score",
     "encode_rle",
     "decode_rle",
     "overlay_masks",
@@ -178,6 +180,33 @@ def box_iou(a: Optional[Sequence[int]], b: Optional[Sequence[int]]) -> float:
     if union <= 0:
         return 0.0
     return inter / union
+
+
+def box_to_xywh(box: Sequence[int]) -> list:
+    """COCO's ``[x, y, width, height]`` of an ``(x0, y0, x1, y1)`` box (exclusive corner), so
+    ``width = x1 - x0``: the same box pycocotools' ``toBbox`` gives for the mask."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def mask_score(logits: Any) -> Optional[float]:
+    """Confidence of one predicted mask: the mean sigmoid probability over the mask's own pixels.
+
+    ``logits`` is the ``[H, W]`` mask logits (numpy or torch); the mask is ``logits > 0`` (the
+    project's convention), so the score lies in ``(0.5, 1]``: near 0.5 when the decoder is
+    unsure about every pixel it kept, near 1 when it is sure. ``None`` for an empty mask.
+    """
+    if hasattr(logits, "detach"):  # torch, computed where the tensor lives
+        x = logits.detach().float()
+        inside = x > 0
+        if not bool(inside.any()):
+            return None
+        return float(x[inside].sigmoid().double().mean())
+    x = np.asarray(logits, dtype=np.float64)
+    inside = x > 0
+    if not inside.any():
+        return None
+    return float(np.mean(1.0 / (1.0 + np.exp(-x[inside]))))
 
 
 def encode_rle(mask: Any) -> dict:

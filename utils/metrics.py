@@ -41,6 +41,18 @@ Over a split
   expressions to the meter only under free generation: teacher forcing gives
   their answer without ``[SEG]`` and cannot score them, see ``utils.evaluation``.)
 
+Boxes as detections (per answer, all its boxes)
+----------------------------------------------
+* :func:`match_boxes` matches an answer's predicted boxes (one per ``[SEG]`` with a
+  non-empty mask) to its target boxes one to one, maximising the summed box IoU (Hungarian,
+  ``scipy.optimize.linear_sum_assignment``); assigned pairs without overlap are not matches.
+* :class:`DetectionMeter` sums over a split and :func:`detection_scores_from_state` gives
+  ``precision@0.5``, ``recall@0.5``, ``f1@0.5`` (micro-averaged: true positives = matched
+  pairs with box IoU >= 0.5), ``matched_iou`` (mean IoU of the matched pairs) and
+  ``exact@0.5`` (share of answers with F1 = 1: GREC's Pr@(F1=1, IoU>=0.5)).
+* :func:`coco_average_precision`: COCO box / mask AP, AP50, AP75 with pycocotools'
+  ``COCOeval`` itself, from a COCO results file.
+
 All scores are fractions in [0, 1] (multiply by 100 for papers).
 
 Exact distributed accumulation
@@ -87,6 +99,13 @@ __all__ = [
     "scores_from_state",
     "merge_states",
     "reduce_state_across_ranks",
+    "DETECTION_IOU_THRESHOLD",
+    "BoxMatch",
+    "match_boxes",
+    "DetectionMeter",
+    "detection_scores_from_state",
+    "detection_scores",
+    "coco_average_precision",
 ]
 
 #: LISA's per-mask epsilon: IoU = I / (U + IOU_EPS).
@@ -584,3 +603,270 @@ def reduce_state_across_ranks(
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return dict(zip(keys, (int(v) for v in tensor.tolist())))
+
+
+# --------------------------------------------------------------------------- detection (boxes)
+
+#: The IoU at which a matched (prediction, target) box pair is a true positive.
+DETECTION_IOU_THRESHOLD = 0.5
+
+_DETECTION_FIELDS = (
+    "answers", "predictions", "targets", "matched", "sum_matched_iou_fixed",
+)
+_TP_PREFIX = "true_positives@"
+_EXACT_PREFIX = "exact_answers@"
+
+
+@dataclass(frozen=True)
+class BoxMatch:
+    """The one-to-one matching of one answer's predicted boxes to its target boxes.
+
+    ``pairs`` are ``(prediction index, target index, box IoU)`` of the matched pairs, indices
+    into the boxes given to :func:`match_boxes` (``None`` boxes included in the numbering).
+    """
+
+    pairs: Tuple[Tuple[int, int, float], ...]
+    num_predictions: int
+    num_targets: int
+    intersections_unions: Tuple[Tuple[int, int], ...]
+
+    def true_positives(self, threshold: float = DETECTION_IOU_THRESHOLD) -> int:
+        """Matched pairs whose box IoU >= ``threshold`` (exact integer comparison)."""
+        frac = _threshold_fraction(threshold)
+        return sum(inter * frac.denominator >= frac.numerator * union for inter, union in self.intersections_unions)
+
+    def exact(self, threshold: float = DETECTION_IOU_THRESHOLD) -> bool:
+        """F1 = 1 at ``threshold``: every target matched at IoU >= threshold and no other
+        prediction (an answer with no target and no prediction is exact)."""
+        tp = self.true_positives(threshold)
+        return tp == self.num_targets == self.num_predictions
+
+
+def match_boxes(pred_boxes: Sequence[Optional[Box]], gt_boxes: Sequence[Optional[Box]]) -> BoxMatch:
+    """Match one answer's predicted boxes to its target boxes, one to one.
+
+    The assignment maximises the sum of box IoU (Hungarian algorithm,
+    ``scipy.optimize.linear_sum_assignment``); assigned pairs that do not overlap at all
+    (IoU 0) are not matches. ``None`` boxes (empty masks) are neither predictions nor targets.
+    Boxes are ``(x0, y0, x1, y1)`` with exclusive ``x1``/``y1`` (see ``utils.masks``).
+    """
+    preds = [(i, tuple(b)) for i, b in enumerate(pred_boxes) if b is not None]
+    gts = [(j, tuple(b)) for j, b in enumerate(gt_boxes) if b is not None]
+    pairs: List[Tuple[int, int, float]] = []
+    counts: List[Tuple[int, int]] = []
+    if preds and gts:
+        from scipy.optimize import linear_sum_assignment
+
+        iu = [[box_intersection_union(p, g) for _, g in gts] for _, p in preds]
+        iou = np.array([[i / u if u > 0 else 0.0 for i, u in row] for row in iu], dtype=np.float64)
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            inter, union = iu[r][c]
+            if inter > 0:
+                pairs.append((preds[r][0], gts[c][0], float(iou[r, c])))
+                counts.append((inter, union))
+    return BoxMatch(tuple(pairs), len(preds), len(gts), tuple(counts))
+
+
+class DetectionMeter:
+    """Box detection counts over a split: one :meth:`update` per answer.
+
+    Per answer, the boxes are matched by :func:`match_boxes`; the meter sums the predictions,
+    targets, true positives at each threshold (matched pairs with IoU >= t), matched pairs,
+    matched IoU (fixed point, exact integer sums as :class:`SegmentationMeter`) and exact
+    answers (F1 = 1). :func:`detection_scores_from_state` turns the sums into scores; the
+    state reduces across ranks with :func:`reduce_state_across_ranks`.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = (DETECTION_IOU_THRESHOLD,)) -> None:
+        self._thresholds = [(_threshold_tag(t), float(t)) for t in thresholds]
+        for _, t in self._thresholds:
+            _threshold_fraction(t)
+        self._state: Dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = {f: 0 for f in _DETECTION_FIELDS}
+        for tag, _ in self._thresholds:
+            self._state[_TP_PREFIX + tag] = 0
+            self._state[_EXACT_PREFIX + tag] = 0
+
+    def update(self, pred_boxes: Sequence[Optional[Box]], gt_boxes: Sequence[Optional[Box]]) -> BoxMatch:
+        """Add one answer's predicted boxes and its target boxes; returns the matching."""
+        match = match_boxes(pred_boxes, gt_boxes)
+        s = self._state
+        s["answers"] += 1
+        s["predictions"] += match.num_predictions
+        s["targets"] += match.num_targets
+        s["matched"] += len(match.pairs)
+        s["sum_matched_iou_fixed"] += sum(int(round(iou * IOU_FIXED_POINT_SCALE)) for _, _, iou in match.pairs)
+        for tag, t in self._thresholds:
+            s[_TP_PREFIX + tag] += match.true_positives(t)
+            s[_EXACT_PREFIX + tag] += int(match.exact(t))
+        return match
+
+    def state(self) -> Dict[str, int]:
+        return dict(self._state)
+
+    def scores(self) -> Dict[str, Any]:
+        return detection_scores_from_state(self._state)
+
+
+def detection_scores_from_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Detection scores from a :class:`DetectionMeter` state (micro-averaged over the split).
+
+    With P predictions, T targets and TP true positives at threshold t (all summed over the
+    answers): ``precision@t = TP / P`` (None when P = 0), ``recall@t = TP / T`` (None when
+    T = 0), ``f1@t = 2 TP / (P + T)`` (their harmonic mean; 0 when exactly one of P, T is 0;
+    None when both are), ``matched_iou`` = mean box IoU of the matched pairs (None when there
+    is none), ``exact@t`` = share of answers with F1 = 1 (gRefCOCO's GREC
+    "Pr@(F1=1, IoU>=0.5)"); plus the counts ``answers``, ``predictions``, ``targets``,
+    ``matched`` and ``true_positives@t``.
+    """
+    s = {k: int(v) for k, v in state.items()}
+    answers, p, t = s["answers"], s["predictions"], s["targets"]
+    out: Dict[str, Any] = {"answers": answers, "predictions": p, "targets": t, "matched": s["matched"]}
+    tags = sorted((k[len(_TP_PREFIX):] for k in s if k.startswith(_TP_PREFIX)), key=float)
+    for tag in tags:
+        tp = s[_TP_PREFIX + tag]
+        out[f"precision@{tag}"] = tp / p if p else None
+        out[f"recall@{tag}"] = tp / t if t else None
+        out[f"f1@{tag}"] = 2 * tp / (p + t) if p + t else None
+        out[f"exact@{tag}"] = s[_EXACT_PREFIX + tag] / answers if answers else None
+        out[f"true_positives@{tag}"] = tp
+    out["matched_iou"] = (
+        s["sum_matched_iou_fixed"] / (float(IOU_FIXED_POINT_SCALE) * s["matched"]) if s["matched"] else None
+    )
+    return out
+
+
+def detection_scores(
+    pred_boxes: Sequence[Sequence[Optional[Box]]],
+    gt_boxes: Sequence[Sequence[Optional[Box]]],
+    thresholds: Sequence[float] = (DETECTION_IOU_THRESHOLD,),
+) -> Dict[str, Any]:
+    """Detection scores of parallel lists of answers (each a list of boxes); see
+    :func:`detection_scores_from_state`."""
+    if len(pred_boxes) != len(gt_boxes):
+        raise ValueError(f"got {len(pred_boxes)} answers' predictions but {len(gt_boxes)} answers' targets")
+    meter = DetectionMeter(thresholds)
+    for preds, gts in zip(pred_boxes, gt_boxes):
+        meter.update(preds, gts)
+    return meter.scores()
+
+
+# --------------------------------------------------------------------------- COCO AP
+
+_COCO_STATS = (("AP", 0), ("AP50", 1), ("AP75", 2))
+
+
+def _quiet_coco(call, *args):
+    """Run a pycocotools call, its prints going to the debug log instead of stdout."""
+    import contextlib
+    import io
+    import logging
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = call(*args)
+    if buffer.getvalue().strip():
+        logging.getLogger(__name__).debug("pycocotools: %s", buffer.getvalue().strip())
+    return result
+
+
+def _complete_ground_truth(content: Dict[str, Any]) -> Dict[str, Any]:
+    """A COCO dict with the fields COCOeval reads filled in where a file leaves them out
+    (``iscrowd`` 0, ``area`` and ``bbox`` from the segmentation)."""
+    from pycocotools import mask as mask_util
+
+    images = {img["id"]: img for img in content.get("images", [])}
+    annotations = []
+    for ann in content.get("annotations", []):
+        ann = dict(ann)
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann or "bbox" not in ann:
+            img = images[ann["image_id"]]
+            h, w = int(img["height"]), int(img["width"])
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_util.merge(mask_util.frPyObjects(seg, h, w)) if seg else None
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_util.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            if rle is None:
+                ann.setdefault("area", 0.0)
+                ann.setdefault("bbox", [0.0, 0.0, 0.0, 0.0])
+            else:
+                ann.setdefault("area", float(mask_util.area(rle)))
+                ann.setdefault("bbox", [float(v) for v in mask_util.toBbox(rle)])
+        annotations.append(ann)
+    return {**content, "annotations": annotations}
+
+
+def coco_average_precision(
+    ground_truth: Union[str, Mapping[str, Any]],
+    detections: Union[str, Sequence[Mapping[str, Any]]],
+    iou_type: str = "bbox",
+    image_ids: Optional[Iterable[int]] = None,
+) -> Dict[str, Optional[float]]:
+    """COCO AP, AP50 and AP75 of ``detections`` with pycocotools' ``COCOeval`` (nothing re-implemented).
+
+    Args:
+        ground_truth: a COCO instances file (path) or its parsed dict. Annotations without
+            ``iscrowd``/``area``/``bbox`` get them (0 / from the segmentation) before scoring.
+        detections: a COCO results file (path) or list: ``image_id``, ``category_id``,
+            ``score``, and ``bbox`` ``[x, y, w, h]`` (``iou_type="bbox"``) or ``segmentation``
+            (COCO RLE, ``iou_type="segm"``; a ``bbox`` is then dropped, as detectron2 does, so
+            that the area of a mask detection is the mask's).
+        image_ids: the images scored (COCOeval's ``params.imgIds``); default every image of
+            ``ground_truth``. Give the images the run answered every request about.
+    Returns:
+        ``{"AP", "AP50", "AP75"}``: COCOeval's ``stats[0:3]`` (IoU 0.50:0.95, 0.50, 0.75; all
+        areas; up to 100 detections per image). ``None`` where COCOeval has nothing to score
+        (no ground truth in the scored images). With no detection at all (which ``loadRes``
+        cannot take) AP is 0.0 when there is ground truth, else ``None``.
+    """
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if isinstance(ground_truth, (str, bytes)) or hasattr(ground_truth, "__fspath__"):
+        with open(ground_truth, encoding="utf-8") as handle:
+            ground_truth = json.load(handle)
+    if isinstance(detections, (str, bytes)) or hasattr(detections, "__fspath__"):
+        with open(detections, encoding="utf-8") as handle:
+            detections = json.load(handle)
+    gt = COCO()
+    gt.dataset = _complete_ground_truth(dict(ground_truth))
+    _quiet_coco(gt.createIndex)
+    img_ids = sorted(gt.getImgIds()) if image_ids is None else sorted({int(i) for i in image_ids})
+    if not img_ids:
+        return {name: None for name, _ in _COCO_STATS}
+    scored = set(img_ids)
+    dets = []
+    for det in detections:
+        det = dict(det)
+        if iou_type == "segm":
+            det.pop("bbox", None)
+            if "segmentation" not in det:
+                raise ValueError("segm AP needs a 'segmentation' (COCO RLE) in every detection")
+        else:
+            if "bbox" not in det:
+                raise ValueError("bbox AP needs a 'bbox' [x, y, w, h] in every detection")
+        if int(det["image_id"]) in scored:
+            dets.append(det)
+    has_gt = bool(gt.getAnnIds(imgIds=img_ids, iscrowd=False))
+    if not dets:
+        value = 0.0 if has_gt else None
+        return {name: value for name, _ in _COCO_STATS}
+    dt = _quiet_coco(gt.loadRes, dets)
+    evaluator = COCOeval(gt, dt, iou_type)
+    evaluator.params.imgIds = img_ids
+    _quiet_coco(evaluator.evaluate)
+    _quiet_coco(evaluator.accumulate)
+    _quiet_coco(evaluator.summarize)
+    return {name: (float(evaluator.stats[i]) if evaluator.stats[i] >= 0 else None) for name, i in _COCO_STATS}

@@ -10,8 +10,11 @@ Training::
 
 Validation (:func:`build_val_dataset`): ``ReasonSeg|val``, ``ReasonSeg|test``,
 ``refcoco|unc|val``, ``refcoco|unc|testA``, ``refcoco+|unc|testB``, ``refcocog|umd|test``,
-``grefcoco|unc|val``, and on a synthetic root ``synthetic|val`` (its ReasonSeg val split),
-``synthetic|refer_val`` (its refcoco val split), ``synthetic|grefer_val`` (its gRefCOCO val).
+``grefcoco|unc|val``, ``coco|<instances.json>|<image_dir>`` (a COCO-format file read for
+detection: every category asked about every image, one ``[SEG]`` per instance; add ``|present``
+to ask only the categories an image contains), and on a synthetic root ``synthetic|val`` (its
+ReasonSeg val split), ``synthetic|refer_val`` (its refcoco val split), ``synthetic|grefer_val``
+(its gRefCOCO val).
 A ReasonSeg split holds the first query of each image unless ``reason_seg_queries="all"``
 (``--reason_seg_queries`` of test.py and train_ddp.py, which both build their splits here).
 """
@@ -24,7 +27,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from utils.data.base import Mode, RawDataset
-from utils.data.coco_instances import CocoInstancesDataset, PacoLvisDataset, PascalPartDataset
+from utils.data.coco_instances import (
+    CocoDetectionDataset,
+    CocoInstancesDataset,
+    PacoLvisDataset,
+    PascalPartDataset,
+)
 from utils.data.hybrid import HybridDataset
 from utils.data.reason_seg import ReasonSegDataset
 from utils.data.refer import GRefCocoDataset, ReferSegDataset
@@ -224,11 +232,31 @@ def build_train_dataset(
 
 
 def val_split_kind(name: str) -> str:
-    """``reason_seg`` or ``refer_seg``: the source kind behind a validation split name."""
+    """``reason_seg``, ``refer_seg`` or ``coco``: the source kind behind a validation split name."""
     name = name.strip()
     if name in SYNTHETIC_VAL_SPLITS:
         return SYNTHETIC_VAL_SPLITS[name][0]
+    if name.split("|")[0] == "coco":
+        return "coco"
     return "reason_seg" if len(name.split("|")) == 2 else "refer_seg"
+
+
+def coco_detection_dataset(name: str, dataset_dir: str, **options: Any) -> CocoDetectionDataset:
+    """``coco|<instances.json>|<image_dir>[|present]`` (paths relative to ``dataset_dir`` or
+    absolute) as a :class:`CocoDetectionDataset`."""
+    parts = name.split("|")
+    present = len(parts) == 4 and parts[3] == "present"
+    if len(parts) not in (3, 4) or (len(parts) == 4 and not present) or not parts[1] or not parts[2]:
+        raise ValueError(
+            f"a COCO-format split is 'coco|<instances.json>|<image_dir>' or 'coco|<instances.json>|<image_dir>|present', "
+            f"got {name!r}"
+        )
+    annotation_file, image_dir = (os.path.join(dataset_dir, part) for part in parts[1:3])
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"COCO annotation file {annotation_file} not found (split {name!r})")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"COCO image folder {image_dir} not found (split {name!r})")
+    return CocoDetectionDataset(annotation_file, image_dir, present_only=present, **options)
 
 
 def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "first", **options: Any) -> RawDataset:
@@ -243,6 +271,8 @@ def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "fi
         raise ValueError(f"reason_seg_queries must be 'first' or 'all', got {reason_seg_queries!r}")
     if val_split_kind(name) == "reason_seg":
         options = {"val_queries": reason_seg_queries, **options}
+    if val_split_kind(name) == "coco":
+        return coco_detection_dataset(name, dataset_dir, **options)
     if name in SYNTHETIC_VAL_SPLITS:
         if not is_synthetic_root(dataset_dir):
             raise FileNotFoundError(
@@ -258,7 +288,8 @@ def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "fi
         return build_source_dataset("refer_seg", name, dataset_dir, "val", **options)
     raise ValueError(
         f"unknown validation dataset {name!r}; expected 'ReasonSeg|<split>', '<refer dataset>|<splitBy>|<split>' "
-        f"(refer datasets: {', '.join(REFER_SEG_DATASETS)}) or one of {', '.join(SYNTHETIC_VAL_SPLITS)}"
+        f"(refer datasets: {', '.join(REFER_SEG_DATASETS)}), 'coco|<instances.json>|<image_dir>' or one of "
+        f"{', '.join(SYNTHETIC_VAL_SPLITS)}"
     )
 
 

@@ -4,6 +4,9 @@ Each (image, category) pair is one target whose mask is the union of the categor
 in the image (semantic style: "the wheel of the car" means all of them). A generic COCO file
 whose annotations carry a text field (``sentences``, ``sentence``, ``caption``, ``expression``,
 ``referring_expression``) is read as referring data instead: one target per annotation.
+
+For evaluation, :class:`CocoDetectionDataset` reads a COCO file instance by instance (one
+``[SEG]`` per instance) so that the answers can be scored as detections (COCO AP).
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from utils.data.base import Mode
-from utils.data.coco_format import CocoIndex
+import numpy as np
+
+from utils.data import templates
+from utils.data.base import Mode, RawDataset
+from utils.data.coco_format import CocoIndex, segmentation_to_mask
+from utils.data.io import load_image_rgb
+from utils.data.sample import IGNORE_VALUE, CorruptSampleError, RawSample
 from utils.data.targets import ImageRecord, Target, TargetDataset
 
 logger = logging.getLogger(__name__)
@@ -169,3 +177,121 @@ class CocoInstancesDataset(TargetDataset):
         )
         logger.info("%s (%s): %d images, %d items, %s requests", name, mode, len(self.image_ids), len(self),
                     "expression" if self.uses_expressions else "category")
+
+
+class CocoDetectionDataset(RawDataset):
+    """A COCO instances file read for detection scoring (evaluation only): one item per
+    (image, category).
+
+    Every image of the file is asked about every category of the file (COCO's protocol: a
+    detector answers for every category of every image, so a mask given for an absent category
+    is a false positive), or with ``present_only`` only about the categories the image contains
+    (cheaper; false positives on absent categories are then never asked for). The question is
+    "Please segment all the {category} in this image."; the reference answer has one ``[SEG]``
+    per non-crowd instance (annotation id order), whose mask is that instance (1) with the
+    category's crowd regions as ignore (255). A category with no instance in the image is a
+    no-target item (text answer, all-zero ground truth, crowd regions 255).
+
+    Items are in image order, then category id order (:meth:`image_items` maps an image id to
+    its items). Meta: ``coco_image_id``, ``coco_category_id``, ``category_ids`` (one per turn),
+    ``no_target``, ``no_target_gt``, ``is_sentence`` (False).
+    """
+
+    def __init__(
+        self,
+        annotation_file: str,
+        image_dir: str,
+        mode: Mode = "val",
+        seed: int = 0,
+        num_questions_per_image: int = 1,
+        present_only: bool = False,
+        name: str = "coco",
+    ) -> None:
+        if mode != "val":
+            raise ValueError("CocoDetectionDataset is for evaluation (mode 'val'); train on COCO files with --coco_data")
+        super().__init__(mode, seed, num_questions_per_image, name)
+        index = CocoIndex.from_file(annotation_file)
+        if not index.categories:
+            raise ValueError(f"{annotation_file} has no categories: a detection split asks about each category by name")
+        self.annotation_file = annotation_file
+        self.present_only = present_only
+        self.images = _image_records(index, functools.partial(os.path.join, image_dir))
+        self.categories = {cid: _clean(str(cat.get("name", cid))) for cid, cat in sorted(index.categories.items())}
+        self.annotations_by_image = index.annotations_by_image
+        self.items: list[tuple[int, int]] = []
+        for image_id in sorted(self.images):
+            present = {ann["category_id"] for ann in self.annotations_by_image.get(image_id, [])}
+            self.items.extend(
+                (image_id, cid) for cid in self.categories if not present_only or cid in present
+            )
+        logger.info("%s (detection): %d images x %s categories = %d items from %s", name, len(self.images),
+                    "present" if present_only else len(self.categories), len(self.items), annotation_file)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image_items(self) -> dict[int, list[int]]:
+        """Image id -> the indices of its items."""
+        out: dict[int, list[int]] = defaultdict(list)
+        for position, (image_id, _) in enumerate(self.items):
+            out[image_id].append(position)
+        return dict(out)
+
+    def item_path(self, index: int) -> str | None:
+        return self.images[self.items[index][0]].path
+
+    def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
+        image_id, category_id = self.items[index]
+        record = self.images[image_id]
+        image = load_image_rgb(record.path)
+        height, width = image.shape[:2]
+        if (height, width) != (record.height, record.width):
+            raise CorruptSampleError(
+                f"{record.path}: image is {height}x{width}, annotation says {record.height}x{record.width}"
+            )
+        annotations = sorted(
+            (ann for ann in self.annotations_by_image.get(image_id, []) if ann["category_id"] == category_id),
+            key=lambda ann: ann["id"],
+        )
+        where = f"{record.path} category {category_id}"
+        try:
+            crowd = np.zeros((height, width), dtype=bool)
+            for ann in annotations:
+                if ann.get("iscrowd", 0):
+                    crowd |= segmentation_to_mask(ann["segmentation"], height, width) > 0
+            masks = []
+            for ann in annotations:
+                if ann.get("iscrowd", 0):
+                    continue
+                instance = segmentation_to_mask(ann["segmentation"], height, width)
+                if not instance.any():
+                    logger.debug("%s: annotation %s has an empty segmentation, not a target", where, ann["id"])
+                    continue
+                instance[crowd & (instance == 0)] = IGNORE_VALUE
+                masks.append(instance)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+        category = self.categories[category_id]
+        question = templates.all_instances_question(category)
+        no_target_gt = []
+        if masks:
+            answer = templates.segmentation_answer(len(masks))
+        else:
+            answer = templates.no_target_answer()
+            no_target_gt.append(np.where(crowd, IGNORE_VALUE, 0).astype(np.uint8))
+        return RawSample(
+            image=image,
+            image_path=record.path,
+            dataset=self.name,
+            turns=[(question, answer)],
+            masks=masks,
+            requests=[category],
+            meta={
+                "coco_image_id": int(image_id),
+                "coco_category_id": int(category_id),
+                "category_ids": [int(category_id)],
+                "no_target": [not masks],
+                "no_target_gt": no_target_gt,
+                "is_sentence": False,
+            },
+        )

@@ -68,6 +68,28 @@ def union_mask(annotations: list[dict[str, Any]], height: int, width: int, where
     return mask
 
 
+def instance_boxes(annotations: list[dict[str, Any]], height: int, width: int, where: str) -> list[list[int]]:
+    """Tight box ``[x0, y0, x1, y1]`` (exclusive end, as :func:`utils.masks.mask_to_box`) of each
+    non-crowd annotation's mask, in annotation order; an empty mask gives no box.
+
+    Raises:
+        CorruptSampleError: a segmentation cannot be decoded (names ``where``).
+    """
+    from utils.masks import mask_to_box
+
+    boxes = []
+    try:
+        for annotation in annotations:
+            if annotation.get("iscrowd", 0):
+                continue
+            box = mask_to_box(segmentation_to_mask(annotation["segmentation"], height, width) > 0)
+            if box is not None:
+                boxes.append(list(box))
+    except (KeyError, ValueError, TypeError) as error:
+        raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+    return boxes
+
+
 class TargetDataset(RawDataset):
     """Samples built from a list of :class:`Target`.
 
@@ -86,7 +108,10 @@ class TargetDataset(RawDataset):
     it against an empty mask.
 
     Meta: ``<target_id_key>`` (list[int], one per turn), ``no_target``, ``no_target_gt``,
-    ``is_sentence``.
+    ``is_sentence``; in val mode also ``target_boxes`` (one list per turn: the box of each
+    instance the request names, :func:`instance_boxes`; empty for a no-target turn), the
+    targets of the detection metrics (a gRefCOCO expression naming three objects has one union
+    mask but three target boxes).
     """
 
     target_id_key = "target_ids"
@@ -165,7 +190,7 @@ class TargetDataset(RawDataset):
             raise CorruptSampleError(
                 f"{record.path}: image is {height}x{width}, annotation says {record.height}x{record.width}"
             )
-        turns, masks, requests, no_target, no_target_gt = [], [], [], [], []
+        turns, masks, requests, no_target, no_target_gt, target_boxes = [], [], [], [], [], []
         for position, text in choices:
             target = self.targets[position]
             request = target.texts[text]
@@ -175,9 +200,15 @@ class TargetDataset(RawDataset):
             if target.no_target:
                 turns.append((question, templates.no_target_answer(template_rng)))
                 no_target_gt.append(np.zeros((height, width), dtype=np.uint8))
+                target_boxes.append([])
                 continue
             turns.append((question, templates.segmentation_answer(1, template_rng)))
             masks.append(self._target_mask(target, height, width, record.path))
+            if not self.is_train:
+                annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]
+                target_boxes.append(
+                    instance_boxes(annotations, height, width, f"{record.path} target {target.target_id}")
+                )
         return RawSample(
             image=image,
             image_path=record.path,
@@ -190,6 +221,7 @@ class TargetDataset(RawDataset):
                 "no_target": no_target,
                 "no_target_gt": no_target_gt,
                 "is_sentence": self.is_sentence,
+                **({} if self.is_train else {"target_boxes": target_boxes}),
             },
         )
 

@@ -41,6 +41,10 @@ SHORT_EXPLANATORY_QUESTION_TEMPLATES: tuple[str, ...] = (
 )
 """For short ReasonSeg phrases whose answer is a mask followed by an explanation."""
 
+ALL_INSTANCES_QUESTION_TEMPLATE = "Please segment all the {class_name} in this image."
+"""For a category asked instance by instance (COCO-format detection splits): one ``[SEG]`` per
+instance expected."""
+
 SHORT_TEXT_QUESTION_TEMPLATE = "What is {class_name} in this image?"
 """For short ReasonSeg phrases answered by text only (sentences are asked as they are)."""
 
@@ -99,6 +103,11 @@ def segmentation_question(
     if is_sentence:
         return _pick(LONG_QUESTION_TEMPLATES, rng).format(sent=request.strip())
     return _fill_short(_pick(SHORT_QUESTION_TEMPLATES, rng), request)
+
+
+def all_instances_question(category: str) -> str:
+    """The question of a COCO-format detection split: every instance of ``category``."""
+    return _fill_short(ALL_INSTANCES_QUESTION_TEMPLATE, category)
 
 
 def explanatory_question(request: str, is_sentence: bool, rng: np.random.Generator | None = None) -> str:
