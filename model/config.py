@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .constants import SEG_TOKEN
+
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "qwen_vl_sam_segmenter"
 
@@ -33,7 +35,7 @@ class SegmenterConfig:
     sam_variant: str
     hidden_size: int
     prompt_dim: int
-    seg_token: str = "[SEG]"
+    seg_token: str = SEG_TOKEN
     vlm_path: str = "vlm"
     adapter_path: str | None = None
     sam_checkpoint: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_LABEL = 255
+from .constants import IGNORE_LABEL
 
 
 def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,12 @@ def mask_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def mask_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Dice loss on sigmoid probabilities of one mask over its valid pixels (LISA's smoothing of 1)."""
+    """Dice loss on sigmoid probabilities of one mask over its valid pixels.
+
+    ``smooth`` is added to numerator and denominator. LISA divides both by 1000 and adds 1e-6,
+    a smoothing of 0.001 in pixel units; 1 keeps the loss of an empty target bounded and smooth
+    without changing the loss of a target of more than a few pixels.
+    """
     valid = (target != IGNORE_LABEL).to(logits.dtype)
     prob = logits.sigmoid() * valid
     gt = (target == 1).to(logits.dtype)

@@ -20,9 +20,9 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-logger = logging.getLogger(__name__)
+from .constants import SEG_TOKEN
 
-SEG_TOKEN = "[SEG]"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,12 @@ def load_vlm(
 def ensure_seg_token(model: nn.Module, tokenizer) -> int:
     """Register ``[SEG]`` as a special token and return its id.
 
-    Qwen's embedding matrices have spare rows past the tokenizer's length; they are never shrunk.
-    The matrices grow only when the tokenizer outgrows them, and a new ``[SEG]`` row starts from
-    the mean of the existing rows (a neutral, in-distribution start).
+    Qwen's embedding matrices have spare rows past the tokenizer's length (Qwen2.5-VL-7B: 152,064
+    rows for 151,665 tokens); they are never shrunk. ``[SEG]`` takes the first id past the
+    tokenizer, so with a published checkpoint it starts from one of those spare rows, as the
+    checkpoint left it (never trained: its input embedding and LM-head row are learnt from there,
+    both being trainable). Only when the tokenizer outgrows the matrices do they grow, and then
+    the new rows start from the mean of the existing ones.
     """
     if SEG_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [SEG_TOKEN]}, replace_extra_special_tokens=False)

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -62,17 +61,6 @@ def finish_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
     os.rename(tmp, final)
     _write_text_atomically(run_dir / LATEST_FILE, final.name + "\n")
     return final
-
-
-def write_checkpoint(run_dir: Path, step: int, write_contents: Callable[[Path], None], state: dict) -> Path:
-    """Create ``run_dir/checkpoint-<step>`` atomically (single process).
-
-    Args:
-        write_contents: writes the weights and optimizer files into the directory it is given.
-        state: JSON-serialisable trainer state, written last as ``trainer_state.json``.
-    """
-    write_contents(begin_checkpoint(run_dir, step))
-    return finish_checkpoint(run_dir, step, state)
 
 
 def is_complete(directory: Path) -> bool:

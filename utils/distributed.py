@@ -66,11 +66,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank (every rank must call it)."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
-
-
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """For DataLoader workers: leave SIGTERM / SIGINT to the main process, which saves before
     exiting (a cluster signals the whole process group; a dead worker would abort the save)."""

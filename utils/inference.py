@@ -26,11 +26,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 from utils.grounding import answer_objects
+from model.constants import SEG_TOKEN
 from utils.masks import overlay_masks
 
 logger = logging.getLogger(__name__)
 
-SEG_TOKEN = "[SEG]"
 DEFAULT_MAX_IMAGE_SIDE = 4096
 # Refused beyond this (a 150-megapixel image is 450 MB of RGB); PIL itself refuses ~179 MP.
 DEFAULT_MAX_IMAGE_PIXELS = 150_000_000

@@ -34,6 +34,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from model.constants import IGNORE_LABEL
+
 __all__ = [
     "Box",
     "IGNORE_LABEL",
@@ -54,8 +56,6 @@ __all__ = [
 #: ``(x0, y0, x1, y1)``, exclusive upper corner (see module docstring).
 Box = Tuple[int, int, int, int]
 
-#: Ground-truth label value for "ignore" pixels.
-IGNORE_LABEL = 255
 
 #: Distinct RGB colours used by :func:`overlay_masks` (cycled if there are more masks).
 DEFAULT_PALETTE: Tuple[Tuple[int, int, int], ...] = (

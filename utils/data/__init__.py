@@ -19,7 +19,7 @@ from utils.data.hybrid import HybridDataset, UnreadableSourceError
 from utils.data.io import load_image_rgb, load_label_map
 from utils.data.reason_seg import ReasonSegDataset
 from utils.data.refer import GRefCocoDataset, ReferSegDataset
-from utils.data.sample import IGNORE_VALUE, SEG_TOKEN, CorruptSampleError, EmptySampleError, RawSample
+from utils.data.sample import IGNORE_LABEL, SEG_TOKEN, CorruptSampleError, EmptySampleError, RawSample
 from utils.data.samplers import ShardedEvalSampler
 from utils.data.sem_seg import Ade20kDataset, CocoStuffDataset, LabelMapDataset, MapillaryDataset
 from utils.data.synthetic_writer import write_synthetic_dataset
@@ -35,7 +35,7 @@ __all__ = [
     "EmptySampleError",
     "GRefCocoDataset",
     "HybridDataset",
-    "IGNORE_VALUE",
+    "IGNORE_LABEL",
     "LabelMapDataset",
     "LlavaVqaDataset",
     "MapillaryDataset",

@@ -24,7 +24,7 @@ from utils.data import templates
 from utils.data.base import Mode, RawDataset
 from utils.data.coco_format import CocoIndex, segmentation_to_mask
 from utils.data.io import load_image_rgb
-from utils.data.sample import IGNORE_VALUE, CorruptSampleError, RawSample
+from utils.data.sample import IGNORE_LABEL, CorruptSampleError, RawSample
 from utils.data.targets import ImageRecord, Target, TargetDataset
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class CocoDetectionDataset(RawDataset):
                 if not instance.any():
                     logger.debug("%s: annotation %s has an empty segmentation, not a target", where, ann["id"])
                     continue
-                instance[crowd & (instance == 0)] = IGNORE_VALUE
+                instance[crowd & (instance == 0)] = IGNORE_LABEL
                 masks.append(instance)
         except (KeyError, ValueError, TypeError) as error:
             raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
@@ -278,7 +278,7 @@ class CocoDetectionDataset(RawDataset):
             answer = templates.segmentation_answer(len(masks))
         else:
             answer = templates.no_target_answer()
-            no_target_gt.append(np.where(crowd, IGNORE_VALUE, 0).astype(np.uint8))
+            no_target_gt.append(np.where(crowd, IGNORE_LABEL, 0).astype(np.uint8))
         return RawSample(
             image=image,
             image_path=record.path,

@@ -24,7 +24,7 @@ from utils.data import templates
 from utils.data.base import Mode, RawDataset, missing_path_error
 from utils.data.io import load_image_rgb, read_json, read_json_lenient
 from utils.data.rng import sample_without_replacement
-from utils.data.sample import IGNORE_VALUE, CorruptSampleError, EmptySampleError, RawSample
+from utils.data.sample import IGNORE_LABEL, CorruptSampleError, EmptySampleError, RawSample
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> n
         if len(points) == 0:
             continue
         polygon = _polygon(points)
-        value = IGNORE_VALUE if "ignore" in label else 1
+        value = IGNORE_LABEL if "ignore" in label else 1
         area_mask = np.zeros((height, width), dtype=np.uint8)
         cv2.polylines(area_mask, polygon, True, 1, 1)
         cv2.fillPoly(area_mask, polygon, 1)

@@ -7,11 +7,7 @@ from typing import Any
 
 import numpy as np
 
-SEG_TOKEN = "[SEG]"
-"""The placeholder an answer carries once per target mask."""
-
-IGNORE_VALUE = 255
-"""Mask value of pixels that are neither target nor background (not scored, not trained on)."""
+from model.constants import IGNORE_LABEL, SEG_TOKEN  # noqa: F401  (re-exported for the loaders)
 
 
 class CorruptSampleError(Exception):

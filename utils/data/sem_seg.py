@@ -20,7 +20,7 @@ from utils.data.base import Mode, RawDataset, missing_path_error
 from utils.data.class_names import ADE20K_CLASSES, COCO_STUFF_CLASSES, load_class_names
 from utils.data.io import load_image_rgb, load_label_map, read_json
 from utils.data.rng import sample_without_replacement
-from utils.data.sample import IGNORE_VALUE, CorruptSampleError, EmptySampleError, RawSample
+from utils.data.sample import IGNORE_LABEL, CorruptSampleError, EmptySampleError, RawSample
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def class_masks(class_map: np.ndarray, class_indices: Sequence[int]) -> list[np.
     masks = []
     for class_index in class_indices:
         mask = (class_map == class_index).astype(np.uint8)
-        mask[ignore] = IGNORE_VALUE
+        mask[ignore] = IGNORE_LABEL
         masks.append(mask)
     return masks
 

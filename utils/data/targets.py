@@ -19,7 +19,7 @@ from utils.data import templates
 from utils.data.base import Mode, RawDataset
 from utils.data.coco_format import segmentation_to_mask
 from utils.data.io import load_image_rgb
-from utils.data.sample import IGNORE_VALUE, CorruptSampleError, RawSample
+from utils.data.sample import IGNORE_LABEL, CorruptSampleError, RawSample
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def union_mask(annotations: list[dict[str, Any]], height: int, width: int, where
     mask = np.zeros((height, width), dtype=np.uint8)
     try:
         for annotation in crowd:
-            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = IGNORE_VALUE
+            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = IGNORE_LABEL
         for annotation in regular or annotations:
             mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = 1
     except (KeyError, ValueError, TypeError) as error:

@@ -1,0 +1,8 @@
+"""The constants every part of the project shares (training, evaluation, inference, the demo)."""
+
+SEG_TOKEN = "[SEG]"
+"""The special token an answer carries once per mask; its hidden state prompts SAM's mask decoder."""
+
+IGNORE_LABEL = 255
+"""Ground-truth mask value of pixels that are neither target nor background: not trained on
+(left out of both mask losses) and not scored (removed from prediction and target, as LISA does)."""
