@@ -481,6 +481,7 @@ def build_sam(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     fp32_modules: Sequence[str] = ("prompt_encoder",),
+    attention: str = "sdpa",
 ) -> "Sam":
     """
     Builds the official ``segment_anything.modeling.Sam`` module of a variant, in eval mode.
@@ -506,6 +507,10 @@ def build_sam(
         "mask_decoder") kept in float32 whatever ``dtype`` is. The prompt encoder is by default:
         its positional encoding multiplies a float32 coordinate grid. Add "mask_decoder" when it
         is to be trained (its master weights, read from the file without a bf16 round trip).
+      attention (str): the image encoder's attention: "sdpa" (default; one fused
+        ``scaled_dot_product_attention`` call per block with the relative-position bias, see
+        :mod:`model.sam_attention`: the same function, parameters and state-dict keys) or
+        "official" (``segment_anything``'s own explicit-matrix attention, for comparison).
 
     Returns:
       (Sam): eval mode, on ``device``, floating weights in ``dtype`` except ``fp32_modules``.
@@ -517,6 +522,8 @@ def build_sam(
         another variant (e.g. "expected vit_h, file contains vit_b").
     """
     spec = _check_variant(variant)
+    if attention not in SAM_ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(SAM_ATTENTIONS)}, got {attention!r}")
     device = torch.device(device) if device is not None else torch.get_default_device()
     keep_fp32 = tuple(f"{name}." for name in fp32_modules)
 
@@ -532,7 +539,7 @@ def build_sam(
             wanted = target_dtype(name, param)
             if param.dtype != wanted:
                 param.data = param.data.to(wanted)
-        return sam.eval()
+        return _with_attention(sam.eval(), attention)
 
     # Read and check the file before building: a wrong file fails fast, without a ViT-H init.
     state_dict = _read_state_dict(checkpoint, variant, mmap=True)
@@ -567,6 +574,17 @@ def build_sam(
     if left and device.type != "meta":
         raise RuntimeError(f"SAM tensors not loaded from '{checkpoint}': {', '.join(left[:5])}")
     logger.info("Loaded SAM %s weights from %s (%s)", variant, checkpoint, str(dtype).removeprefix("torch."))
+    return _with_attention(sam, attention)
+
+
+SAM_ATTENTIONS = ("sdpa", "official")
+
+
+def _with_attention(sam: "Sam", attention: str) -> "Sam":
+    if attention == "sdpa":
+        from .sam_attention import use_fast_attention
+
+        use_fast_attention(sam.image_encoder)
     return sam
 
 

@@ -16,6 +16,7 @@ import torch
 
 from model.sam import build_sam, sam_modeling
 from model.sam_attention import (
+    DEFAULT_REL_POS_MODE,
     REL_POS_MODES,
     SdpaAttention,
     attention_implementation,
@@ -61,7 +62,7 @@ def vit_b_encoder(depth: int = 2, global_attn_indexes=(1,)) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def tiny_sam():
     torch.manual_seed(0)
-    sam = build_sam("tiny")
+    sam = build_sam("tiny", attention="official")
     randomise_rel_pos(sam)
     return sam
 
@@ -167,19 +168,19 @@ def test_strict_load_of_official_state_dict(tmp_path):
     """An official-format file (torch.save of the official module's state dict) loads strictly
     into a SAM whose encoder was swapped, and gives the official output."""
     torch.manual_seed(0)
-    source = build_sam("tiny")
+    source = build_sam("tiny", attention="official")
     randomise_rel_pos(source, seed=3)
     path = tmp_path / "sam_tiny.pth"
     torch.save(source.state_dict(), path)
 
-    target = build_sam("tiny")
+    target = build_sam("tiny", attention="official")
     use_fast_attention(target.image_encoder, "mask")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     result = target.load_state_dict(state_dict, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert set(target.state_dict()) == set(state_dict)
     # and the swapped encoder's own state dict loads strictly into an official one
-    fresh = build_sam("tiny")
+    fresh = build_sam("tiny", attention="official")
     fresh.load_state_dict(target.state_dict(), strict=True)
 
     x = torch.randn(1, 3, 256, 256)
@@ -252,3 +253,22 @@ def test_bench_tool_runs_on_cpu(tmp_path):
     assert all(r["max_abs"] <= ATOL for r in report["fp32_equivalence"])
     assert report["flops_per_image"]["flop_counter"] == report["flops_per_image"]["analytic"]["total"]
     assert report["final_attention"].startswith("sdpa:")
+
+
+def test_build_sam_uses_sdpa_attention_by_default_with_official_keys(tmp_path):
+    """The product's SAM (build_sam's default) runs the SDPA attention, loads an official-format
+    file strictly and gives the official module's output; attention="official" keeps the original."""
+    torch.manual_seed(0)
+    official_sam = build_sam("tiny", attention="official")
+    randomise_rel_pos(official_sam, seed=5)
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(official_sam.state_dict(), path)
+    default_sam = build_sam("tiny", path)
+    assert attention_implementation(default_sam.image_encoder) == f"sdpa:{DEFAULT_REL_POS_MODE}"
+    assert attention_implementation(build_sam("tiny", path, attention="official").image_encoder) == "official"
+    assert list(default_sam.state_dict()) == list(official_sam.state_dict())
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert (default_sam.image_encoder(x) - official_sam.image_encoder(x)).abs().max().item() <= ATOL
+    with pytest.raises(ValueError, match="attention must be one of"):
+        build_sam("tiny", attention="flash")

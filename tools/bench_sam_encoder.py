@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     print(f"[{elapsed():6.1f}s] {peak['dtype']} matmul {peak['n']}^3: {peak['tflops']:.1f} TFLOP/s")
 
     # 2. models: float32 official reference and a dtype copy
-    enc32 = build_sam(args.variant, device=device).image_encoder.eval().requires_grad_(False)
+    enc32 = build_sam(args.variant, device=device, attention="official").image_encoder.eval().requires_grad_(False)
     randomise_rel_pos(enc32, args.seed)
     enc = copy.deepcopy(enc32).to(dtype)
     params = sum(p.numel() for p in enc.parameters())
