@@ -1,5 +1,6 @@
 """The Gradio demo (tools/app.py), served for real and queried over HTTP with gradio_client."""
 
+import json
 import os
 import runpy
 import subprocess
@@ -77,10 +78,13 @@ def segment(client, image, prompt):
 
 
 def check_result(result, image_shape):
-    overlay, text, boxes, status = result
+    overlay, text, boxes, status, download = result
     assert np.array(Image.open(overlay)).shape == image_shape
     assert isinstance(text, str) and isinstance(boxes, list)
     assert len(boxes) == text.count("[SEG]")
+    record = json.loads(open(download, encoding="utf-8").read())  # the answer as JSON, for download
+    assert record["text"] == text and (record["height"], record["width"]) == image_shape[:2]
+    assert [obj["bbox_2d"] for obj in record["objects"]] == [box["bbox_2d"] for box in boxes]
     masks = NO_MASK_MESSAGE if not boxes else f"{len(boxes)} mask{'s' if len(boxes) > 1 else ''}"
     assert status.startswith(masks) and status.endswith(" image tokens")
 
@@ -146,13 +150,17 @@ def test_missing_model_directory_is_a_message(tmp_path, monkeypatch):
 
 def test_handler_draws_one_mask_and_box_per_seg(tiny_segmenter_dir, monkeypatch):
     model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
-    session = InferenceSession(model, max_new_tokens=12)
+    session = InferenceSession(model, max_new_tokens=24)
     ask = session.ask
-    monkeypatch.setattr(session, "ask", lambda image, prompt: ask(image, prompt, logits_processor=scripted(model, "Sure, [SEG] and [SEG].")))
+    monkeypatch.setattr(session, "ask", lambda image, prompt: ask(image, prompt, logits_processor=scripted(model, "Sure, the dog [SEG] and [SEG].")))
     payload = {"path": str(DATA / "dog.jpg"), "orig_name": "dog.jpg"}
-    overlay, text, boxes, status = handle_request(session, payload, "Where is the dog and the grass?")
-    assert text == "Sure, [SEG] and [SEG]." and status == "2 masks; 28 image tokens"
+    overlay, text, boxes, status, download = handle_request(session, payload, "Where is the dog and the grass?")
+    assert text == "Sure, the dog [SEG] and [SEG]." and status == "2 masks; 28 image tokens"
     assert [b["mask"] for b in boxes] == [0, 1] and overlay.shape == (534, 800, 3)
+    assert [b["label"] for b in boxes] == ["the dog", None] and all("bbox_2d" in b and "score" in b for b in boxes)
+    record = json.loads(open(download, encoding="utf-8").read())
+    assert record["image"] == "dog.jpg" and record["prompt"] == "Where is the dog and the grass?"
+    assert [obj["label"] for obj in record["objects"]] == ["the dog", None] and download.endswith(".json")
     assert not np.array_equal(overlay, load_photo("dog.jpg"))
     with pytest.raises(InputError, match="no image"):
         handle_request(session, None, "Where?")

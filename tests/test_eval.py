@@ -86,7 +86,7 @@ def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segm
         assert counts["masks"] == entry["metrics"]["count"] >= counts["questions"] - counts["no_target_questions"]
         for key in ("giou", "ciou", "box_iou", "box_acc@0.5", "precision@0.5"):
             assert 0.0 <= entry["metrics"][key] <= 1.0
-        assert ("answers" in entry) == (protocol == "generate")
+        assert ("answers" in entry) == (protocol == "generate") == ("detection" in entry)
     # ReasonSeg: first query of each of the 12 images, split into short and long queries.
     for protocol in PROTOCOLS:
         entry = results[("synthetic|val", protocol)]
@@ -136,7 +136,8 @@ def test_saved_predictions_are_rle_and_rescore_to_the_report(single_run, synthet
     assert len([l for l in lines if l["no_target"] and l["protocol"] == "generate"]) == 12
     rescored = rescore_predictions(out / "predictions.jsonl")
     for key, entry in results_by_key(report).items():
-        assert rescored[key] == {**entry["metrics"], **({"groups": entry["groups"]} if "groups" in entry else {})}, key
+        expected = {**entry["metrics"], **{k: entry[k] for k in ("groups", "detection") if k in entry}}
+        assert rescored[key] == expected, key
 
 
 def test_two_processes_give_the_numbers_of_one(single_run, tiny_segmenter_dir, synthetic_root, tmp_path):
@@ -148,7 +149,7 @@ def test_two_processes_give_the_numbers_of_one(single_run, tiny_segmenter_dir, s
     a, b = results_by_key(single), results_by_key(double)
     assert a.keys() == b.keys()
     for key in a:
-        for field in ("counts", "metrics", "groups", "answers"):
+        for field in ("counts", "metrics", "groups", "answers", "detection"):
             assert a[key].get(field) == b[key].get(field), (key, field)
     # Same predictions, in the same order.
     assert (tmp_path / "predictions.jsonl").read_text() == (single_out / "predictions.jsonl").read_text()

@@ -166,11 +166,35 @@ def test_each_seg_gets_a_mask_png_an_overlay_and_a_box(session, tmp_path):
             outside[max(0, y0 - 4):y1 + 4, max(0, x0 - 4):x1 + 4] = False
         assert np.array_equal(overlay[outside], photo[outside])
     record = answer.record()
-    assert record["image_size"] == [534, 800] and record["text"] == TWO_MASKS
-    for rle, mask, box in zip(record["masks"], answer.masks, record["boxes"]):
-        assert np.array_equal(decode_rle(rle), mask)
-        assert box == (list(mask_to_box(mask)) if mask.any() else None)
+    assert (record["width"], record["height"], record["text"]) == (800, 534, TWO_MASKS)
+    assert record["prompt"] == "Where is the dog?" and record["downscaled_to"] is None
+    assert len(record["objects"]) == 2
+    for obj, mask, score in zip(record["objects"], answer.masks, answer.scores):
+        assert np.array_equal(decode_rle(obj["mask"]), mask) and obj["area"] == mask.sum()
+        assert obj["bbox_2d"] == (list(mask_to_box(mask)) if mask.any() else None)
+        assert obj["label"] is None  # "It is [SEG] and [SEG]." names nothing
+        assert (obj["score"] is None) == (not mask.any()) == (score is None)
     json.dumps(record)
+
+
+def test_scores_come_from_the_model_not_the_mask(model):
+    """The score is the mean mask probability: surer logits for the same mask give a higher score."""
+    session = InferenceSession(model, max_new_tokens=8, cache_size=0)
+    before = session.ask(DOG, "Where is the dog?", logits_processor=scripted(model, "[SEG]"))
+    last = model.sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    saved = (last.weight.detach().clone(), last.bias.detach().clone())
+    try:
+        with torch.no_grad():  # logits x 3: the same mask (same signs), other probabilities
+            last.weight.mul_(3.0)
+            last.bias.mul_(3.0)
+        after = session.ask(DOG, "Where is the dog?", logits_processor=scripted(model, "[SEG]"))
+    finally:
+        with torch.no_grad():
+            last.weight.copy_(saved[0])
+            last.bias.copy_(saved[1])
+        session.close()
+    assert before.masks[0].any() and np.array_equal(before.masks[0], after.masks[0])
+    assert 0.5 < before.scores[0] < after.scores[0] <= 1.0
 
 
 def test_one_shot_bad_input_is_a_message_and_status_1(session, tmp_path):
@@ -189,7 +213,7 @@ def test_an_answer_without_seg_reports_no_mask(session, tmp_path):
     assert save_visuals(answer, tmp_path, "dog") == [] and not list(tmp_path.iterdir())
     assert describe(answer) == f"answer: One.\n{NO_MASK_MESSAGE}\nimage: 800x534, {answer.image_tokens} image tokens"
     assert answer.image_tokens == 28  # the tiny model's limits: 112x196 pixels
-    assert answer.record()["masks"] == [] and answer.record()["boxes"] == []
+    assert answer.record()["objects"] == [] and answer.scores == []
 
 
 # ------------------------------------------------------------------------------- feature reuse
@@ -292,11 +316,11 @@ def test_batch_writes_rle_masks_and_keeps_going_past_bad_lines(session, monkeypa
     assert "broken.jpg" in errors[1] and "missing.jpg does not exist" in errors[2]
     assert "request is empty" in errors[3] and "not valid JSON" in errors[4]
     for record in (records[0], records[5]):
-        assert record["text"] == TWO_MASKS and len(record["masks"]) == len(record["boxes"]) == 2
-        for rle, box in zip(record["masks"], record["boxes"]):
-            mask = decode_rle(rle)
+        assert record["text"] == TWO_MASKS and len(record["objects"]) == 2
+        for obj in record["objects"]:
+            mask = decode_rle(obj["mask"])
             assert mask.shape == (534, 800)
-            assert box == (list(mask_to_box(mask)) if mask.any() else None)
+            assert obj["bbox_2d"] == (list(mask_to_box(mask)) if mask.any() else None)
 
 
 # ------------------------------------------------------------------------------- the entry point
@@ -311,6 +335,67 @@ def test_one_shot(tiny_segmenter_dir, tmp_path):
     assert result.stdout.startswith("answer: ")
     assert "image: 800x534, 28 image tokens" in result.stdout
     assert_masks_reported(result.stdout, tmp_path / "vis")
+
+
+FORCED_ANSWER = """
+import sys
+sys.path[:0] = [".", "tests"]
+from model.segmenter import ReasonSegmenter
+from test_inference import scripted
+_generate = ReasonSegmenter.generate
+def generate(self, batch, max_new_tokens=64, **kwargs):
+    return _generate(self, batch, max_new_tokens=max_new_tokens, logits_processor=scripted(self, {answer!r}), **kwargs)
+ReasonSegmenter.generate = generate
+"""
+
+
+def check_answer_json(record, prompt):
+    """The JSON answer schema (README, "Boxes: grounding and detection")."""
+    assert set(record) == {"prompt", "text", "objects", "width", "height", "image_tokens", "downscaled_to"}
+    assert record["prompt"] == prompt and (record["width"], record["height"]) == (800, 534)
+    assert record["image_tokens"] == 28 and record["downscaled_to"] is None
+    assert len(record["objects"]) == record["text"].count("[SEG]")
+    for obj in record["objects"]:
+        assert set(obj) == {"bbox_2d", "label", "score", "area", "mask"}
+        mask = decode_rle(obj["mask"])
+        assert mask.shape == (534, 800) and obj["area"] == mask.sum()
+        box = mask_to_box(mask)
+        assert obj["bbox_2d"] == (list(box) if box is not None else None)
+        assert (obj["score"] is None) == (box is None) and (box is None or 0.5 < obj["score"] <= 1.0)
+
+
+def test_json_format_one_shot(tiny_segmenter_dir, tmp_path):
+    """One JSON object on stdout, one line; the answer is forced (a random tiny model rarely says [SEG])."""
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--image", DOG, "--prompt", "Where is the dog?",
+         "--max_new_tokens", "32", "--vis_save_path", tmp_path / "vis", "--format", "json"],
+        wrapper=FORCED_ANSWER.format(answer="the dog [SEG] and [SEG] (its tail)."),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    check_answer_json(record, "Where is the dog?")
+    assert record["text"] == "the dog [SEG] and [SEG] (its tail)."
+    assert [obj["label"] for obj in record["objects"]] == ["the dog", "its tail"]
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == [
+        "dog_mask_0.png", "dog_mask_1.png", "dog_overlay_0.png", "dog_overlay_1.png"]
+
+
+def test_json_format_interactive(tiny_segmenter_dir, tmp_path):
+    """Every request gives one JSON line on stdout (an error too); questions and goodbye on stderr."""
+    stdin = "\n".join(["Where is the dog?", str(DOG), "Where is the grass?", str(tmp_path / "nope.jpg"), ""]) + "\n"
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--max_new_tokens", "8",
+         "--vis_save_path", tmp_path / "vis", "--format", "json"],
+        stdin=stdin,
+    )
+    assert result.returncode == 0, result.stderr
+    answer, failure = (json.loads(line) for line in result.stdout.splitlines())
+    check_answer_json(answer, "Where is the dog?")
+    assert failure == {"prompt": "Where is the grass?", "image": str(tmp_path / "nope.jpg"),
+                       "error": f"image file {tmp_path / 'nope.jpg'} does not exist"}
+    assert "Request (empty to quit):" in result.stderr and "bye (1 requests answered" in result.stderr
 
 
 def assert_masks_reported(stdout: str, vis_dir, prefix="dog"):
@@ -343,10 +428,10 @@ def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == 3
     good, corrupt, gone = records
-    assert good["error"] is None and isinstance(good["text"], str) and good["image_size"] == [534, 800]
+    assert good["error"] is None and isinstance(good["text"], str) and (good["width"], good["height"]) == (800, 534)
     assert good["image_tokens"] == 28
-    assert len(good["masks"]) == len(good["boxes"]) == good["text"].count("[SEG]")
-    assert all(decode_rle(rle).shape == (534, 800) for rle in good["masks"])
+    assert len(good["objects"]) == good["text"].count("[SEG]")
+    assert all(decode_rle(obj["mask"]).shape == (534, 800) for obj in good["objects"])
     assert "corrupt.jpg" in corrupt["error"] and "gone.jpg does not exist" in gone["error"]
     assert "Traceback" not in result.stderr
 

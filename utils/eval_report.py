@@ -187,25 +187,25 @@ _AP_COLUMNS = (("boxAP", "bbox", "AP"), ("AP50", "bbox", "AP50"), ("AP75", "bbox
 
 
 def format_box_table(results: Iterable[dict]) -> str:
-    """The detection table: one row per (generate) split with box detection scores, and COCO AP
-    on COCO-format splits; "" when no result has them."""
+    """The detection table: one row per split scored under ``generate`` (the only protocol with
+    detection scores), and COCO AP on COCO-format splits; "" when no result has them."""
     rows = []
     for entry in results:
         if "detection" not in entry:
             continue
         detection = entry["detection"]
-        row = [entry["protocol"], entry["split"]]
+        row = [entry["split"]]
         row += [_percent(detection.get(key)) if pct else str(detection.get(key, "-")) for _, key, pct in _BOX_COLUMNS]
         coco = entry.get("coco_ap") or {}
         row += [_percent(coco[kind][key]) if kind in coco else "-" for _, kind, key in _AP_COLUMNS]
         rows.append(row)
     if not rows:
         return ""
-    header = ["protocol", "split", *(name for name, _, _ in _BOX_COLUMNS), *(name for name, _, _ in _AP_COLUMNS)]
+    header = ["split", *(name for name, _, _ in _BOX_COLUMNS), *(name for name, _, _ in _AP_COLUMNS)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 

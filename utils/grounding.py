@@ -33,9 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from model.constants import SEG_TOKEN
 from utils.masks import box_to_xywh, encode_rle, mask_to_box
-
-SEG_TOKEN = "[SEG]"
 
 _PARENTHESIS_AFTER = re.compile(r"\s*\(([^()]*)\)")
 _BOUNDARIES = ".,;:!?\n()"
