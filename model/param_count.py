@@ -173,6 +173,27 @@ VLM_SPECS: dict[str, VLMSpec] = {
 }
 
 
+def tiny_spec() -> VLMSpec:
+    """A tiny Qwen2.5-VL of the real class (hidden 64, 2 layers), standing in for a published
+    configuration where the real-size code paths run on a CPU (the benchmark's and
+    ``tools/gpu_check.py``'s ``tiny`` modes)."""
+    hidden, heads = 64, 4
+    half = hidden // heads // 2
+    return VLMSpec(
+        hf_id="tiny/Qwen2.5-VL-tiny",
+        family="qwen2_5_vl",
+        text=dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=1024, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1], in_channels=3),
+        tie_word_embeddings=False,
+        tokenizer_length=0,
+    )
+
+
 def resolve_model_name(name: str) -> str:
     """A key of :data:`VLM_SPECS` for ``name`` (also accepts hub ids such as
     ``Qwen/Qwen2.5-VL-7B-Instruct``); a clear error listing the valid names otherwise."""

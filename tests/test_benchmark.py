@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from model.param_count import tiny_spec
 from model.vlm import LoraSettings
 from utils.performance import (
     BenchRow,
@@ -27,7 +28,6 @@ from utils.performance import (
     published_generate,
     request_batch,
     scene,
-    tiny_real_size_spec,
 )
 from transformers import LogitsProcessorList
 
@@ -188,7 +188,7 @@ def test_data_loading_row_uses_sam_1024_and_qwen_default_pixels(smoke, tmp_path)
 
 
 def test_real_size_code_path_on_a_tiny_config(smoke):
-    rows = bench_real_size(smoke, sam_variant="tiny", spec_override=tiny_real_size_spec())
+    rows = bench_real_size(smoke, sam_variant="tiny", spec_override=tiny_spec())
     assert len(rows) == 4
     for row in rows:
         assert row.check_passed, (row.name, row.check)

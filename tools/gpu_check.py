@@ -164,27 +164,6 @@ def run_stage(
 # ------------------------------------------------------------------ the inputs
 
 
-def tiny_spec():
-    """A tiny Qwen2.5-VL of the real class, for ``--tiny`` (the stages' wiring on a CPU)."""
-    from model.param_count import VLMSpec
-
-    hidden, heads = 64, 4
-    half = hidden // heads // 2
-    return VLMSpec(
-        hf_id="tiny/Qwen2.5-VL-tiny",
-        family="qwen2_5_vl",
-        text=dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=1024, max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                    fullatt_block_indexes=[1], in_channels=3),
-        tie_word_embeddings=False,
-        tokenizer_length=0,
-    )
-
-
 def write_vlm(spec, out: Path, device: str) -> int:
     """A random-weights Qwen-VL directory of ``spec``'s configuration, in bf16 safetensors.
 
@@ -355,7 +334,7 @@ def has_checkpoint(run_dir: Path) -> bool:
 def check(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    from model.param_count import VLM_SPECS, resolve_model_name
+    from model.param_count import VLM_SPECS, resolve_model_name, tiny_spec
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("tools/gpu_check.py needs a CUDA GPU; --tiny runs the same stages on a CPU")

@@ -922,28 +922,6 @@ def bench_data_loading(settings: BenchSettings, scratch: Path) -> list[BenchRow]
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_real_size_spec():
-    """A tiny stand-in for a :class:`model.param_count.VLMSpec`, to run :func:`bench_real_size`'s
-    code path on a CPU."""
-    from model.param_count import VLMSpec
-
-    hidden, heads = 64, 4
-    half = hidden // heads // 2
-    return VLMSpec(
-        hf_id="tiny/Qwen2.5-VL-tiny",
-        family="qwen2_5_vl",
-        text=dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=1024, max_position_embeddings=4096,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}),
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                    fullatt_block_indexes=[1], in_channels=3),
-        tie_word_embeddings=False,
-        tokenizer_length=0,
-    )
-
-
 def build_real_size_segmenter(spec, sam_variant: str, device: torch.device, dtype: torch.dtype, processor):
     """A segmenter of ``spec``'s real size with random weights, built on ``device`` in ``dtype``.
 
@@ -1176,7 +1154,9 @@ def run_benchmarks(
             elif name == "data_loading":
                 new = bench_data_loading(settings, scratch)
             else:
-                spec = tiny_real_size_spec() if settings.real_size == "tiny" else None
+                from model.param_count import tiny_spec
+
+                spec = tiny_spec() if settings.real_size == "tiny" else None
                 new = bench_real_size(settings, sam_variant="tiny" if spec is not None else "vit_h", spec_override=spec)
             durations[name] = time.perf_counter() - begin
             for row in new:

@@ -23,7 +23,6 @@ import numpy as np
 from utils.data import templates
 from utils.data.base import Mode, RawDataset
 from utils.data.coco_format import CocoIndex, segmentation_to_mask
-from utils.data.io import load_image_rgb
 from utils.data.sample import IGNORE_LABEL, CorruptSampleError, RawSample
 from utils.data.targets import ImageRecord, Target, TargetDataset
 
@@ -243,12 +242,8 @@ class CocoDetectionDataset(RawDataset):
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         image_id, category_id = self.items[index]
         record = self.images[image_id]
-        image = load_image_rgb(record.path)
+        image = record.load()
         height, width = image.shape[:2]
-        if (height, width) != (record.height, record.width):
-            raise CorruptSampleError(
-                f"{record.path}: image is {height}x{width}, annotation says {record.height}x{record.width}"
-            )
         annotations = sorted(
             (ann for ann in self.annotations_by_image.get(image_id, []) if ann["category_id"] == category_id),
             key=lambda ann: ann["id"],

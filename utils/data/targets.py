@@ -46,6 +46,16 @@ class ImageRecord:
     height: int
     width: int
 
+    def load(self) -> np.ndarray:
+        """The image as HxWx3 uint8 RGB, checked against the annotated size."""
+        image = load_image_rgb(self.path)
+        height, width = image.shape[:2]
+        if (height, width) != (self.height, self.width):
+            raise CorruptSampleError(
+                f"{self.path}: image is {height}x{width}, annotation says {self.height}x{self.width}"
+            )
+        return image
+
 
 def union_mask(annotations: list[dict[str, Any]], height: int, width: int, where: str) -> np.ndarray:
     """Union of the annotations' segmentations: 1 target, 0 background.
@@ -184,12 +194,8 @@ class TargetDataset(RawDataset):
             choices = [(position, text)]
             template_rng = None
         record = self.images[image_id]
-        image = load_image_rgb(record.path)
+        image = record.load()
         height, width = image.shape[:2]
-        if (height, width) != (record.height, record.width):
-            raise CorruptSampleError(
-                f"{record.path}: image is {height}x{width}, annotation says {record.height}x{record.width}"
-            )
         turns, masks, requests, no_target, no_target_gt, target_boxes = [], [], [], [], [], []
         for position, text in choices:
             target = self.targets[position]
