@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--explanatory", type=float, default=0.1, help="share of ReasonSeg samples answered with an explanation")
     data.add_argument("--num_questions_per_image", type=int, default=3)
     data.add_argument(
-        "--conversation_mode", choices=["single_turn", "multi_turn"], default="single_turn",
-        help="the questions of a sample (one image): single_turn asks each as its own conversation (LISA's way, "
-        "and how evaluation asks them), multi_turn as the turns of one conversation; the image is encoded once "
-        "either way, and VQA dialogues stay one conversation",
+        "--conversation_mode", choices=["single_turn", "multi_turn"], default="multi_turn",
+        help="the questions of a sample (one image): multi_turn asks them as the turns of one conversation "
+        "(scored better on the demo), single_turn each as its own conversation (LISA's way, and how evaluation "
+        "asks them); the image is encoded once either way, and VQA dialogues stay one conversation",
     )
     data.add_argument("--val_dataset", default="ReasonSeg|val")
     data.add_argument(

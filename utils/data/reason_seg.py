@@ -107,8 +107,8 @@ class ReasonSegDataset(RawDataset):
     Items:
         * train: one per image. Up to ``num_questions_per_image`` of its queries are asked (all
           about the same target, so every turn gets the same mask); each turn is a question on
-          its own (training asks each as its own conversation by default, see
-          ``--conversation_mode``). For images listed in the
+          its own (training asks them as one conversation or, with ``--conversation_mode
+          single_turn``, each as its own). For images listed in the
           explanatory file, the whole sample is, with probability ``text_only_rate``, a
           text-only one (the query asked as is, or "What is X in this image?" for a short
           phrase, answered by the explanation: no ``[SEG]``, no mask), or

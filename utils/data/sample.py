@@ -40,8 +40,8 @@ class RawSample:
             ``dataset/README.md`` for the other keys.
         dialogue: the turns form one dialogue (a turn may refer to earlier ones, as in VQA), so
             they are always asked as one conversation. False (every segmentation source): each
-            turn is a question on its own, asked as its own single-turn conversation in training's
-            ``single_turn`` mode (``--conversation_mode``) and in evaluation.
+            turn is a question on its own, asked as its own single-turn conversation in evaluation
+            and in training's ``single_turn`` mode (``--conversation_mode``).
     """
 
     image: np.ndarray
