@@ -17,11 +17,19 @@ from test_eval import env, results_by_key, synthetic_root  # noqa: F401 - synthe
 from utils.grounding import answer_objects, coco_results, seg_labels
 from utils.masks import box_iou, decode_rle, encode_rle, mask_score, mask_to_box
 from utils.metrics import (
+    DETECTION_IOU_THRESHOLD,
     DetectionMeter,
     coco_average_precision,
-    detection_scores,
     match_boxes,
 )
+
+
+def detection_scores(pred_boxes, gt_boxes, thresholds=(DETECTION_IOU_THRESHOLD,)):
+    """The detection scores of answers: a meter fed with them in order, as evaluation feeds it."""
+    meter = DetectionMeter(thresholds)
+    for preds, gts in zip(pred_boxes, gt_boxes, strict=True):
+        meter.update(preds, gts)
+    return meter.scores()
 
 
 # --------------------------------------------------------------------------- matching and detection scores

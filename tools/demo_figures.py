@@ -240,7 +240,7 @@ def _draw_panel(fig, box: tuple[float, float, float, float], record: dict, image
         label += "  (no mask)"
     answer = _short(f"answer: {record.get('answer', '')!s}", 50, 1)
     fig.text((left + width / 2) / fig_w, 1 - (image_top + image_height + 4) / fig_h, f"{label}\n{answer}",
-             ha="center", va="top", fontsize=8.5, color="darkgreen" if iou >= 0.5 else "firebrick")
+             ha="center", va="top", fontsize=8.5, color="darkgreen" if round(iou, 2) >= 0.5 else "firebrick")
     return iou
 
 

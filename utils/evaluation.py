@@ -316,13 +316,14 @@ def _group_order(declared: Sequence[str]):
 
 
 class EncodedDataset(Dataset):
-    """A raw dataset seen through the sample encoder; unreadable samples become None (counted).
+    """A raw dataset seen through the sample encoder: every item is a list of encoded samples,
+    empty when the item is unreadable (logged; counted by the collate function).
 
-    ``per_question=False``: item -> one sample with every question and its reference answer
-    (teacher forcing; each question its own conversation with an encoder in ``single_turn`` mode);
-    ``extra`` also carries ``index`` and ``turns``. ``per_question=True``: item -> a list of
-    samples, one open prompt per question (generation); ``extra`` carries ``index``, ``info``
-    (see :func:`question_infos`) and the sample's ``meta``, and ``masks`` are that turn's targets.
+    ``per_question=False``: one sample with every question and its reference answer (teacher
+    forcing; each question its own conversation with an encoder in ``single_turn`` mode); ``extra``
+    also carries ``index`` and ``turns``. ``per_question=True``: one sample per question, an open
+    prompt (generation); ``extra`` carries ``index``, ``info`` (see :func:`question_infos`) and the
+    sample's ``meta``, and ``masks`` are that turn's targets.
     """
 
     def __init__(self, raw: Dataset, encoder: SampleEncoder, per_question: bool = False) -> None:
@@ -333,17 +334,17 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.raw)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> list[dict]:
         try:
             raw = self.raw[index]
             if self.per_question:
                 return self._question_samples(raw, index)
             sample = self.encoder(raw)
             sample["extra"].update(index=index, turns=list(raw.turns))
-            return sample
+            return [sample]
         except CorruptSampleError as error:
             logger.warning("evaluation sample %d unreadable, not scored: %s", index, error)
-            return None
+            return []
 
     def _question_samples(self, raw, index: int) -> list[dict]:
         meta = {k: v for k, v in raw.meta.items() if k not in ("skipped_errors", "no_target_gt")}
@@ -366,15 +367,12 @@ class EncodedDataset(Dataset):
         return samples
 
 
-def _collate_present(model, samples: list, padding_side: str) -> dict | None:
-    present = [s for s in samples if s is not None]
-    unreadable = len(samples) - len(present)
-    items = len(present)
-    if present and isinstance(present[0], list):  # per-question prompts
-        present = [prompt for prompts in present for prompt in prompts]
+def _collate_present(model, items: list[list[dict]], padding_side: str) -> dict:
+    """One batch of every sample of the readable items (an unreadable item is an empty list)."""
+    present = [sample for samples in items for sample in samples]
+    readable = sum(1 for samples in items if samples)
     batch = model.collate(present, padding_side=padding_side) if present else None
-    return {"batch": batch, "unreadable": unreadable, "items": items}
-
+    return {"batch": batch, "unreadable": len(items) - readable, "items": readable}
 
 
 

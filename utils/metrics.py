@@ -91,10 +91,6 @@ __all__ = [
     "MaskCounts",
     "prepare_masks",
     "compute_counts",
-    "intersection_union",
-    "mask_iou",
-    "segmentation_scores",
-    "no_target_accuracy",
     "SegmentationMeter",
     "scores_from_state",
     "merge_states",
@@ -104,7 +100,6 @@ __all__ = [
     "match_boxes",
     "DetectionMeter",
     "detection_scores_from_state",
-    "detection_scores",
     "coco_average_precision",
 ]
 
@@ -225,20 +220,6 @@ def compute_counts(pred: Any, gt: Any) -> MaskCounts:
     pred_box = mask_to_box(p) if n_pred else None
     gt_box = mask_to_box(g) if n_gt else None
     return MaskCounts(intersection=inter, union=union, pred_box=pred_box, gt_box=gt_box)
-
-
-def intersection_union(pred: Any, gt: Any) -> Tuple[int, int]:
-    """``(I, U)`` of one pair, ignore pixels removed from both."""
-    c = compute_counts(pred, gt)
-    return c.intersection, c.union
-
-
-def mask_iou(pred: Any, gt: Any) -> float:
-    """LISA per-mask IoU of one pair: ``I / (U + 1e-5)``, 1.0 when ``U == 0``."""
-    p, g = prepare_masks(pred, gt)
-    inter = int(np.count_nonzero(p & g))
-    union = int(np.count_nonzero(p | g))
-    return _lisa_iou(inter, union)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -505,66 +486,6 @@ class SegmentationMeter:
 # --------------------------------------------------------------------------- one-shot helpers
 
 
-def segmentation_scores(
-    pred_masks: Sequence[Any],
-    gt_masks: Sequence[Any],
-    precision_thresholds: Sequence[float] = DEFAULT_PRECISION_THRESHOLDS,
-    box_thresholds: Sequence[float] = DEFAULT_BOX_THRESHOLDS,
-) -> Dict[str, Any]:
-    """Scores of a whole split given parallel lists of predictions and ground truths.
-
-    Same values as a :class:`SegmentationMeter` fed with the pairs in order (see
-    :func:`scores_from_state` for the keys). Raises ``ValueError`` for empty
-    lists, different lengths, or a pair whose shapes differ (naming the index).
-    """
-    if len(pred_masks) != len(gt_masks):
-        raise ValueError(f"got {len(pred_masks)} predictions but {len(gt_masks)} ground truths")
-    if len(pred_masks) == 0:
-        raise ValueError("no masks given: an empty split has no score")
-    meter = SegmentationMeter(
-        precision_thresholds=precision_thresholds, box_thresholds=box_thresholds
-    )
-    for i, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
-        try:
-            meter.update(pred, gt)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"mask {i}: {exc}") from exc
-    return meter.scores()
-
-
-def no_target_accuracy(
-    predicted_empty: Sequence[bool], gt_empty: Sequence[bool]
-) -> Dict[str, Any]:
-    """GRES's N-acc and T-acc from per-expression emptiness flags.
-
-    ``n_acc`` = among expressions whose ground truth is empty (no target), the
-    share predicted empty (``None`` if there is none); ``t_acc`` = among those
-    with a target, the share predicted non-empty. Use it when "no target" is
-    decided by something other than mask emptiness (the meter already reports
-    both from the masks).
-    """
-    if len(predicted_empty) != len(gt_empty):
-        raise ValueError(
-            f"got {len(predicted_empty)} predictions but {len(gt_empty)} ground truths"
-        )
-    if len(gt_empty) == 0:
-        raise ValueError("no samples given")
-    pe = np.asarray(predicted_empty, dtype=bool)
-    ge = np.asarray(gt_empty, dtype=bool)
-    n_nt = int(np.count_nonzero(ge))
-    n_t = int(ge.size - n_nt)
-    nt_correct = int(np.count_nonzero(pe & ge))
-    t_correct = int(np.count_nonzero(~pe & ~ge))
-    return {
-        "n_acc": nt_correct / n_nt if n_nt else None,
-        "no_target_count": n_nt,
-        "no_target_correct": nt_correct,
-        "t_acc": t_correct / n_t if n_t else None,
-        "target_count": n_t,
-        "target_correct": t_correct,
-    }
-
-
 # --------------------------------------------------------------------------- distributed
 
 
@@ -738,21 +659,6 @@ def detection_scores_from_state(state: Mapping[str, Any]) -> Dict[str, Any]:
         s["sum_matched_iou_fixed"] / (float(IOU_FIXED_POINT_SCALE) * s["matched"]) if s["matched"] else None
     )
     return out
-
-
-def detection_scores(
-    pred_boxes: Sequence[Sequence[Optional[Box]]],
-    gt_boxes: Sequence[Sequence[Optional[Box]]],
-    thresholds: Sequence[float] = (DETECTION_IOU_THRESHOLD,),
-) -> Dict[str, Any]:
-    """Detection scores of parallel lists of answers (each a list of boxes); see
-    :func:`detection_scores_from_state`."""
-    if len(pred_boxes) != len(gt_boxes):
-        raise ValueError(f"got {len(pred_boxes)} answers' predictions but {len(gt_boxes)} answers' targets")
-    meter = DetectionMeter(thresholds)
-    for preds, gts in zip(pred_boxes, gt_boxes):
-        meter.update(preds, gts)
-    return meter.scores()
 
 
 # --------------------------------------------------------------------------- COCO AP
