@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from utils.masks import mask_score, mask_to_box
 
 from .batch import collate, encode_sample, row_images, to_device
 from .config import SegmenterConfig
+from .conversation import IGNORE_INDEX
 from .image_cache import shared_images
 from .losses import mask_bce_loss, mask_dice_loss
 from .image_tokens import image_token_counts
@@ -486,11 +488,16 @@ class ReasonSegmenter(nn.Module):
 
         Returns:
             (the VLM output with ``.loss`` (token cross-entropy averaged over the answer tokens of
-            all rows) and ``.hidden`` [R, T, H] final hidden states, per sample the [n_i, H] states
-            of the ``[SEG]`` tokens in the answers of its conversations, in row order).
+            all rows), ``.logits`` [n, V] only at the n positions whose next token is labelled
+            (see :func:`labelled_next_tokens`) and ``.hidden`` [R, T, H] final hidden states of
+            every position; per sample the [n_i, H] states of the ``[SEG]`` tokens in the answers
+            of its conversations, in row order).
         """
+        keep, targets = labelled_next_tokens(batch["labels"])
         with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
-            output = self.vlm(**inputs, labels=batch["labels"])
+            # The LM head runs only where the next token is labelled: logits [n, V], not [R, T, V].
+            output = self.vlm(**inputs, logits_to_keep=keep)
+        output.loss = F.cross_entropy(output.logits.float(), targets)
         output.hidden = captured[-1]
         seg_positions = batch["labels"] == self.seg_token_id  # answer [SEG] tokens only
         per_sample: list[list[torch.Tensor]] = [[] for _ in batch["masks"]]
@@ -576,6 +583,28 @@ class ReasonSegmenter(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.projection.fc1.weight.device
+
+
+def labelled_next_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a teacher-forced batch needs the LM head, and the tokens it must predict there.
+
+    Passed as ``logits_to_keep`` to a Qwen-VL's forward (transformers keeps the ``True`` positions
+    of a 2-D boolean mask, flattened row by row), the mask makes the head compute [n, V] logits
+    instead of [R, T, V]; the cross-entropy of those logits with ``targets`` (mean over the n
+    tokens) is then the token loss of transformers' ``ForCausalLMLoss`` with ``labels`` (shift by
+    one, mean over the labelled tokens of the whole batch, no ``num_items_in_batch``), with the
+    same gradients: unlabelled positions contribute nothing to either.
+
+    Args:
+        labels: [R, T] token labels, ``IGNORE_INDEX`` (-100) where unlabelled (prompts, padding).
+    Returns:
+        (keep, targets): keep [R, T] bool, True at position t when labels[r, t + 1] is labelled;
+        targets [n] (n = keep.sum()) those next tokens, in row-major order.
+    """
+    next_labels = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = next_labels != IGNORE_INDEX
+    return keep, next_labels[keep[:, :-1]]
 
 
 def cast_for_run(

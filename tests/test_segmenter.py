@@ -379,6 +379,74 @@ def test_single_turn_training_forward_equals_separate_samples(tiny_vlm_dir, fami
         torch.testing.assert_close(one_grads[name], three_grads[name], rtol=0, atol=1e-5, msg=name)
 
 
+def full_logits_seg_states(model, batch):
+    """The training forward before the LM head was restricted to labelled positions (reference)."""
+    from model.batch import row_images
+    from model.image_cache import shared_images
+
+    with model.hidden_states.capture() as captured, shared_images(model.vlm, batch) as inputs:
+        output = model.vlm(**inputs, labels=batch["labels"])
+    output.hidden = captured[-1]
+    seg_positions = batch["labels"] == model.seg_token_id
+    per_sample = [[] for _ in batch["masks"]]
+    for row, sample in enumerate(row_images(batch)):
+        per_sample[sample].append(output.hidden[row][seg_positions[row]])
+    return output, [torch.cat(parts) if parts else output.hidden.new_zeros((0, output.hidden.shape[-1])) for parts in per_sample]
+
+
+@pytest.mark.parametrize("train_language_model", [False, True], ids=["lora", "language_model"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_head_only_at_labelled_positions_keeps_loss_and_gradients(tiny_vlm_dir, family, train_language_model, tmp_path, monkeypatch):
+    """The training forward computes logits only where the next token is labelled, with the loss
+    and every trainable gradient of the full-logits forward (right-padded rows, several
+    conversations per image, LoRA with trainable [SEG] rows or the whole language model)."""
+    from model.batch import SampleEncoder
+
+    raw, _ = reason_seg_training_sample(tmp_path)
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(
+        tiny_vlm_dir(family), "tiny", lora=LoraSettings(dropout=0.0), train_language_model=train_language_model
+    ).train()
+    assert train_language_model or any("lm_head" in n and "trainable_tokens" in n for n in trainable_names(model))
+    dog = load_photo("dog.jpg")
+    mask = rectangle_mask(dog.shape[:2], (200, 100, 500, 300))
+    other = model.prepare(dog, [("Where is the dog?", "It is [SEG]."), ("And the grass?", "Sure, [SEG] and [SEG].")],
+                          [mask, mask, 1 - mask], conversation_mode="single_turn")
+    encoder = SampleEncoder(model.processor, model.sam_transform, conversation_mode="single_turn")
+    batch = model.collate([encoder(raw), other])
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1]
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1 and (batch["attention_mask"][:, 0] == 1).all()  # right padding
+
+    head = model.vlm.get_output_embeddings()
+    head_rows = []
+    handle = head.register_forward_hook(lambda _m, _i, out: head_rows.append(out.shape[:-1].numel()))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        result = model(batch)
+        result.loss.backward()
+        return result, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    try:
+        kept, kept_grads = loss_and_grads()
+        with monkeypatch.context() as patch:
+            patch.setattr(ReasonSegmenter, "teacher_forced_seg_states", full_logits_seg_states)
+            full, full_grads = loss_and_grads()
+    finally:
+        handle.remove()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert head_rows == [labelled, batch["labels"].numel()]  # the head ran on n rows, then on all R x T
+    for part in ("loss", "ce_loss", "bce_loss", "dice_loss"):
+        torch.testing.assert_close(getattr(kept, part), getattr(full, part), rtol=1e-5, atol=0)
+    assert kept_grads.keys() == full_grads.keys() and len(kept_grads) == len(trainable_names(model))
+    for name, grad in kept_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-5 * full_grads[name].abs().max().item(), msg=name)
+    if not train_language_model:
+        seg_row = [g for n, g in kept_grads.items() if "lm_head" in n and "trainable_tokens" in n]
+        assert seg_row and seg_row[0].abs().sum() > 0
+
+
 def test_dialogues_stay_one_conversation_and_multi_turn_is_an_option(lora_model, tmp_path):
     from model.batch import SampleEncoder
     from utils.data.sample import RawSample

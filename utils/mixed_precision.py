@@ -17,7 +17,7 @@
 Under DeepSpeed the engine does its own loss scaling: :func:`deepspeed_precision_config` sets
 its ``fp16`` section (dynamic scaling: ``loss_scale`` 0) or its ``bf16`` section.
 
-The trainer calls, once per optimizer step::
+The DDP backend (``utils.backends.DDPBackend``) calls, once per optimizer step::
 
     scaling.backward(loss)                 # each micro-step
     scaling.unscale_(optimizer)            # before clipping

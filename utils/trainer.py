@@ -6,6 +6,9 @@ rank's epoch stream (b = batch size, a = accumulation). A checkpoint stores the 
 optimizer, scheduler, the fp16 loss scaler and every rank's torch RNG (LoRA dropout), so a resumed
 run continues with the same batches, the same dropout masks and therefore the same weights and
 losses.
+
+DDP and DeepSpeed sit behind one seam, ``utils.backends.TrainingBackend``: the step below is
+written once, in the order it runs.
 """
 
 from __future__ import annotations
@@ -16,12 +19,10 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -31,16 +32,16 @@ from model.image_tokens import PixelLimits, apply_pixel_limits, pixel_limits
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 from utils import checkpoint as ckpt
+from utils.backends import LOSS_SCALER_FILE, DDPBackend, DeepSpeedBackend, TrainingBackend, deepspeed_config
 from utils.distributed import DistInfo, all_reduce_sum, barrier, ignore_stop_signals
 from utils.evaluation import autocast_context, evaluate_teacher_forced
-from utils.mixed_precision import NoLossScaling, deepspeed_precision_config, loss_scaling_for
+from utils.mixed_precision import NoLossScaling, loss_scaling_for
 from utils.optim import build_optimizer, build_scheduler
 from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-LOSS_SCALER_FILE = "loss_scaler.pt"  # the fp16 GradScaler's state (scale and growth tracker)
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
@@ -159,22 +160,7 @@ class Trainer:
         if args.gradient_checkpointing:
             self.model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.vlm.enable_input_require_grads()
-        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, (args.beta1, args.beta2))
-        self.scheduler = build_scheduler(self.optimizer, args.warmup_steps, self.total_steps, args.lr_schedule)
-        # fp16: a GradScaler (DeepSpeed scales its loss itself); fp32 / bf16: nothing to do.
-        self.loss_scaling = NoLossScaling()
-        if not (args.deepspeed or args.eval_only):
-            try:
-                self.loss_scaling = loss_scaling_for(self.device, args.precision)
-            except ValueError as error:
-                raise SystemExit(str(error)) from None
-        self.engine = None
-        self.ddp = None
-        if args.deepspeed:
-            self._init_deepspeed()
-        elif dist_info.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.backend = training_backend(args, dist_info, self.model, self.accumulation, self.total_steps)
         if saved_state:
             self._load_training_state(resume_from, saved_state)
 
@@ -202,8 +188,22 @@ class Trainer:
         return (
             f"effective batch {effective} = batch_size {args.batch_size} x accumulation {self.accumulation} x "
             f"{world} processes; {self.total_steps} optimizer steps; {trainable:,} trainable parameters; "
-            f"device {self.device}; {'DeepSpeed' if self.engine else 'DDP' if self.ddp else 'single process'}"
+            f"device {self.device}; {self.backend.name}"
         )
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer the backend steps."""
+        return self.backend.optimizer
+
+    @property
+    def loss_scaling(self) -> NoLossScaling:
+        """The fp16 loss scaling of a DDP / single-process run (DeepSpeed scales its loss itself)."""
+        return self.backend.loss_scaling
+
+    @loss_scaling.setter
+    def loss_scaling(self, scaling: NoLossScaling) -> None:
+        self.backend.loss_scaling = scaling
 
     def _resume_checkpoint(self) -> Path | None:
         if self.args.resume:
@@ -218,21 +218,6 @@ class Trainer:
             return latest
         return None
 
-    def _init_deepspeed(self) -> None:
-        import deepspeed
-
-        config = json.loads(Path(self.args.deepspeed).read_text())
-        config["train_micro_batch_size_per_gpu"] = self.args.batch_size
-        config["gradient_accumulation_steps"] = self.accumulation
-        config["train_batch_size"] = self.args.batch_size * self.accumulation * self.dist.world_size
-        config["gradient_clipping"] = self.args.max_grad_norm
-        config.setdefault("zero_allow_untested_optimizer", True)
-        deepspeed_precision_config(config, self.device, self.args.precision)  # bf16, or fp16 with DeepSpeed's loss scaling
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
-            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
-        )
-
     def _load_training_state(self, checkpoint: Path, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.best_giou = float(state.get("best_giou", -1.0))
@@ -242,19 +227,7 @@ class Trainer:
         self.overflow_total = int(state.get("overflow_total", 0))
         for name, count in (state.get("skipped_by_source") or {}).items():
             self.skipped_by_source[name] = int(count)
-        if self.engine is not None:
-            self.engine.load_checkpoint(
-                str(checkpoint / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=True
-            )
-        else:
-            self.optimizer.load_state_dict(ckpt.load_torch(checkpoint / "optimizer.pt"))
-            self.scheduler.load_state_dict(ckpt.load_torch(checkpoint / "scheduler.pt"))
-            if self.loss_scaling.enabled:
-                scaler_file = checkpoint / LOSS_SCALER_FILE
-                if scaler_file.is_file():
-                    self.loss_scaling.load_state_dict(ckpt.load_torch(scaler_file))
-                else:
-                    logger.warning("%s has no %s (not an fp16 run?): the loss scale starts afresh", checkpoint, LOSS_SCALER_FILE)
+        self.backend.load(checkpoint)
         rng_file = checkpoint / f"rng_state_rank{self.dist.rank}.pt"
         if rng_file.is_file():
             rng = ckpt.load_torch(rng_file)
@@ -317,12 +290,8 @@ class Trainer:
         progress.close()
         return scores
 
-    def _forward(self, batch: dict):
-        module = self.engine or self.ddp or self.model
-        with autocast_context(self.device, self.args.precision):
-            return module(batch)
-
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns its log record."""
         sums = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0}
         nonfinite = False
         samples = skipped = 0
@@ -339,19 +308,11 @@ class Trainer:
                 if count and source in skipped_by_source:
                     skipped_by_source[source] += count
             batch = to_device(batch, self.device)
-            sync = nullcontext() if (final or self.ddp is None) else self.ddp.no_sync()
-            with sync:
-                output = self._forward(batch)
+            with self.backend.no_sync(final):  # gradients are all-reduced on the last micro-batch only
+                with autocast_context(self.device, self.args.precision):
+                    output = self.backend.forward(batch)
                 nonfinite |= not bool(torch.isfinite(output.loss))
-                if self.engine is not None:
-                    # DeepSpeed scales by the accumulation (and, in fp16, by its loss scale), skips
-                    # the all-reduce off the boundary, and steps optimizer and scheduler itself on
-                    # the boundary micro-step.
-                    self.engine.backward(output.loss)
-                    if not final:
-                        self.engine.step()
-                else:
-                    self.loss_scaling.backward(output.loss / len(micro_batches))
+                self.backend.backward(output.loss, len(micro_batches), final)
             for key in sums:
                 sums[key] += float(getattr(output, key).detach()) / len(micro_batches)
         # One all-reduce carries the losses, the counters and the flags of every rank.
@@ -362,10 +323,11 @@ class Trainer:
         world = self.dist.world_size
         record = {key: value / world for key, value in zip(sums, reduced[:4])}
         samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:8]
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        # A non-finite loss (data, or a diverging model) skips the step here; an fp16 gradient
-        # overflow is found by the loss scaling, which skips the step and lowers its scale.
-        grad_norm, overflow = self._apply_gradients(skip=nonfinite_any > 0)
+        lr = self.backend.lr  # the rate this step uses
+        # Clip, step, zero the gradients, step the schedule. A non-finite loss (data, or a
+        # diverging model) skips the step here; an fp16 gradient overflow is found by the loss
+        # scaling, which skips the step and lowers its scale.
+        grad_norm, overflow = self.backend.step(skip=nonfinite_any > 0)
         self.samples_seen += int(samples_all)
         self.samples_skipped += int(skipped_all)
         for name, count in zip(self.source_names, reduced[8:]):
@@ -403,7 +365,7 @@ class Trainer:
             overflow_steps=self.overflow_total,
             stop=bool(stop_any),
         )
-        scale = self._loss_scale()
+        scale = self.backend.loss_scale
         if scale is not None:
             record["loss_scale"] = scale
         record.update(self._image_token_stats(image_tokens))
@@ -416,43 +378,6 @@ class Trainer:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
         return {"image_tokens_mean": total / number if number else 0.0, "image_tokens_max": int(largest.item())}
-
-    def _apply_gradients(self, skip: bool) -> tuple[float, bool]:
-        """Clip, step, zero the gradients, step the schedule.
-
-        Returns the gradient norm (0 for a skipped step) and whether the loss scaling skipped the
-        step because the fp16 gradients overflowed (always False in fp32 / bf16).
-        """
-        if self.engine is not None:
-            if skip:
-                # DeepSpeed's boundary step cannot be skipped without shifting its micro-step
-                # count, so the step runs on zeroed gradients (the AdamW moments still decay).
-                self.engine.zero_grad()
-            self.engine.step()  # the boundary micro-step: clip, optimizer step, scheduler step
-            overflow = not skip and not self.engine.was_step_applied()  # fp16: DeepSpeed skipped it
-            norm = self.engine.get_global_grad_norm()
-            return (float(norm) if norm is not None and not overflow else 0.0), overflow
-        grad_norm, overflow = 0.0, False
-        if not skip:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.loss_scaling.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            if self.args.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
-            overflow = not self.loss_scaling.step(self.optimizer)
-            if overflow:
-                grad_norm = 0.0  # inf/nan gradients: the step was skipped
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return grad_norm, overflow
-
-    def _loss_scale(self) -> float | None:
-        """The current fp16 loss scale (None without loss scaling)."""
-        if self.engine is not None:
-            if not self.engine.fp16_enabled():
-                return None
-            scale = getattr(self.engine.optimizer, "cur_scale", None)
-            return float(scale) if scale is not None else None
-        return self.loss_scaling.scale
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
 
@@ -521,14 +446,7 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         ckpt.save_torch(rng, tmp / f"rng_state_rank{self.dist.rank}.pt")
-        if self.engine is not None:
-            # Optimizer partitions of every rank; the weights themselves are our safetensors.
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        elif self.dist.is_main:
-            ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.loss_scaling.enabled:
-                ckpt.save_torch(self.loss_scaling.state_dict(), tmp / LOSS_SCALER_FILE)
+        self.backend.save(tmp)  # optimizer, scheduler, loss scale
         if self.dist.is_main:
             self.model.save_pretrained(tmp, include_sam=False)
         barrier()
@@ -564,6 +482,30 @@ class Trainer:
             self.writer.close()
 
 
+def training_backend(
+    args: argparse.Namespace, dist: DistInfo, model: torch.nn.Module, accumulation: int, total_steps: int
+) -> TrainingBackend:
+    """The backend of a run: DeepSpeed with ``--deepspeed``, else DDP (or a single process).
+
+    Both get AdamW over the trainable parameters and the learning-rate schedule. Without DeepSpeed
+    fp16 gets a GradScaler (DeepSpeed scales its loss itself); fp32 / bf16 need no loss scaling.
+    """
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2))
+    scheduler = build_scheduler(optimizer, args.warmup_steps, total_steps, args.lr_schedule)
+    if args.deepspeed:
+        config = deepspeed_config(
+            args.deepspeed, args.batch_size, accumulation, dist.world_size, args.max_grad_norm, dist.device, args.precision
+        )
+        return DeepSpeedBackend(model, optimizer, scheduler, config)
+    loss_scaling = NoLossScaling()
+    if not args.eval_only:
+        try:
+            loss_scaling = loss_scaling_for(dist.device, args.precision)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    return DDPBackend(model, optimizer, scheduler, loss_scaling, args.max_grad_norm, dist)
+
+
 def training_pixel_limits(processor, args: argparse.Namespace, resumed: bool = False) -> PixelLimits:
     """Apply ``--min_pixels`` / ``--max_pixels`` to the processor the run encodes its data with.
 
@@ -591,4 +533,4 @@ def _plain(scores: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
 
 
-__all__ = ["Trainer", "build_model", "lora_settings", "STRUCTURE_FLAGS"]
+__all__ = ["LOSS_SCALER_FILE", "STRUCTURE_FLAGS", "Trainer", "build_model", "lora_settings", "training_backend"]
