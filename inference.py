@@ -71,7 +71,7 @@ def main() -> int:
             parser.error("--output_jsonl must differ from --input_jsonl")
     setup_logging(args.verbose)
 
-    session = session_from_args(args)
+    session = session_from_args(args, one_request=one)
 
     def say(text: str) -> None:
         print(text, flush=True)

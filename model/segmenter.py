@@ -4,11 +4,12 @@ Which hidden state stands for a ``[SEG]``
 -----------------------------------------
 The language model's final hidden state (after its last norm) *at the position of the* ``[SEG]``
 *token itself*, i.e. in the forward pass where ``[SEG]`` is the input token. Training and
-teacher-forced evaluation read it from the full forward pass; generation reads it from the KV-cache
-decoding step that consumes the ``[SEG]`` just produced. Both paths use the same capture (a hook
-on the final norm, :class:`FinalHiddenStates`), and a test checks they give the same vectors.
-Generation runs one decoding step past ``max_new_tokens`` so that a ``[SEG]`` produced last still
-has its state; that extra token is dropped.
+teacher-forced evaluation read it from the full forward pass (a hook on the final norm,
+:class:`FinalHiddenStates`); generation reads it from the KV-cache decoding step that consumes the
+``[SEG]`` just produced (:mod:`model.decoding` takes the language model's post-norm output of that
+step; transformers' ``generate`` goes through the same hook). Tests check that all give the same
+vectors. Generation runs one decoding step past the last kept token so that a ``[SEG]`` produced
+last still has its state.
 
 Shapes: B images, T tokens, H text hidden size, P SAM prompt size, S SAM input side,
 n_i masks for image i, N masks in the batch.
@@ -34,6 +35,7 @@ from utils.masks import mask_score, mask_to_box
 from .batch import collate, encode_sample, row_images, to_device
 from .config import SegmenterConfig
 from .conversation import IGNORE_INDEX
+from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
 from .image_cache import shared_images
 from .losses import mask_bce_loss, mask_dice_loss
 from .image_tokens import image_token_counts
@@ -150,6 +152,7 @@ class ReasonSegmenter(nn.Module):
         self.sam_transform = SamTransform.from_sam(sam)
         self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(config.seg_token)
         self.hidden_states = FinalHiddenStates(vlm)
+        self._decoders: dict[str, GreedyDecoder] = {}  # by decoding mode, built on first use
         freeze_for_segmentation(sam)
         sam.mask_decoder.iou_prediction_head.requires_grad_(False)
 
@@ -276,7 +279,10 @@ class ReasonSegmenter(nn.Module):
         if config.adapter_path:
             from peft import PeftModel
 
+            from .seg_rows import use_row_sparse_trainable_tokens
+
             vlm = PeftModel.from_pretrained(vlm, directory / config.adapter_path, is_trainable=is_trainable)
+            use_row_sparse_trainable_tokens(vlm)
         if (directory / SAM_WEIGHTS).is_file():
             sam_file = directory / SAM_WEIGHTS
         elif sam_checkpoint or config.sam_checkpoint:
@@ -323,6 +329,7 @@ class ReasonSegmenter(nn.Module):
         # stays float32 whatever dtype the rest of the model is cast to (bf16 inference on CUDA).
         super()._apply(fn, recurse)
         self.sam.prompt_encoder.float()
+        self._decoders.clear()  # their caches are in the old device and dtype
         return self
 
     def save_pretrained(self, directory: str | os.PathLike, include_sam: bool = True) -> None:
@@ -513,49 +520,85 @@ class ReasonSegmenter(nn.Module):
     # ------------------------------------------------------------------ prediction
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int = 64, **generate_kwargs) -> list[SegmentationResult]:
+    def generate(
+        self,
+        batch: dict,
+        max_new_tokens: int = 64,
+        decoding: str = "auto",
+        prefix_cache: PrefixCache | None = None,
+        **generate_kwargs,
+    ) -> list[SegmentationResult]:
         """Answer a left-padded batch (open last turns), gathering ``[SEG]`` states on the way.
 
-        Greedy decoding with the KV cache; the vision encoders run once per image; no second
-        forward pass. ``generate_kwargs`` go to the VLM's ``generate`` (e.g. a logits processor).
+        Greedy decoding with a KV cache; the vision encoders run once per image; no second
+        forward pass.
+
+        Args:
+            decoding: one of :data:`model.decoding.DECODING_MODES` (``"auto"``: a static cache and
+                a compiled step on CUDA, the same loop uncompiled elsewhere).
+            prefix_cache: a one-request batch reuses (and stores) its image prefix's keys and
+                values there (follow-up questions about the same image).
+            generate_kwargs: ``logits_processor`` works in every mode; anything else (sampling,
+                beams) is passed to transformers' ``generate``, which then decodes.
         """
-        prompt_length = batch["input_ids"].shape[1]
-        with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
-            sequences = self.vlm.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens + 1,
-                do_sample=False,
-                pad_token_id=self.processor.tokenizer.pad_token_id,
-                **generate_kwargs,
-            )
-        generated = sequences[:, prompt_length:]
+        mode = resolve_decoding(decoding, self.device)
+        if set(generate_kwargs) - {"logits_processor"}:
+            mode = "transformers"
+        stop_ids = self._stop_token_ids()
+        with shared_images(self.vlm, batch) as inputs:
+            if mode == "transformers":
+                tokens, states = self._generate_with_transformers(inputs, max_new_tokens, generate_kwargs)
+            else:
+                decoded = greedy_decode(
+                    self._decoder(mode), inputs, max_new_tokens, stop_ids,
+                    logits_processor=generate_kwargs.get("logits_processor"), prefix_cache=prefix_cache,
+                )
+                tokens, states = decoded.tokens, decoded.states
         image_embeddings = self.encode_images(batch["sam_pixel_values"])
         rows = row_images(batch)  # the image of each request
-        stop_ids = self._stop_token_ids()
         image_tokens = self.image_token_counts(batch)
         results = []
-        for index in range(len(generated)):
-            tokens = generated[index, :max_new_tokens].tolist()
-            end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-            tokens = tokens[:end]
-            # The state of generated token j comes from decoding step j + 1 (step 0 is the prompt).
-            seg_steps = [j + 1 for j, token in enumerate(tokens) if token == self.seg_token_id]
-            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
-            result = SegmentationResult(text=text, token_ids=tokens)
+        for index, row_tokens in enumerate(tokens.tolist()):
+            end = next((i for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
+            row_tokens = row_tokens[:end]
+            text = self.processor.tokenizer.decode(row_tokens, skip_special_tokens=False)
+            result = SegmentationResult(text=text, token_ids=row_tokens)
             if rows[index] < len(image_tokens):
                 result.image_tokens = image_tokens[rows[index]]
+            seg_steps = [j for j, token in enumerate(row_tokens) if token == self.seg_token_id]
             if seg_steps:
-                states = torch.stack([captured[step][index, -1] for step in seg_steps])
-                result.seg_states = states
+                result.seg_states = states[index, seg_steps]
                 image = rows[index]
                 logits = self.decode_masks(
-                    image_embeddings[image], states, batch["sam_input_size"][image], batch["original_size"][image]
+                    image_embeddings[image], result.seg_states, batch["sam_input_size"][image], batch["original_size"][image]
                 )
                 result.masks = [mask.cpu().numpy() for mask in logits > 0]
                 result.boxes = [mask_to_box(mask) for mask in result.masks]
                 result.scores = [mask_score(mask_logits) for mask_logits in logits]
             results.append(result)
         return results
+
+    def _generate_with_transformers(self, inputs: dict, max_new_tokens: int, generate_kwargs: dict) -> tuple:
+        """transformers' ``generate`` -> ([B, N] tokens, [B, N', H] states of the consumed tokens)."""
+        prompt_length = inputs["input_ids"].shape[1]
+        with self.hidden_states.capture() as captured:
+            sequences = self.vlm.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens + 1,  # one step past the limit: a last [SEG] gets its state
+                do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+        # The state of generated token j comes from decoding step j + 1 (step 0 is the prompt).
+        states = torch.cat([step[:, -1:] for step in captured[1:]], dim=1) if len(captured) > 1 else None
+        return sequences[:, prompt_length : prompt_length + max_new_tokens], states
+
+    def _decoder(self, mode: str) -> GreedyDecoder:
+        """The decoder of ``mode`` (kept: its static caches and compiled step are reused)."""
+        decoder = self._decoders.get(mode)
+        if decoder is None or decoder.lm is not causal_lm(self.vlm):  # built before a LoRA wrap
+            decoder = self._decoders[mode] = GreedyDecoder(self.vlm, compiled=mode == "compiled")
+        return decoder
 
     def image_token_counts(self, batch: dict) -> list[int]:
         """Image tokens of each image of ``batch`` (from its ``image_grid_thw``)."""

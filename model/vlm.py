@@ -22,6 +22,8 @@ from transformers import (
 
 from .constants import SEG_TOKEN
 
+from .vision_attention import use_packed_vision_attention
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,6 +84,7 @@ def load_vlm(
             device = torch.device("cuda", torch.cuda.current_device())
         kwargs["device_map"] = {"": device}
     model = VLM_FAMILIES[family].model_class.from_pretrained(path, dtype=dtype, **kwargs)
+    use_packed_vision_attention(model)  # the vision tower: one attention call per layer, not per window
     return model
 
 
@@ -123,9 +126,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seg_token_id: int):
     """Wrap ``model`` with peft LoRA; the ``[SEG]`` rows of the embedding and LM head train too.
 
     Only the ``[SEG]`` rows are trainable (peft ``trainable_token_indices``), not the whole
-    matrices: for Qwen2.5-VL-7B that is 7 K parameters instead of about 1.09 B.
+    matrices: for Qwen2.5-VL-7B that is 7 K parameters instead of about 1.09 B. Their forward is
+    row-sparse (:mod:`model.seg_rows`): peft's own rebuilds each whole matrix on every call.
     """
     from peft import LoraConfig, get_peft_model
+
+    from .seg_rows import use_row_sparse_trainable_tokens
 
     token_indices = {"embed_tokens": [seg_token_id]}
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
@@ -139,6 +145,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seg_token_id: int):
         bias="none",
     )
     peft_model = get_peft_model(model, config)
+    use_row_sparse_trainable_tokens(peft_model)
     wrapped_vision = [n for n, _ in peft_model.named_modules() if "visual" in n and "lora_" in n]
     if wrapped_vision:
         raise RuntimeError(f"LoRA reached the vision tower ({wrapped_vision[0]}); check the target modules")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from model.decoding import DECODING_MODES, resolve_decoding
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
 from utils.data.builders import build_val_dataset, split_names, val_split_kind
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="teacher_forced: the answer with [SEG] is given (published numbers); generate: the model answers")
     run.add_argument("--batch_size", type=int, default=1, help="per process")
     run.add_argument("--max_new_tokens", type=int, default=64, help="generate: answer length limit")
+    run.add_argument("--decoding", choices=DECODING_MODES, default="auto",
+                     help="generate: compiled (static KV cache + CUDA graphs, compiled once per batch shape), eager "
+                     "(the same loop uncompiled) or transformers (its generate); auto: compiled on CUDA, else eager. "
+                     "All give the same answers")
     out = p.add_argument_group("output")
     out.add_argument("--log_dir", default=DEFAULT_LOG_DIR, help=f"where {REPORT_NAME} and {TABLE_NAME} go")
     out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
@@ -249,6 +254,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                         group_of=query_length_group if reason_seg else None,
                         on_prediction=writer.sink(name) if writer else None,
                         max_new_tokens=args.max_new_tokens,
+                        generate_kwargs={"decoding": args.decoding},
                         on_detections=detections.extend if detections is not None else None,
                     )
                 except ValueError as error:
@@ -284,6 +290,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
         "reason_seg_queries": args.reason_seg_queries,
         "max_samples": args.max_samples,
         "max_new_tokens": args.max_new_tokens if GENERATE in protocols else None,
+        "decoding": resolve_decoding(args.decoding, model.device) if GENERATE in protocols else None,
         "predictions": str(Path(args.save_predictions).resolve()) if args.save_predictions else None,
         "detections": {name: str(path.resolve()) for name, path in detection_files.items()} or None,
         "command": getattr(args, "command", None),

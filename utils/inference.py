@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.decoding import DECODING_MODES
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 from utils.grounding import answer_objects
 from model.constants import SEG_TOKEN
@@ -298,11 +299,16 @@ def _colour(index: int) -> tuple[int, int, int]:
 class InferenceSession:
     """A loaded model answering requests one at a time (thread-safe), reusing image features.
 
+    A next question about the same image reuses its SAM embedding, and its image prefix's keys
+    and values in the language model (:class:`model.decoding.PrefixCache`): only the new
+    question's tokens run.
+
     Args:
         model: a :class:`~model.segmenter.ReasonSegmenter` in eval mode.
         max_new_tokens: answer length limit.
         max_image_side, max_image_pixels: see :func:`load_image`.
         cache_size: images whose encoded features are kept (0: no reuse).
+        decoding: see :data:`model.decoding.DECODING_MODES`.
     """
 
     def __init__(
@@ -312,14 +318,18 @@ class InferenceSession:
         max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         cache_size: int = 8,
+        decoding: str = "auto",
     ) -> None:
+        from model.decoding import PrefixCache, resolve_decoding
         from model.image_cache import FeatureCache
 
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.max_image_side = max_image_side
         self.max_image_pixels = max_image_pixels
+        self.decoding = resolve_decoding(decoding, model.device)
         self.cache = FeatureCache(cache_size).attach(model)
+        self.prefixes = PrefixCache(cache_size)
         self.lock = threading.Lock()
 
     def load(self, image: Any) -> LoadedImage:
@@ -337,12 +347,14 @@ class InferenceSession:
         prompt = check_prompt(prompt)
         loaded = self.load(image)
         with self.lock:
-            before = dict(self.cache.stats)
+            before = dict(self.cache.stats, prefix_hits=self.prefixes.stats["hits"])
             [result] = self.model.predict(
-                [loaded.array], [prompt], max_new_tokens=self.max_new_tokens, **generate_kwargs
+                [loaded.array], [prompt], max_new_tokens=self.max_new_tokens,
+                decoding=self.decoding, prefix_cache=self.prefixes, **generate_kwargs,
             )
             stats = self.cache.stats
-        reused = stats["sam_hits"] > before["sam_hits"] and stats["vision_hits"] > before["vision_hits"]
+            vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
+        reused = stats["sam_hits"] > before["sam_hits"] and vision_reused
         if reused:
             logger.info("reused the cached image features of %s (no re-encoding)", loaded.source)
         return Answer(prompt=prompt, image=loaded, result=result, features_reused=reused)
@@ -350,6 +362,7 @@ class InferenceSession:
     def close(self) -> None:
         self.cache.detach()
         self.cache.clear()
+        self.prefixes.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +557,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                        help=f"larger image files are refused (default {DEFAULT_MAX_IMAGE_PIXELS}; what the model "
                        "sees is bounded by --max_pixels)")
-    group.add_argument("--cache_size", type=int, default=8, help="images whose encoded features are kept for reuse (default 8)")
+    group.add_argument("--cache_size", type=int, default=8,
+                       help="images whose encoded features and prompt prefixes are kept for follow-up questions (default 8)")
+    group.add_argument("--decoding", choices=DECODING_MODES, default="auto",
+                       help="compiled: static KV cache + a compiled step (CUDA graphs), compiled once per batch "
+                       "shape; eager: the same loop uncompiled; transformers: transformers' generate. auto: "
+                       "compiled on CUDA for the interactive loop, batches and the app, eager on a CPU and for "
+                       "a one-shot request (which would pay the compile for one answer)")
     add_pixel_arguments(group)
 
 
@@ -553,8 +572,11 @@ def check_model_arguments(args: argparse.Namespace, parser: argparse.ArgumentPar
     check_pixel_arguments(args, parser)
 
 
-def session_from_args(args: argparse.Namespace) -> InferenceSession:
-    """Load the model named by ``args``; a loading problem exits with its message (status 1)."""
+def session_from_args(args: argparse.Namespace, one_request: bool = False) -> InferenceSession:
+    """Load the model named by ``args``; a loading problem exits with its message (status 1).
+
+    ``one_request``: the process answers one request, so ``--decoding auto`` does not compile.
+    """
     from model.loading import ModelLoadError, load_segmenter
 
     try:
@@ -577,6 +599,7 @@ def session_from_args(args: argparse.Namespace) -> InferenceSession:
         max_image_side=args.max_image_side,
         max_image_pixels=args.max_image_pixels,
         cache_size=args.cache_size,
+        decoding="eager" if one_request and args.decoding == "auto" else args.decoding,
     )
 
 

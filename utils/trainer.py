@@ -271,7 +271,11 @@ class Trainer:
                 record = self._optimizer_step(micro_batches)
                 self.global_step += 1
                 step_in_epoch += 1
-                record["samples_per_second"] = record["samples"] / max(time.perf_counter() - started, 1e-9)
+                record["step_seconds"] = time.perf_counter() - started  # data wait included
+                record["samples_per_second"] = record["samples"] / max(record["step_seconds"], 1e-9)
+                if self.device.type == "cuda":  # this process's peak during the step
+                    record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 self._log(record)
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -395,7 +399,7 @@ class Trainer:
             if "loss_scale" in record:
                 self.writer.add_scalar("train/loss_scale", record["loss_scale"], record["step"])
                 self.writer.add_scalar("train/overflow_steps", record["overflow_steps"], record["step"])
-            for key in ("image_tokens_mean", "image_tokens_max"):
+            for key in ("image_tokens_mean", "image_tokens_max", "step_seconds", "peak_gpu_memory_gb"):
                 if key in record:
                     self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             self.writer.flush()

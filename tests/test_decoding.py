@@ -1,0 +1,181 @@
+"""model/decoding.py: our greedy loop (static cache, compiled step, image-prefix reuse) answers
+exactly what transformers' ``generate`` answers, on all three Qwen-VL generations."""
+
+import logging
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import load_photo
+from model.decoding import CACHE_LENGTH_STEP, PrefixCache, resolve_decoding
+from model.image_cache import find_vision_tower
+from model.segmenter import ReasonSegmenter
+from model.vlm import LoraSettings
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+ANSWER = "Sure, [SEG] and [SEG]."
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Makes greedy decoding produce ``ids`` after the prompt (so answers contain [SEG])."""
+
+    def __init__(self, ids: list[int], prompt_length: int) -> None:
+        self.ids, self.prompt_length = ids, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, -1e9)
+        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0
+        return forced
+
+
+def forced(model, batch, answer=ANSWER) -> LogitsProcessorList:
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return LogitsProcessorList([ForcedAnswer(ids, batch["input_ids"].shape[1])])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tiny_vlm_dir):
+    torch.manual_seed(0)
+    return ReasonSegmenter.from_components(tiny_vlm_dir(request.param), "tiny", lora=LoraSettings()).eval()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_photo("dog.jpg"), load_photo("truck.jpg")
+
+
+def left_padded_batch(model, photos):
+    dog, truck = photos
+    prompts = ["Where is the dog?", "Find the front wheel of the truck in this picture, please."]
+    return model.collate([model.prepare(image, [(p, None)]) for image, p in zip((dog, truck), prompts)], "left")
+
+
+def assert_same_answers(ours, reference):
+    assert len(ours) == len(reference)
+    for mine, theirs in zip(ours, reference):
+        assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
+        if theirs.seg_states is None:
+            assert mine.seg_states is None
+            continue
+        torch.testing.assert_close(mine.seg_states, theirs.seg_states, rtol=1e-4, atol=1e-4)
+        for a, b in zip(mine.masks, theirs.masks):
+            assert (a == b).mean() >= 0.999
+
+
+@pytest.mark.parametrize("answer", [None, ANSWER], ids=["free", "forced_seg"])
+def test_eager_loop_equals_transformers_generate_on_a_left_padded_batch(model, photos, answer):
+    batch = left_padded_batch(model, photos)
+    assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
+    options = {} if answer is None else {"logits_processor": forced(model, batch, answer)}
+    reference = model.generate(batch, 20, decoding="transformers", **options)
+    ours = model.generate(batch, 20, decoding="eager", **options)
+    assert_same_answers(ours, reference)
+    if answer is not None:
+        assert all(len(result.masks) == 2 for result in ours)
+    else:  # random weights: the free answer runs to the limit, token for token
+        assert all(len(result.token_ids) == 20 for result in ours)
+
+
+def test_a_seg_at_the_token_limit_gets_its_state(model, photos):
+    batch = model.collate([model.prepare(photos[0], [("Where?", None)])], "left")
+    limit = len(model.processor.tokenizer("Sure, [SEG]", add_special_tokens=False)["input_ids"])
+    [ours] = model.generate(batch, limit, decoding="eager", logits_processor=forced(model, batch, "Sure, [SEG]"))
+    [reference] = model.generate(batch, limit, decoding="transformers", logits_processor=forced(model, batch, "Sure, [SEG]"))
+    assert ours.text == "Sure, [SEG]" and len(ours.masks) == 1
+    assert_same_answers([ours], [reference])
+
+
+def test_follow_up_reuses_the_image_prefix_and_answers_the_same(model, photos):
+    dog, _ = photos
+    vision_calls = []
+    hook = find_vision_tower(model.vlm).register_forward_hook(lambda *_: vision_calls.append(1))
+    try:
+        cache = PrefixCache(max_items=2)
+        question = "And what about its tail?"
+        single = model.collate([model.prepare(dog, [(question, None)])], "left")
+        fresh = model.generate(single, 16, decoding="eager", logits_processor=forced(model, single))
+        model.predict([dog], ["Where is the dog?"], max_new_tokens=8, decoding="eager", prefix_cache=cache)
+        calls_before = len(vision_calls)
+        follow_up = model.generate(single, 16, decoding="eager", prefix_cache=cache, logits_processor=forced(model, single))
+    finally:
+        hook.remove()
+    assert cache.stats == {"hits": 1, "misses": 1} and len(cache) == 1
+    assert len(vision_calls) == calls_before, "the vision tower ran again for a cached image prefix"
+    assert_same_answers(follow_up, fresh)
+    # A different image is not served from the cache.
+    other = model.collate([model.prepare(photos[1], [(question, None)])], "left")
+    model.generate(other, 4, decoding="eager", prefix_cache=cache)
+    assert cache.stats["misses"] == 2 and len(cache) == 2
+
+
+def test_prefix_cache_is_bounded_and_only_serves_single_requests(model, photos):
+    cache = PrefixCache(max_items=1)
+    dog, truck = photos
+    model.predict([dog], ["Where is the dog?"], max_new_tokens=2, decoding="eager", prefix_cache=cache)
+    model.predict([truck], ["Where is the truck?"], max_new_tokens=2, decoding="eager", prefix_cache=cache)
+    assert len(cache) == 1
+    model.generate(left_padded_batch(model, photos), 2, decoding="eager", prefix_cache=cache)
+    assert cache.stats == {"hits": 0, "misses": 2}, "a batch of two must not use the one-request prefix cache"
+    with pytest.raises(ValueError, match="max_items"):
+        PrefixCache(max_items=-1)
+
+
+def test_compiled_step_equals_eager_and_compiles_once_per_shape(model, photos):
+    """torch.compile(fullgraph=True) captures the whole step (no graph break) on every generation."""
+    torch._dynamo.reset()
+    batch = left_padded_batch(model, photos)
+    processor = {"logits_processor": forced(model, batch)}
+    eager = model.generate(batch, 12, decoding="eager", **processor)
+    compiled = model.generate(batch, 12, decoding="compiled", **processor)
+    assert_same_answers(compiled, eager)
+    decoder = model._decoders["compiled"]
+    assert decoder.compiled, "compiling fell back to eager"
+    assert list(decoder.compile_seconds) == [(2, CACHE_LENGTH_STEP)]
+    # A second request of the same shape, and a follow-up, reuse the compiled step.
+    again = model.generate(batch, 12, decoding="compiled", **processor)
+    assert_same_answers(again, eager)
+    cache = PrefixCache()
+    single = model.collate([model.prepare(photos[0], [("Where is the dog?", None)])], "left")
+    first = model.generate(single, 12, decoding="compiled", prefix_cache=cache, logits_processor=forced(model, single))
+    second = model.generate(single, 12, decoding="compiled", prefix_cache=cache, logits_processor=forced(model, single))
+    assert cache.stats["hits"] == 1
+    assert_same_answers(second, first)
+    assert sorted(decoder.compile_seconds) == [(1, CACHE_LENGTH_STEP), (2, CACHE_LENGTH_STEP)]
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_vlm_dir, photos, monkeypatch, caplog):
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    batch = left_padded_batch(model, photos)
+
+    def broken_compile(function, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return run
+
+    reference = model.generate(batch, 6, decoding="eager")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING, logger="model.decoding"):
+        answers = model.generate(batch, 6, decoding="compiled")
+    assert "no compiler here" in caplog.text
+    assert not model._decoders["compiled"].compiled
+    assert_same_answers(answers, reference)
+
+
+def test_decoding_modes_resolve_by_device():
+    assert resolve_decoding("auto", torch.device("cuda")) == "compiled"
+    assert resolve_decoding("auto", torch.device("cpu")) == "eager"
+    assert resolve_decoding("transformers", torch.device("cuda")) == "transformers"
+    with pytest.raises(ValueError, match="auto, compiled, eager, transformers"):
+        resolve_decoding("fast", torch.device("cpu"))
+
+
+def test_sampling_options_go_to_transformers_generate(model, photos):
+    batch = model.collate([model.prepare(photos[0], [("Where is the dog?", None)])], "left")
+    # num_beams is an option only transformers' generate takes: same greedy answer with 1 beam.
+    [through_transformers] = model.generate(batch, 6, num_beams=1)
+    [ours] = model.generate(batch, 6, decoding="eager")
+    assert through_transformers.token_ids == ours.token_ids
