@@ -91,7 +91,7 @@ def collate(samples: list[dict], pad_token_id: int, padding_side: str = "right")
 
     Returns a dict with [R, T] token fields (one row per conversation, the conversations of a
     sample in order and next to each other), ``image_index`` [R] (the sample of each row),
-    concatenated image fields (each image once), ``sam_pixel_values`` [B, 3, S, S], and per-sample
+    concatenated image fields (each image once), ``sam_pixel_values`` [B, 3, S, S] uint8, and per-sample
     lists ``sam_input_size``, ``original_size``, ``masks`` (each [n_i, H_i, W_i]) and ``extra``.
     """
     if padding_side not in ("left", "right"):

@@ -5,7 +5,8 @@ Each request re-runs two vision encoders: SAM's image encoder (the segmenter's
 ``visual`` module, during the prompt's forward pass). For a follow-up question about the same
 image both give the same output, so :class:`FeatureCache` memoises them:
 
-* SAM: per image, keyed by a hash of that image's SAM input tensor (``sam_pixel_values[i]``);
+* SAM: per image, keyed by a hash of that image's SAM input (``sam_pixel_values[i]``, uint8, and
+  its size inside the padded input);
   several images in a batch are looked up one by one and only the missing ones are encoded.
 * Qwen-VL: per call of the vision tower, keyed by a hash of ``pixel_values`` and
   ``image_grid_thw`` (the whole batch's patches: a batch of one image is the common case).
@@ -160,20 +161,20 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ the wrappers
 
-    def _wrap_encode(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-        def encode_images(sam_pixel_values: torch.Tensor) -> torch.Tensor:
+    def _wrap_encode(self, encode: Callable[..., torch.Tensor]) -> Callable:
+        def encode_images(sam_pixel_values: torch.Tensor, input_sizes) -> torch.Tensor:
             if self._model is not None and self._model.training:  # training: no caching
-                return encode(sam_pixel_values)
+                return encode(sam_pixel_values, input_sizes)
             with self._lock:
-                keys = [tensor_key(image) for image in sam_pixel_values]
+                keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
                 found = {key: self._sam.get(key) for key in dict.fromkeys(keys)}
                 missing = [key for key, value in found.items() if value is _MISSING]
                 self.stats["sam_hits"] += len(keys) - len(missing)
                 self.stats["sam_misses"] += len(missing)
                 if missing:
-                    first_index = {key: keys.index(key) for key in missing}
-                    rows = sam_pixel_values[[first_index[key] for key in missing]]
-                    for key, embedding in zip(missing, encode(rows)):
+                    rows = [keys.index(key) for key in missing]
+                    embeddings = encode(sam_pixel_values[rows], [input_sizes[row] for row in rows])
+                    for key, embedding in zip(missing, embeddings):
                         found[key] = embedding
                         if self.max_items:
                             self._sam.put(key, embedding)

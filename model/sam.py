@@ -23,7 +23,8 @@ How the pieces fit together for one image and ``n`` [SEG] tokens::
     sam = build_sam("vit_h", "weights/sam_vit_h_4b8939.pth")
     transform = SamTransform.from_sam(sam)
     sam_input = transform.preprocess(image)                      # image: HxWx3 uint8 RGB
-    emb = sam.image_encoder(sam_input.pixel_values[None])        # [1, C, S/16, S/16]
+    pixels = transform.normalize(sam_input.pixel_values[None], [sam_input.input_size])
+    emb = sam.image_encoder(pixels)                              # [1, C, S/16, S/16]
     sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
     # sparse: [1, 0, C] (unused); dense: [1, C, S/16, S/16] (the no-mask embedding)
     low_res, iou = sam.mask_decoder(
@@ -36,8 +37,9 @@ How the pieces fit together for one image and ``n`` [SEG] tokens::
     masks = postprocess_masks(low_res, sam_input.input_size, sam_input.original_size,
                               transform.image_size)              # [n, 1, H, W] logits
 
-``pixel_values`` are already normalised and padded: feed them to ``sam.image_encoder``
-directly, never through ``Sam.preprocess`` (that would normalise twice).
+``pixel_values`` are resized and padded uint8; :meth:`SamTransform.normalize` turns them into
+the encoder's input on its device. Never feed them through ``Sam.preprocess`` as well (that
+would normalise twice).
 """
 
 from __future__ import annotations
@@ -619,7 +621,8 @@ class SamInput:
     One image prepared for SAM's image encoder.
 
     Attributes:
-      pixel_values (torch.Tensor): [3, S, S] float32, normalised, zero-padded bottom/right.
+      pixel_values (torch.Tensor): [3, S, S] uint8, the resized image zero-padded bottom/right
+        (normalised on the model's device by :meth:`SamTransform.normalize`).
       input_size (tuple(int, int)): (h, w) of the resized image inside pixel_values.
       original_size (tuple(int, int)): (H, W) of the image given to preprocess.
     """
@@ -686,7 +689,11 @@ def postprocess_masks(
 
 class SamTransform:
     """
-    SAM's input transform: resize the longest side to S, normalise, zero-pad to S x S.
+    SAM's input transform: resize the longest side to S, zero-pad to S x S (:meth:`preprocess`,
+    on the CPU, uint8), then normalise inside the image, the padding exactly 0 (:meth:`normalize`,
+    on the model's device). Together they give what the official ``Sam.preprocess`` gives; split
+    so that the CPU does only the resize and a quarter of the bytes travel to the device (a
+    1024x1024 input is 3 MB as uint8, 12.6 MB as float32).
 
     The resize is PIL's bilinear filter on the uint8 image (``Image.resize(..., BILINEAR)``):
     that is exactly what the official ``ResizeLongestSide.apply_image`` does (torchvision's
@@ -740,17 +747,37 @@ class SamTransform:
           image (np.ndarray): HxWx3 uint8 RGB (see the class docstring for other accepted forms).
 
         Returns:
-          (SamInput): pixel_values [3, S, S] float32 (normalised, then zero-padded bottom/right,
-            so the padding is exactly 0), input_size (h, w), original_size (H, W).
+          (SamInput): pixel_values [3, S, S] uint8 (resized, zero-padded bottom/right; normalise
+            with :meth:`normalize`), input_size (h, w), original_size (H, W).
         """
         image = _as_rgb_uint8(image)
         original_size = (int(image.shape[0]), int(image.shape[1]))
         resized = self.resize(image)
         h, w = resized.shape[:2]
-        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).permute(2, 0, 1).float()
-        x = (x - self._mean) / self._std
+        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).permute(2, 0, 1)
         x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
         return SamInput(pixel_values=x.contiguous(), input_size=(h, w), original_size=original_size)
+
+    def normalize(self, pixel_values: torch.Tensor, input_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """
+        Arguments:
+          pixel_values (torch.Tensor): [B, 3, S, S] uint8 from :meth:`preprocess`, on any device.
+          input_sizes: per image its (h, w) inside the S x S input.
+
+        Returns:
+          (torch.Tensor): [B, 3, S, S] float32 on the same device: (x - mean) / std inside each
+            image, exactly 0 in the padding (the official ``Sam.preprocess``).
+        """
+        if pixel_values.dtype != torch.uint8:
+            raise TypeError(f"SAM pixel values must be uint8 from SamTransform.preprocess, got {pixel_values.dtype}")
+        if len(input_sizes) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images but {len(input_sizes)} input sizes")
+        device = pixel_values.device
+        x = (pixel_values.float() - self._mean.to(device)) / self._std.to(device)
+        sizes = torch.tensor([[int(h), int(w)] for h, w in input_sizes], device=device).view(-1, 2, 1, 1)
+        side = torch.arange(self.image_size, device=device)
+        inside = (side.view(1, -1, 1) < sizes[:, 0]) & (side.view(1, 1, -1) < sizes[:, 1])  # [B, S, S]
+        return torch.where(inside[:, None], x, 0.0)
 
     def postprocess_masks(
         self, low_res_masks: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int]

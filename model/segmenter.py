@@ -412,10 +412,11 @@ class ReasonSegmenter(nn.Module):
         return collate(samples, self.processor.tokenizer.pad_token_id, padding_side)
 
     @torch.no_grad()
-    def encode_images(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] SAM inputs -> [B, P, S/16, S/16] image embeddings (frozen encoder)."""
+    def encode_images(self, sam_pixel_values: torch.Tensor, input_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, 3, S, S] uint8 SAM inputs, their (h, w) -> [B, P, S/16, S/16] embeddings (frozen encoder)."""
         encoder = self.sam.image_encoder
-        return encoder(sam_pixel_values.to(encoder.patch_embed.proj.weight.dtype))
+        pixels = self.sam_transform.normalize(sam_pixel_values, input_sizes)
+        return encoder(pixels.to(encoder.patch_embed.proj.weight.dtype))
 
     def decode_masks(
         self,
@@ -455,7 +456,7 @@ class ReasonSegmenter(nn.Module):
                 ``[SEG]`` states of a sample (from all its conversations, in order) prompt its masks.
         """
         output, seg_states = self.teacher_forced_seg_states(batch)
-        image_embeddings = self.encode_images(batch["sam_pixel_values"])
+        image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
         mask_logits, bce_terms, dice_terms = [], [], []
         for index, gt_masks in enumerate(batch["masks"]):
             states = seg_states[index]
@@ -554,7 +555,7 @@ class ReasonSegmenter(nn.Module):
                     logits_processor=generate_kwargs.get("logits_processor"), prefix_cache=prefix_cache,
                 )
                 tokens, states = decoded.tokens, decoded.states
-        image_embeddings = self.encode_images(batch["sam_pixel_values"])
+        image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
         rows = row_images(batch)  # the image of each request
         image_tokens = self.image_token_counts(batch)
         results = []

@@ -265,8 +265,9 @@ def test_cache_looks_up_each_image_of_a_batch(model):
     sam_calls = count_calls(model.sam.image_encoder)
     with FeatureCache(4).attached(model) as cache:
         batch = model.collate([model.prepare(image, [("Where?", None)]) for image in (dog, truck)], "left")
-        first = model.encode_images(batch["sam_pixel_values"])
-        again = model.encode_images(batch["sam_pixel_values"][[1, 0, 1]])
+        sizes = batch["sam_input_size"]
+        first = model.encode_images(batch["sam_pixel_values"], sizes)
+        again = model.encode_images(batch["sam_pixel_values"][[1, 0, 1]], [sizes[1], sizes[0], sizes[1]])
     assert torch.equal(again, first[[1, 0, 1]])
     assert len(sam_calls) == 1 and cache.stats["sam_hits"] == 3 and cache.stats["sam_misses"] == 2
 

@@ -116,13 +116,14 @@ def test_tiny_forward_shapes_and_speed(tiny_sam, sample_image_path):
     assert transform.image_size == 256
     image = np.array(Image.open(sample_image_path("dog.jpg")).convert("RGB"))
     sam_input = transform.preprocess(image)
+    pixels = transform.normalize(sam_input.pixel_values[None], [sam_input.input_size])
     c = sam_prompt_embed_dim(sam)
     n = 3
     prompts = torch.randn(n, 1, c)
 
     def run():
         with torch.no_grad():
-            emb = sam.image_encoder(sam_input.pixel_values[None])
+            emb = sam.image_encoder(pixels)
             sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
             low_res, iou = sam.mask_decoder(
                 image_embeddings=emb,
@@ -154,7 +155,7 @@ def test_freeze_for_segmentation(tiny_sam):
     transform = SamTransform.from_sam(sam)
     sam_input = transform.preprocess(np.full((40, 60, 3), 128, np.uint8))
     with torch.no_grad():
-        emb = sam.image_encoder(sam_input.pixel_values[None])
+        emb = sam.image_encoder(transform.normalize(sam_input.pixel_values[None], [sam_input.input_size]))
         _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
     prompts = torch.randn(2, 1, sam_prompt_embed_dim(sam), requires_grad=True)
     low_res, _ = sam.mask_decoder(
@@ -363,15 +364,18 @@ def test_preprocess_shapes_and_padding(shape, image_size):
     h, w = shape
     color = np.array([200, 30, 90], np.uint8)
     image = np.broadcast_to(color, (h, w, 3)).copy()
-    out = SamTransform(image_size).preprocess(image)
+    transform = SamTransform(image_size)
+    out = transform.preprocess(image)
     expected = reference_preprocess_shape(h, w, image_size)
     assert out.input_size == expected
     assert out.original_size == (h, w)
-    assert out.pixel_values.shape == (3, image_size, image_size) and out.pixel_values.dtype == torch.float32
+    assert out.pixel_values.shape == (3, image_size, image_size) and out.pixel_values.dtype == torch.uint8
     ih, iw = expected
     assert max(ih, iw) == image_size
     assert abs(ih / iw - h / w) <= 1.0 / min(ih, iw)  # aspect ratio kept up to rounding
-    px = out.pixel_values
+    assert torch.all(out.pixel_values[:, :ih, :iw] == torch.tensor(color).view(3, 1, 1))
+    px = transform.normalize(out.pixel_values[None], [out.input_size])[0]
+    assert px.dtype == torch.float32
     assert torch.all(px[:, ih:, :] == 0) and torch.all(px[:, :, iw:] == 0)
     normalised = (torch.tensor(color, dtype=torch.float32) - torch.tensor(SAM_PIXEL_MEAN)) / torch.tensor(SAM_PIXEL_STD)
     torch.testing.assert_close(px[:, :ih, :iw], normalised.view(3, 1, 1).expand(3, ih, iw))
@@ -384,7 +388,7 @@ def test_truck_1800x1200(sample_image_path):
     assert out.input_size == (683, 1024) == reference_preprocess_shape(1200, 1800, 1024)
     assert out.original_size == (1200, 1800)
     assert torch.all(out.pixel_values[:, 683:] == 0)
-    assert out.pixel_values[:, :683].abs().sum() > 0
+    assert out.pixel_values[:, :683].sum() > 0
 
 
 def test_preprocess_matches_sam_preprocess(tiny_sam):
@@ -395,7 +399,18 @@ def test_preprocess_matches_sam_preprocess(tiny_sam):
     resized = transform.resize(image)
     assert resized.shape[:2] == out.input_size
     official = tiny_sam.preprocess(torch.from_numpy(resized).permute(2, 0, 1).float())
-    torch.testing.assert_close(out.pixel_values, official)
+    ours = transform.normalize(out.pixel_values[None], [out.input_size])[0]
+    assert torch.equal(ours, official)  # bit for bit: the same float32 operations
+    # A batch of differently sized images: each normalised inside its own size only.
+    small = transform.preprocess(image[:40, :90])
+    both = transform.normalize(torch.stack([out.pixel_values, small.pixel_values]), [out.input_size, small.input_size])
+    assert torch.equal(both[0], ours)
+    h, w = small.input_size
+    assert torch.all(both[1, :, h:] == 0) and torch.all(both[1, :, :, w:] == 0) and both[1, :, :h, :w].abs().sum() > 0
+    with pytest.raises(TypeError, match="uint8"):
+        transform.normalize(ours[None], [out.input_size])
+    with pytest.raises(ValueError, match="input sizes"):
+        transform.normalize(out.pixel_values[None], [])
 
 
 def test_preprocess_input_forms():

@@ -294,7 +294,7 @@ def test_bf16_model_decodes_masks(tiny_segmenter_dir, dog):
     assert model.projection.fc1.weight.dtype == torch.bfloat16
     assert model.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
     batch = model.collate([model.prepare(dog, [("Where is the dog?", None)])], padding_side="left")
-    batch["sam_pixel_values"] = batch["sam_pixel_values"].to(torch.bfloat16)
+    assert batch["sam_pixel_values"].dtype == torch.uint8  # normalised in float32 on the device, then cast
     [result] = model.generate(batch, 8, logits_processor=forced(model, "It is [SEG].", batch["input_ids"].shape[1]))
     assert len(result.masks) == 1 and result.masks[0].shape == dog.shape[:2]
 

@@ -64,7 +64,7 @@ def published_generate(
     with model.hidden_states.capture() as captured:
         model.vlm(**full, use_cache=False)
     hidden = captured[-1]
-    image_embeddings = model.encode_images(batch["sam_pixel_values"])
+    image_embeddings = model.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
     stop_ids = model._stop_token_ids()
     results = []
     for index in range(len(generated)):

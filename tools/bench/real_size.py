@@ -278,9 +278,10 @@ def measure_inference(
             "check_passed": ok, "how": "utils.inference.InferenceSession.ask, 5 questions on one image per round"}
 
     def sam_encoder() -> None:
-        pixels = request_batch(model, [image], [question])["sam_pixel_values"][:1]
+        batch = request_batch(model, [image], [question])
+        pixels, sizes = batch["sam_pixel_values"][:1], batch["sam_input_size"][:1]
         with torch.no_grad():
-            encode = lambda: model.encode_images(pixels)  # noqa: E731
+            encode = lambda: model.encode_images(pixels, sizes)  # noqa: E731
             times = _times(encode, device, 2 if settings.smoke else 10, warmup=1 if settings.smoke else 3)
             _count(out, "sam_encode_flops", encode, say)
         out.values["gpu_sam_encode_ms"] = 1e3 * median(times)
