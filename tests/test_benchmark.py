@@ -183,7 +183,7 @@ def test_repeated_image_and_batched_rows(smoke, small_model):
     [repeated] = bench_repeated_image(smoke, sam_variant="tiny")
     assert repeated.check_passed, repeated.check
     assert repeated.details["cache_stats"][-1]["sam_hits"] == 4
-    assert repeated.details["cache_stats"][-1]["vision_hits"] == 4
+    assert repeated.details["cache_stats"][-1]["prefix_hits"] == 4
     assert set(repeated.details["first_request_s"]) == {"ours", "baseline"}
     rows = bench_batched(smoke, small_model)
     assert [row.name for row in rows] == ["8 requests, 4 new tokens each", "8 requests, 8 new tokens each"]
