@@ -286,6 +286,8 @@ class GreedyDecoder:
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         shape = tuple(attention_mask.shape)
+        # The previous step's outputs are dead (copied out): the next replay may reuse their memory.
+        torch.compiler.cudagraph_mark_step_begin()
         if shape in self.compile_seconds:
             return self._compiled_step(token, positions, attention_mask, cache)
         start = time.perf_counter()

@@ -476,3 +476,23 @@ def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, monkeypatch, e
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "inference.py"), run_name="__main__")
     assert str(exit_info.value.code).startswith(message)  # printed to stderr by Python, exit status 1
+
+
+def test_requests_from_many_threads_run_the_model_on_one(session, monkeypatch):
+    """Compiled CUDA graphs are per thread (pytorch/pytorch#123177): the Gradio app's requests
+    arrive on a pool of threads, and the session must still run the model on one."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_threads = []
+    predict = session.model.predict
+
+    def recording_predict(*args, **kwargs):
+        model_threads.append(threading.get_ident())
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(session.model, "predict", recording_predict)
+    with ThreadPoolExecutor(max_workers=3) as callers:
+        answers = list(callers.map(lambda q: session.ask(DOG, q), ["Where?", "What?", "Which?", "Why?"]))
+    assert len(answers) == 4 and len(model_threads) == 4
+    assert len(set(model_threads)) == 1 and model_threads[0] != threading.get_ident()

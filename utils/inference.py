@@ -15,8 +15,8 @@ import io
 import json
 import logging
 import os
-import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -299,6 +299,11 @@ def _colour(index: int) -> tuple[int, int, int]:
 class InferenceSession:
     """A loaded model answering requests one at a time (thread-safe), reusing image features.
 
+    Whatever thread asks, the model runs on one worker thread of the session: a compiled
+    decoding step replays CUDA graphs, which torch keeps per thread (pytorch/pytorch#123177:
+    compiled CUDA graphs called from several threads fail), and the Gradio app answers each
+    request on a thread of its own pool.
+
     A next question about the same image reuses its SAM embedding, and its image prefix's keys
     and values in the language model (:class:`model.decoding.PrefixCache`): only the new
     question's tokens run.
@@ -330,7 +335,7 @@ class InferenceSession:
         self.decoding = resolve_decoding(decoding, model.device)
         self.cache = FeatureCache(cache_size).attach(model)
         self.prefixes = PrefixCache(cache_size)
-        self.lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     def load(self, image: Any) -> LoadedImage:
         if isinstance(image, LoadedImage):
@@ -346,20 +351,24 @@ class InferenceSession:
         """
         prompt = check_prompt(prompt)
         loaded = self.load(image)
-        with self.lock:
-            before = dict(self.cache.stats, prefix_hits=self.prefixes.stats["hits"])
-            [result] = self.model.predict(
-                [loaded.array], [prompt], max_new_tokens=self.max_new_tokens,
-                decoding=self.decoding, prefix_cache=self.prefixes, **generate_kwargs,
-            )
-            stats = self.cache.stats
-            vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
-        reused = stats["sam_hits"] > before["sam_hits"] and vision_reused
+        result, reused = self._worker.submit(self._answer, loaded, prompt, generate_kwargs).result()
         if reused:
             logger.info("reused the cached image features of %s (no re-encoding)", loaded.source)
         return Answer(prompt=prompt, image=loaded, result=result, features_reused=reused)
 
+    def _answer(self, loaded: LoadedImage, prompt: str, generate_kwargs: dict) -> tuple:
+        """(the model's result, whether the image's features were reused); on the worker thread."""
+        before = dict(self.cache.stats, prefix_hits=self.prefixes.stats["hits"])
+        [result] = self.model.predict(
+            [loaded.array], [prompt], max_new_tokens=self.max_new_tokens,
+            decoding=self.decoding, prefix_cache=self.prefixes, **generate_kwargs,
+        )
+        stats = self.cache.stats
+        vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
+        return result, stats["sam_hits"] > before["sam_hits"] and vision_reused
+
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         self.cache.detach()
         self.cache.clear()
         self.prefixes.clear()
