@@ -229,7 +229,9 @@ class GreedyDecoder:
 
     def _prefill(self, inputs, attention_mask, full_mask, cache, prefix_cache):
         """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas, reused)."""
-        prefix_length = image_prefix_length(inputs) if prefix_cache is not None else 0
+        # A sliding-window layer keeps only its last tokens: its prefix cannot be copied back.
+        reusable = prefix_cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        prefix_length = image_prefix_length(inputs) if reusable else 0
         key = None
         if prefix_length:
             key = tensor_key(inputs["input_ids"][:, :prefix_length], inputs["pixel_values"], inputs.get("image_grid_thw"))
