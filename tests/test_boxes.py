@@ -478,3 +478,42 @@ def test_save_detections_needs_a_coco_split_and_generation(tiny_segmenter_dir, s
     result = subprocess.run([sys.executable, "test.py", *base, "--val_dataset", "synthetic|val"], cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--save_detections needs a COCO-format split" in result.stderr
+
+
+def test_generation_encodes_an_image_once_per_batch(coco_root, tiny_segmenter_dir):
+    """A COCO-format split asks about each category of an image as its own item: a batch of them
+    runs both encoders once per image file, and scores exactly as one item at a time."""
+    from model.image_cache import find_vision_tower
+    from model.loading import load_segmenter
+    from test_eval import forced
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import evaluate_generate
+
+    model = load_segmenter(tiny_segmenter_dir(), precision="fp32", device="cpu")
+    data = build_val_dataset("coco|instances.json|images", str(coco_root))  # 2 images x 3 categories
+    sam_images, vision_images = [], []
+    hooks = [
+        model.sam.image_encoder.register_forward_hook(lambda _m, args, _o: sam_images.append(len(args[0]))),
+        find_vision_tower(model.vlm).register_forward_hook(
+            lambda _m, args, kwargs, _o: vision_images.append(len(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))),
+            with_kwargs=True),
+    ]
+    runs = {}
+    try:
+        for batch_size in (1, 3):
+            sam_images.clear(), vision_images.clear()
+            records = []
+            scores = evaluate_generate(model, data, batch_size=batch_size, show_progress=False, max_new_tokens=6,
+                                       generate_kwargs=forced(model, "[SEG]."), on_prediction=records.append)
+            runs[batch_size] = (scores, records, sum(sam_images), sum(vision_images))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (alone, alone_records, alone_sam, alone_vision), (merged, merged_records, merged_sam, merged_vision) = runs[1], runs[3]
+    assert (alone_sam, alone_vision) == (6, 6)
+    assert (merged_sam, merged_vision) == (2, 2)  # a.png and b.png (same pixels, different files)
+    for key in ("count", "sum_intersection", "sum_union", "giou", "ciou", "n_acc", "t_acc"):
+        assert merged[key] == pytest.approx(alone[key], abs=1e-9), key
+    assert merged["detection"] == alone["detection"]
+    assert [(r["index"], r["answer"], r["num_seg"]) for r in merged_records] == [
+        (r["index"], r["answer"], r["num_seg"]) for r in alone_records]

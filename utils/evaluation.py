@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.batch import SINGLE_TURN, SampleEncoder, encode_sample, to_device
+from model.batch import SINGLE_TURN, SampleEncoder, encode_sample, row_images, to_device
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
 from utils.data.samplers import ShardedEvalSampler
 from utils.distributed import ignore_stop_signals
@@ -316,20 +316,21 @@ def _group_order(declared: Sequence[str]):
 
 
 class EncodedDataset(Dataset):
-    """A raw dataset seen through the sample encoder: every item is a list of encoded samples,
-    empty when the item is unreadable (logged; counted by the collate function).
+    """A raw dataset seen through the sample encoder: every item is a list of encoded samples
+    (one; empty when the item is unreadable, logged and counted by the collate function). Each
+    question is its own conversation (``single_turn``) about the one encoded image.
 
-    ``per_question=False``: one sample with every question and its reference answer (teacher
-    forcing; each question its own conversation with an encoder in ``single_turn`` mode); ``extra``
-    also carries ``index`` and ``turns``. ``per_question=True``: one sample per question, an open
-    prompt (generation); ``extra`` carries ``index``, ``info`` (see :func:`question_infos`) and the
-    sample's ``meta``, and ``masks`` are that turn's targets.
+    ``open_prompts=False``: every question with its reference answer (teacher forcing); ``extra``
+    also carries ``index`` and ``turns``. ``open_prompts=True``: every question an open prompt
+    (generation); ``extra["rows"]`` has one record per question: ``index``, ``info`` (see
+    :func:`question_infos`), ``targets`` (how many of ``masks``, in order, are its targets),
+    ``image_path``, ``dataset`` and the item's ``meta``.
     """
 
-    def __init__(self, raw: Dataset, encoder: SampleEncoder, per_question: bool = False) -> None:
+    def __init__(self, raw: Dataset, encoder: SampleEncoder, open_prompts: bool = False) -> None:
         self.raw = raw
         self.encoder = encoder
-        self.per_question = per_question
+        self.open_prompts = open_prompts
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -337,8 +338,8 @@ class EncodedDataset(Dataset):
     def __getitem__(self, index: int) -> list[dict]:
         try:
             raw = self.raw[index]
-            if self.per_question:
-                return self._question_samples(raw, index)
+            if self.open_prompts:
+                return [self._open_prompts_sample(raw, index)]
             sample = self.encoder(raw)
             sample["extra"].update(index=index, turns=list(raw.turns))
             return [sample]
@@ -346,34 +347,60 @@ class EncodedDataset(Dataset):
             logger.warning("evaluation sample %d unreadable, not scored: %s", index, error)
             return []
 
-    def _question_samples(self, raw, index: int) -> list[dict]:
+    def _open_prompts_sample(self, raw, index: int) -> dict:
         meta = {k: v for k, v in raw.meta.items() if k not in ("skipped_errors", "no_target_gt")}
-        samples = []
-        for info, masks in zip(question_infos(raw.turns, raw.requests, raw.meta), raw.masks_per_turn()):
-            samples.append(
-                encode_sample(
-                    self.encoder.processor,
-                    self.encoder.sam_transform,
-                    raw.image,
-                    [(info["question"], None)],
-                    masks,
-                    index=index,
-                    info=info,
-                    image_path=raw.image_path,
-                    dataset=raw.dataset,
-                    meta=meta,
-                )
-            )
-        return samples
+        infos = question_infos(raw.turns, raw.requests, raw.meta)
+        targets = raw.masks_per_turn()
+        rows = [
+            {"index": index, "info": info, "targets": len(masks), "image_path": raw.image_path,
+             "dataset": raw.dataset, "meta": meta}
+            for info, masks in zip(infos, targets)
+        ]
+        return encode_sample(
+            self.encoder.processor,
+            self.encoder.sam_transform,
+            raw.image,
+            [(info["question"], None) for info in infos],
+            [mask for masks in targets for mask in masks],
+            conversation_mode=SINGLE_TURN,
+            rows=rows,
+        )
 
 
-def _collate_present(model, items: list[list[dict]], padding_side: str) -> dict:
+def merge_same_images(samples: list[dict]) -> list[dict]:
+    """Open-prompt samples of one image file (in a batch) as one sample with all their questions.
+
+    A COCO-format split asks about each category of an image as its own item, so a batch of
+    consecutive items holds the same image many times; merged, both encoders run once per image
+    (one conversation per question, ``image_index`` mapping rows to images). Samples without an
+    image path are kept as they are.
+    """
+    merged: list[dict] = []
+    by_image: dict[tuple, dict] = {}
+    for sample in samples:
+        path = sample["extra"]["rows"][0]["image_path"]
+        key = (path, sample["original_size"])
+        target = by_image.get(key) if path else None
+        if target is None:
+            target = {**sample, "conversations": list(sample["conversations"]), "extra": {"rows": list(sample["extra"]["rows"])}}
+            merged.append(target)
+            if path:
+                by_image[key] = target
+            continue
+        target["conversations"] += sample["conversations"]
+        target["extra"]["rows"] += sample["extra"]["rows"]
+        target["masks"] = torch.cat([target["masks"], sample["masks"]])
+    return merged
+
+
+def _collate_present(model, items: list[list[dict]], padding_side: str, merge_images: bool = False) -> dict:
     """One batch of every sample of the readable items (an unreadable item is an empty list)."""
     present = [sample for samples in items for sample in samples]
     readable = sum(1 for samples in items if samples)
+    if merge_images:
+        present = merge_same_images(present)
     batch = model.collate(present, padding_side=padding_side) if present else None
     return {"batch": batch, "unreadable": len(items) - readable, "items": readable}
-
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -408,15 +435,20 @@ def _score_teacher_forced(model, batch: dict, scorer: SplitScorer, **_unused) ->
 
 def _score_generated(model, batch: dict, scorer: SplitScorer, max_new_tokens: int = 64, generate_kwargs=None) -> None:
     results = model.generate(batch, max_new_tokens=max_new_tokens, **(generate_kwargs or {}))
-    for index, result in enumerate(results):
-        extra = batch["extra"][index]
+    asked = [0] * len(batch["extra"])  # per sample: its questions scored so far, and their targets
+    used = [0] * len(batch["extra"])
+    for result, sample in zip(results, row_images(batch)):
+        row = batch["extra"][sample]["rows"][asked[sample]]
+        targets = batch["masks"][sample][used[sample] : used[sample] + row["targets"]]
+        asked[sample] += 1
+        used[sample] += row["targets"]
         scorer.add_question(
-            extra,
-            extra["info"],
+            row,
+            row["info"],
             result.masks,
-            list(batch["masks"][index].cpu().numpy()),
+            list(targets.cpu().numpy()),
             answer=result.text,
-            image_size=batch["original_size"][index],
+            image_size=batch["original_size"][sample],
             pred_scores=result.scores,
         )
 
@@ -463,12 +495,12 @@ def evaluate(
     generate = protocol == GENERATE
     # Every question is asked as its own conversation (validation items have one question each).
     encoder = SampleEncoder(model.processor, model.sam_transform, conversation_mode=SINGLE_TURN)
-    dataset = EncodedDataset(raw_dataset, encoder, per_question=generate)
+    dataset = EncodedDataset(raw_dataset, encoder, open_prompts=generate)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardedEvalSampler(len(dataset), rank, world_size),
-        collate_fn=partial(_collate_present, model, padding_side="left" if generate else "right"),
+        collate_fn=partial(_collate_present, model, padding_side="left" if generate else "right", merge_images=generate),
         num_workers=workers,
         worker_init_fn=ignore_stop_signals,
     )
