@@ -162,7 +162,7 @@ class GreedyDecoder:
             device; on a CPU every step is checked).
     """
 
-    def __init__(self, vlm: nn.Module, compiled: bool = False, max_caches: int = 2, sync_every: int = 4) -> None:
+    def __init__(self, vlm: nn.Module, compiled: bool = False, max_caches: int = 4, sync_every: int = 4) -> None:
         self.lm = causal_lm(vlm)
         self.compiled = compiled
         self.max_caches = max_caches
@@ -202,7 +202,7 @@ class GreedyDecoder:
         full_mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_length] = attention_mask
 
-        hidden, rope_delta, reused = self._prefill(inputs, attention_mask, full_mask, cache, prefix_cache)
+        hidden, rope_delta, reused = self._prefill(inputs, attention_mask, cache, prefix_cache)
         logits = self.lm.lm_head(hidden).float()
         first_positions = attention_mask.sum(dim=1) + rope_delta.view(-1).to(device)
 
@@ -227,7 +227,7 @@ class GreedyDecoder:
 
     # ------------------------------------------------------------------ the prompt
 
-    def _prefill(self, inputs, attention_mask, full_mask, cache, prefix_cache):
+    def _prefill(self, inputs, attention_mask, cache, prefix_cache):
         """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas, reused)."""
         # A sliding-window layer keeps only its last tokens: its prefix cannot be copied back.
         reusable = prefix_cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
