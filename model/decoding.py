@@ -292,6 +292,7 @@ class GreedyDecoder:
         torch.compiler.cudagraph_mark_step_begin()
         if shape in self.compile_seconds:
             return self._compiled_step(token, positions, attention_mask, cache)
+        logger.info("compiling the decoding step for batch %d, cache %d (once per shape; --decoding eager skips it)", *shape)
         start = time.perf_counter()
         try:
             logits, hidden = self._compiled_step(token, positions, attention_mask, cache)
