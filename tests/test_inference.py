@@ -496,3 +496,19 @@ def test_requests_from_many_threads_run_the_model_on_one(session, monkeypatch):
         answers = list(callers.map(lambda q: session.ask(DOG, q), ["Where?", "What?", "Which?", "Why?"]))
     assert len(answers) == 4 and len(model_threads) == 4
     assert len(set(model_threads)) == 1 and model_threads[0] != threading.get_ident()
+
+
+def test_warm_up_compiles_the_step_a_first_request_then_reuses(tiny_segmenter_dir):
+    """tools/app.py warms up on its examples so that no visitor waits for the compile."""
+    model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
+    session = InferenceSession(model, max_new_tokens=4, decoding="compiled")
+    try:
+        seconds = session.warm_up(DOG, "Where is the dog?")
+        decoder = model._decoders["compiled"]
+        assert seconds > 0 and decoder.compiled and len(decoder.compile_seconds) == 1
+        compiled_shapes = dict(decoder.compile_seconds)
+        answer = session.ask(DOG, "Where is the dog?")
+        assert decoder.compile_seconds == compiled_shapes  # the request compiled nothing
+        assert answer.features_reused  # and found the image warmed up
+    finally:
+        session.close()

@@ -9,6 +9,7 @@ directory, as in inference.py). Example photographs come from tools/examples/.
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -35,7 +36,11 @@ def main() -> None:
     check_model_arguments(args, parser)
     setup_logging()
     session = session_from_args(args)
-    demo = build_demo(session, Path(args.version).name, examples_in(args.examples), queue_size=args.queue_size)
+    examples = examples_in(args.examples)
+    if session.decoding == "compiled":  # compile now, not on the first visitor's request
+        for image, prompt in examples:
+            logging.info("warmed up on %s in %.1f s", image, session.warm_up(image, prompt))
+    demo = build_demo(session, Path(args.version).name, examples, queue_size=args.queue_size)
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -355,6 +356,20 @@ class InferenceSession:
         if reused:
             logger.info("reused the cached image features of %s (no re-encoding)", loaded.source)
         return Answer(prompt=prompt, image=loaded, result=result, features_reused=reused)
+
+    def warm_up(self, image: Any, prompt: str = "What is in this image?") -> float:
+        """Answer one short request about ``image`` and drop the answer; returns its seconds.
+
+        With ``compiled`` decoding this compiles the decoding step for a one-request batch of that
+        image's prompt length now (a long-running app calls it at start) instead of on a user's
+        first request.
+        """
+        loaded = self.load(image)
+        start = time.perf_counter()
+        self._worker.submit(
+            lambda: self.model.predict([loaded.array], [prompt], max_new_tokens=2, decoding=self.decoding)
+        ).result()
+        return time.perf_counter() - start
 
     def _answer(self, loaded: LoadedImage, prompt: str, generate_kwargs: dict) -> tuple:
         """(the model's result, whether the image's features were reused); on the worker thread."""
