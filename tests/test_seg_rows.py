@@ -110,27 +110,24 @@ def loss_and_grads(model, batch):
 
 
 class MatrixWatch(TorchDispatchMode):
-    """Counts what the ops run under it write to new memory (views and in-place ops left out):
-    all bytes, and the ops and bytes of outputs shaped like a whole vocabulary matrix, (V, H) or
-    (H, V). A count of what is allocated, whatever the allocator later reuses; not a timing."""
+    """Counts the new outputs of the ops run under it (views and in-place ops left out) shaped
+    like a whole vocabulary matrix, (V, H) or (H, V): the ops and their bytes. A count of what is
+    allocated, whatever the allocator later reuses; not a timing."""
 
     def __init__(self, vocab: int, hidden: int):
         super().__init__()
         self.shapes = {(vocab, hidden), (hidden, vocab)}
         self.full = []
         self.full_bytes = 0
-        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.is_view or func._schema.name.endswith("_"):
             return out
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes += t.numel() * t.element_size()
-                if tuple(t.shape) in self.shapes:
-                    self.full.append(str(func))
-                    self.full_bytes += t.numel() * t.element_size()
+            if isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes:
+                self.full.append(str(func))
+                self.full_bytes += t.numel() * t.element_size()
         return out
 
 
