@@ -37,7 +37,10 @@ def main(argv=None) -> int:
             )
         val_data = None
         if not args.no_eval:
-            val_data = build_val_dataset(args.val_dataset, args.dataset_dir, reason_seg_queries=args.reason_seg_queries)
+            val_data = build_val_dataset(
+                args.val_dataset, args.dataset_dir, reason_seg_queries=args.reason_seg_queries,
+                answer_style=args.answer_style,
+            )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"data configuration error: {error}") from None
     trainer = Trainer(args, dist_info, train_data, val_data)

@@ -29,6 +29,10 @@ class SegmenterConfig:
         lora: the LoRA settings the model was trained with (empty when none).
         train_language_model: the whole language model is trained instead of LoRA.
         ce_weight, bce_weight, dice_weight: loss weights (LISA's 1.0 / 2.0 / 0.5).
+        answer_style: how the mask answers were worded in training (``"plain"``: LISA's
+            templates, ``"named"``: the target named before its ``[SEG]``, see
+            :data:`constants.ANSWER_STYLES`); test.py feeds teacher-forced answers in this
+            style. A config.json written before it existed loads as ``"plain"``.
     """
 
     vlm_family: str
@@ -44,6 +48,7 @@ class SegmenterConfig:
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    answer_style: str = "plain"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

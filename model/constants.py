@@ -6,3 +6,9 @@ SEG_TOKEN = "[SEG]"
 IGNORE_LABEL = 255
 """Ground-truth mask value of pixels that are neither target nor background: not trained on
 (left out of both mask losses) and not scored (removed from prediction and target, as LISA does)."""
+
+ANSWER_STYLES: tuple[str, ...] = ("plain", "named")
+"""How mask answers are worded (see :mod:`utils.data.templates`): LISA's templates ("Sure, [SEG]."),
+or the target named before its ``[SEG]`` ("Sure, it is the red square [SEG]."). Here, not in the
+data layer, because the training flags and the model's config name it without loading the data
+code."""

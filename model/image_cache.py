@@ -14,7 +14,11 @@ image both give the same output, so :class:`FeatureCache` memoises them:
 The keys are hashes of the exact model inputs, so a cached feature is returned only for an input
 that would have produced it; both stores are LRU-bounded (``max_items`` entries each). Caching is
 only active inside the context (or between :meth:`FeatureCache.attach` and
-:meth:`FeatureCache.detach`) and only without autograd (inference); training is never affected.
+:meth:`FeatureCache.detach`). The vision tower's outputs are cached only without autograd
+(inference). SAM's embeddings are cached in inference, and in training too when the cache is
+built with ``training=True`` (``train_ddp.py --sam_feature_cache N``): SAM's image encoder is
+frozen in training, so an image's embedding is the same at every step, and a training set that
+shows the same pictures again (over epochs, or one photo in several sources) encodes each once.
 
 Usage::
 
@@ -100,12 +104,15 @@ class FeatureCache:
 
     Args:
         max_items: entries kept per encoder (0 disables storing).
+        training: also serve SAM's embeddings while the model is in training mode (its image
+            encoder is frozen); without it, a model in training mode encodes every time.
     """
 
-    def __init__(self, max_items: int = 8) -> None:
+    def __init__(self, max_items: int = 8, training: bool = False) -> None:
         if max_items < 0:
             raise ValueError(f"max_items must be >= 0, got {max_items}")
         self.max_items = max_items
+        self.training = training
         self._sam = _LRU(max_items)
         self._vision = _LRU(max_items)
         self._lock = threading.RLock()
@@ -163,7 +170,7 @@ class FeatureCache:
 
     def _wrap_encode(self, encode: Callable[..., torch.Tensor]) -> Callable:
         def encode_images(sam_pixel_values: torch.Tensor, input_sizes) -> torch.Tensor:
-            if self._model is not None and self._model.training:  # training: no caching
+            if self._model is not None and self._model.training and not self.training:
                 return encode(sam_pixel_values, input_sizes)
             with self._lock:
                 keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
@@ -177,7 +184,7 @@ class FeatureCache:
                     for key, embedding in zip(missing, embeddings):
                         found[key] = embedding
                         if self.max_items:
-                            self._sam.put(key, embedding)
+                            self._sam.put(key, embedding.clone())  # not a view that keeps the whole batch alive
                 return torch.stack([found[key] for key in keys])
 
         return encode_images

@@ -38,10 +38,11 @@ from .conversation import IGNORE_INDEX
 from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
 from .image_cache import shared_images
 from .losses import mask_bce_loss, mask_dice_loss
+from .mask_decoding import decode_low_res_masks, postprocess_by_image
 from .image_tokens import image_token_counts
 from .processor import load_processor, save_processor
 from .projection import SegProjection
-from .sam import SamTransform, build_sam, freeze_for_segmentation, postprocess_masks, sam_prompt_embed_dim
+from .sam import SamTransform, build_sam, freeze_for_segmentation, sam_prompt_embed_dim
 from .vlm import (
     LoraSettings,
     SEG_TOKEN,
@@ -420,30 +421,28 @@ class ReasonSegmenter(nn.Module):
 
     def decode_masks(
         self,
-        image_embedding: torch.Tensor,
-        seg_states: torch.Tensor,
-        input_size: Sequence[int],
-        original_size: Sequence[int],
-    ) -> torch.Tensor:
-        """Masks for one image.
+        image_embeddings: torch.Tensor,
+        seg_states: Sequence[torch.Tensor],
+        input_sizes: Sequence[Sequence[int]],
+        original_sizes: Sequence[Sequence[int]],
+    ) -> list[torch.Tensor]:
+        """Masks for a batch of images, the mask decoder run once for all of them.
 
         Args:
-            image_embedding: [P, h, w] SAM embedding of the image.
-            seg_states: [n, H] ``[SEG]`` hidden states.
+            image_embeddings: [B, P, h, w] SAM embeddings.
+            seg_states: per image, its [n_i, H] ``[SEG]`` hidden states (n_i may be 0).
+            input_sizes, original_sizes: per image, SAM's (h, w) before padding and the original (H, W).
         Returns:
-            [n, H_orig, W_orig] mask logits.
+            per image, [n_i, H_i, W_i] mask logits.
         """
-        sparse = self.projection(seg_states.to(self.projection.fc1.weight.dtype))
-        _, dense = self.sam.prompt_encoder(points=None, boxes=None, masks=None)
-        decoder_dtype = self.sam.mask_decoder.iou_token.weight.dtype
-        low_res, _ = self.sam.mask_decoder(
-            image_embeddings=image_embedding[None].to(decoder_dtype),
-            image_pe=self.sam.prompt_encoder.get_dense_pe().to(decoder_dtype),
-            sparse_prompt_embeddings=sparse.to(decoder_dtype),
-            dense_prompt_embeddings=dense.to(decoder_dtype),
-            multimask_output=False,
-        )
-        return postprocess_masks(low_res.float(), input_size, original_size, self.sam_transform.image_size)[:, 0]
+        counts = [len(states) for states in seg_states]
+        if not sum(counts):
+            return [image_embeddings.new_zeros((0, *(int(v) for v in size))).float() for size in original_sizes]
+        states = torch.cat([states for states in seg_states if len(states)])
+        image_index = torch.repeat_interleave(torch.arange(len(counts), device=states.device), torch.tensor(counts, device=states.device))
+        sparse = self.projection(states.to(self.projection.fc1.weight.dtype))
+        low_res = decode_low_res_masks(self.sam, image_embeddings, image_index, sparse)
+        return postprocess_by_image(low_res, counts, input_sizes, original_sizes, self.sam_transform.image_size)
 
     # ------------------------------------------------------------------ training forward
 
@@ -457,34 +456,25 @@ class ReasonSegmenter(nn.Module):
         """
         output, seg_states = self.teacher_forced_seg_states(batch)
         image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
-        mask_logits, bce_terms, dice_terms = [], [], []
-        for index, gt_masks in enumerate(batch["masks"]):
-            states = seg_states[index]
+        for index, (states, gt_masks) in enumerate(zip(seg_states, batch["masks"])):
             if len(states) != len(gt_masks):
                 raise ValueError(
                     f"sample {index} ({batch['extra'][index].get('image_path', 'no path')}): "
                     f"{len(states)} {SEG_TOKEN} tokens in the answers but {len(gt_masks)} ground-truth masks"
                 )
-            if len(states) == 0:
-                mask_logits.append(output.hidden.new_zeros((0, *batch["original_size"][index])))
-                continue
-            logits = self.decode_masks(
-                image_embeddings[index], states, batch["sam_input_size"][index], batch["original_size"][index]
-            )
-            mask_logits.append(logits)
-            gt = gt_masks.to(logits.device)
-            for mask_index in range(len(gt)):
-                bce_terms.append(mask_bce_loss(logits[mask_index], gt[mask_index]))
-                dice_terms.append(mask_dice_loss(logits[mask_index], gt[mask_index]))
-        num_masks = len(bce_terms)
+        num_masks = sum(len(states) for states in seg_states)
         if num_masks:
-            bce_loss = torch.stack(bce_terms).mean()
-            dice_loss = torch.stack(dice_terms).mean()
+            mask_logits = self.decode_masks(image_embeddings, seg_states, batch["sam_input_size"], batch["original_size"])
+            pairs = [(logits, gt.to(logits.device)) for logits, gt in zip(mask_logits, batch["masks"]) if len(logits)]
+            # Per-mask losses, averaged over all masks of the batch (each mask weighs the same).
+            bce_loss = torch.cat([mask_bce_loss(logits, gt) for logits, gt in pairs]).mean()
+            dice_loss = torch.cat([mask_dice_loss(logits, gt) for logits, gt in pairs]).mean()
         else:
             # No [SEG] in the batch: the projection and decoder still join the graph (with zero
             # weight) so every trainable parameter gets a gradient and DDP does not wait for one.
-            dummy = self.decode_masks(image_embeddings[0], output.hidden[0, :1], *self._first_sizes(batch))
+            dummy = self.decode_masks(image_embeddings[:1], [output.hidden[0, :1]], *self._first_sizes(batch))[0]
             bce_loss = dice_loss = dummy.sum() * 0.0
+            mask_logits = [output.hidden.new_zeros((0, *size)) for size in batch["original_size"]]
         ce_loss = output.loss
         loss = (
             self.config.ce_weight * ce_loss + self.config.bce_weight * bce_loss + self.config.dice_weight * dice_loss
@@ -516,7 +506,7 @@ class ReasonSegmenter(nn.Module):
 
     @staticmethod
     def _first_sizes(batch: dict) -> tuple:
-        return batch["sam_input_size"][0], batch["original_size"][0]
+        return batch["sam_input_size"][:1], batch["original_size"][:1]
 
     # ------------------------------------------------------------------ prediction
 
@@ -558,7 +548,8 @@ class ReasonSegmenter(nn.Module):
         image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
         rows = row_images(batch)  # the image of each request
         image_tokens = self.image_token_counts(batch)
-        results = []
+        results, row_states = [], []
+        no_states = image_embeddings.new_zeros((0, self.config.hidden_size))
         for index, row_tokens in enumerate(tokens.tolist()):
             end = next((i for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
             row_tokens = row_tokens[:end]
@@ -567,16 +558,20 @@ class ReasonSegmenter(nn.Module):
             if rows[index] < len(image_tokens):
                 result.image_tokens = image_tokens[rows[index]]
             seg_steps = [j for j, token in enumerate(row_tokens) if token == self.seg_token_id]
-            if seg_steps:
-                result.seg_states = states[index, seg_steps]
-                image = rows[index]
-                logits = self.decode_masks(
-                    image_embeddings[image], result.seg_states, batch["sam_input_size"][image], batch["original_size"][image]
-                )
-                result.masks = [mask.cpu().numpy() for mask in logits > 0]
-                result.boxes = [mask_to_box(mask) for mask in result.masks]
-                result.scores = [mask_score(mask_logits) for mask_logits in logits]
+            result.seg_states = states[index, seg_steps] if seg_steps else None
+            row_states.append(result.seg_states if seg_steps else no_states)
             results.append(result)
+        if any(len(row) for row in row_states):
+            sizes = [(batch["sam_input_size"][image], batch["original_size"][image]) for image in rows]
+            row_logits = self.decode_masks(
+                image_embeddings[torch.as_tensor(rows, device=image_embeddings.device)], row_states,
+                [input_size for input_size, _ in sizes], [original_size for _, original_size in sizes],
+            )
+            for result, logits in zip(results, row_logits):
+                if len(logits):
+                    result.masks = [mask.cpu().numpy() for mask in logits > 0]
+                    result.boxes = [mask_to_box(mask) for mask in result.masks]
+                    result.scores = [mask_score(mask_logits) for mask_logits in logits]
         return results
 
     def _generate_with_transformers(self, inputs: dict, max_new_tokens: int, generate_kwargs: dict) -> tuple:

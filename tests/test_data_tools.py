@@ -64,6 +64,15 @@ def test_inspect_data_writes_images_masks_and_jsonl(synthetic_root: Path, tmp_pa
             assert Image.open(overlay).size == (image.shape[1], image.shape[0])
 
 
+def test_inspect_data_shows_named_answers(synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "named"
+    run_tool("tools/inspect_data.py", "--dataset_dir", str(synthetic_root), "--dataset", "synthetic|val",
+             "--answer_style", "named", "--num", "4", "--out", str(out))
+    for record in read_jsonl(out / "samples.jsonl"):
+        target_name = json.loads(Path(record["image"]).with_suffix(".json").read_text())["target_name"]
+        assert record["answer"] == f"Sure, it is {target_name} [SEG]."
+
+
 def test_inspect_data_keeps_ignore_values(tmp_path: Path) -> None:
     expected = fx.write_reason_seg(tmp_path / "root")["train_mask"]
     out = tmp_path / "out"

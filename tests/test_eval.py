@@ -245,8 +245,8 @@ def test_mask_less_model_scores_zero_teacher_forced_on_grefcoco(tiny_model, synt
     from utils.data.builders import build_val_dataset
     from utils.evaluation import evaluate_teacher_forced
 
-    monkeypatch.setattr(tiny_model, "decode_masks", lambda _embedding, states, _input_size, original_size:
-                        torch.full((len(states), *original_size), -1.0))
+    monkeypatch.setattr(tiny_model, "decode_masks", lambda _embeddings, states, _input_sizes, original_sizes: [
+        torch.full((len(image_states), *size), -1.0) for image_states, size in zip(states, original_sizes)])
     data = build_val_dataset("synthetic|grefer_val", str(synthetic_root))
     n = sum(data[i].meta["no_target"][0] for i in range(len(data)))
     assert 0 < n < len(data) == 48

@@ -407,16 +407,18 @@ def test_corrupt_files_are_skipped_and_counted_per_source(tiny_segmenter_dir, tm
 def test_validation_scores_what_test_py_prints(tiny_segmenter_dir, synthetic_root, tmp_path):
     """The best checkpoint is chosen on test.py's numbers: training validation and test.py score
     the same ReasonSeg items (the first query of each image by default, every query with
-    --reason_seg_queries all) with the same code, and give identical gIoU and cIoU."""
+    --reason_seg_queries all) with the same code and the same answers (--answer_style named: the
+    checkpoint records it, test.py reads it), and give identical gIoU and cIoU."""
     result = run(train_command(
         tiny_segmenter_dir(), synthetic_root, tmp_path, "val", "--max_steps", "2", "--eval_steps", "2",
-        "--max_val_samples", "0",
+        "--max_val_samples", "0", "--answer_style", "named",
     ), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "val"
     [val] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     checkpoint = ckpt.best_checkpoint(run_dir)
     assert checkpoint is not None and ckpt.read_state(checkpoint)["best_giou"] == val["giou"]
+    assert json.loads((checkpoint / "config.json").read_text())["answer_style"] == "named"
 
     def test_py(*extra):
         out = tmp_path / f"test{len(extra)}"
@@ -424,7 +426,9 @@ def test_validation_scores_what_test_py_prints(tiny_segmenter_dir, synthetic_roo
                     str(synthetic_root), "--val_dataset", "synthetic|val", "--workers", "0", "--no_progress",
                     "--log_dir", str(out), *extra], timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        [entry] = json.loads((out / "report.json").read_text())["results"]
+        report = json.loads((out / "report.json").read_text())
+        assert report["model"]["answer_style"] == "named"
+        [entry] = report["results"]
         return entry
 
     first = test_py()
@@ -433,10 +437,39 @@ def test_validation_scores_what_test_py_prints(tiny_segmenter_dir, synthetic_roo
     # Every query: the same flag on both sides.
     result = run(train_command(
         tiny_segmenter_dir(), synthetic_root, tmp_path, "val_all", "--resume", str(checkpoint), "--eval_only",
-        "--max_val_samples", "0", "--reason_seg_queries", "all",
+        "--max_val_samples", "0", "--reason_seg_queries", "all", "--answer_style", "named",
     ), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [val_all] = [json.loads(l) for l in (tmp_path / "val_all" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     every = test_py("--reason_seg_queries", "all")
     assert every["counts"]["questions"] == val_all["questions"] > 12
     assert (every["metrics"]["giou"], every["metrics"]["ciou"]) == (val_all["giou"], val_all["ciou"])
+
+
+def test_sam_feature_cache_trains_exactly_as_without_and_reuses_embeddings(tiny_segmenter_dir, synthetic_root, tmp_path):
+    """SAM's encoder is frozen, so its cached output changes nothing: same losses, same weights;
+    a picture seen again (the synthetic sources share their scenes) is not encoded again."""
+    from utils.data.builders import build_train_dataset
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    def train(*extra):
+        args = parse_args(["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
+                           "--dataset_dir", str(synthetic_root), "--log_base_dir", str(tmp_path), "--exp_name", f"run{len(extra)}",
+                           "--no_eval", "--workers", "0", "--batch_size", "4", "--steps_per_epoch", "6", "--save_steps", "100",
+                           "--lora_dropout", "0", *extra])
+        trainer = Trainer(args, DistInfo(0, 1, 0, torch.device("cpu")), build_train_dataset(args, samples_per_epoch=24, seed=args.seed), None)
+        encoder_calls = []
+        trainer.model.sam.image_encoder.register_forward_hook(lambda _m, inputs, _o: encoder_calls.append(len(inputs[0])))
+        trainer.train()
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.close()
+        return train_records(tmp_path / args.exp_name), weights, sum(encoder_calls)
+
+    plain_records, plain_weights, plain_encoded = train()
+    cached_records, cached_weights, cached_encoded = train("--sam_feature_cache", "64")
+    assert [r["loss"] for r in cached_records.values()] == [r["loss"] for r in plain_records.values()]
+    assert all(torch.equal(cached_weights[n], plain_weights[n]) for n in plain_weights)
+    assert plain_encoded == 24 and cached_encoded < plain_encoded
+    assert cached_records[6]["sam_cache_hit_rate"] == pytest.approx(1 - cached_encoded / 24)

@@ -48,6 +48,7 @@ def run(tiny_vlm_dir, tmp_path_factory):
     model = ReasonSegmenter.from_components(
         tiny_vlm_dir("qwen2_5_vl"), "tiny", sam_checkpoint=root / "sam_tiny.pth", lora=LoraSettings()
     )
+    model.config.answer_style = "named"  # as build_model records --answer_style named
     for step in (1, 2):  # as the trainer writes them (utils/checkpoint.py)
         perturb(model)
         directory = root / "run" / checkpoint_name(step)
@@ -83,6 +84,7 @@ def test_merge_picks_the_latest_checkpoint_and_writes_a_standalone_directory(mer
     config = json.loads((out / "config.json").read_text())
     assert config["adapter_path"] is None and config["vlm_path"] == "vlm" and config["sam_checkpoint"] is None
     assert config["lora"] == {} and config["merged_from"]["lora"]["r"] == 8
+    assert config["answer_style"] == "named"  # test.py words its answers as the model was trained
     weights = list((out / "vlm").glob("*.safetensors"))
     assert weights and not list((out / "vlm").glob("adapter*"))
     for file in weights:

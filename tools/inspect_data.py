@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model.constants import ANSWER_STYLES  # noqa: E402
 from utils.data.base import RawDataset  # noqa: E402
 from utils.data.builders import SOURCE_KINDS, build_source_dataset, build_val_dataset  # noqa: E402
 from utils.data.rng import derive_rng  # noqa: E402
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=8, help="number of samples to write")
     parser.add_argument("--start", type=int, default=0, help="first item index")
     parser.add_argument("--seed", type=int, default=0, help="seed of train-mode draws")
+    parser.add_argument("--answer_style", choices=ANSWER_STYLES, default="plain",
+                        help="how mask answers are worded (train_ddp.py --answer_style)")
     parser.add_argument("--out", required=True, help="output folder")
     return parser.parse_args(argv)
 
@@ -65,11 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_dataset(args: argparse.Namespace) -> RawDataset:
     """The dataset named by ``--dataset`` / ``--split`` / ``--mode``."""
     if args.dataset not in SOURCE_KINDS:
-        return build_val_dataset(args.dataset, args.dataset_dir)
+        return build_val_dataset(args.dataset, args.dataset_dir, answer_style=args.answer_style)
     spec = args.split or DEFAULT_SPLITS.get(args.dataset)
     if spec is None:
         raise SystemExit(f"--dataset {args.dataset} needs --split")
-    return build_source_dataset(args.dataset, spec, args.dataset_dir, args.mode, args.seed)
+    return build_source_dataset(args.dataset, spec, args.dataset_dir, args.mode, args.seed,
+                                answer_style=args.answer_style)
 
 
 def write_sample(sample: RawSample, number: int, index: int, out_dir: str) -> dict[str, object]:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from model.config import SegmenterConfig
 from model.decoding import DECODING_MODES, resolve_decoding
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
 from utils.data.builders import build_val_dataset, split_names, val_split_kind
@@ -117,13 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 split_kind = val_split_kind  # ``reason_seg``, ``refer_seg`` or ``coco``: the source kind behind a split name
 
 
-def build_splits(names: str, dataset_dir: str, reason_seg_queries: str) -> dict:
-    """Every requested split, checked before the model loads (a wrong name costs no model load)."""
+def build_splits(names: str, dataset_dir: str, reason_seg_queries: str, answer_style: str = "plain") -> dict:
+    """Every requested split, checked before the model loads (a wrong name costs no model load).
+
+    ``answer_style`` words the reference answers (the model's ``config.answer_style``), so that
+    teacher forcing feeds the answers in the style the model was trained with.
+    """
     splits = {}
     for name in split_names(names):
         try:
             # The same call as training validation (train_ddp.py), so both score the same items.
-            dataset = build_val_dataset(name, dataset_dir, reason_seg_queries=reason_seg_queries)
+            dataset = build_val_dataset(
+                name, dataset_dir, reason_seg_queries=reason_seg_queries, answer_style=answer_style
+            )
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: split {name!r}: {error}") from None
         if len(dataset) == 0:
@@ -178,14 +185,40 @@ def coco_ap_of_split(raw_dataset, evaluated: int, detections: list, path: Path) 
     }
 
 
-def load_model(args: argparse.Namespace, device: torch.device):
-    """(model, resolved checkpoint directory, model description for the report)."""
-    from model.config import SegmenterConfig
-    from model.loading import ModelLoadError, load_segmenter, resolve_checkpoint
+def resolve_model(args: argparse.Namespace) -> tuple[Path, SegmenterConfig]:
+    """The checkpoint directory that ``--version`` / ``--pick`` name, and its config.
+
+    Reads config.json only, no weights: :func:`run` needs the config's ``answer_style`` to build
+    the splits, which are checked before the model loads.
+    """
+    from model.loading import ModelLoadError, resolve_checkpoint
 
     try:
         directory = resolve_checkpoint(args.version, args.pick)
-        config = SegmenterConfig.from_pretrained(directory)
+        return directory, SegmenterConfig.from_pretrained(directory)
+    except (ModelLoadError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def model_and_splits(args: argparse.Namespace) -> tuple[tuple[Path, SegmenterConfig], dict]:
+    """(:func:`resolve_model`, :func:`build_splits`): the splits word their answers as the model
+    was trained (its config's ``answer_style``); both are read before any weight loads."""
+    directory, config = resolve_model(args)
+    splits = build_splits(args.val_dataset, args.dataset_dir, args.reason_seg_queries, config.answer_style)
+    return (directory, config), splits
+
+
+def load_model(
+    args: argparse.Namespace, device: torch.device, resolved: tuple[Path, SegmenterConfig] | None = None
+):
+    """(model, resolved checkpoint directory, model description for the report).
+
+    ``resolved``: what :func:`resolve_model` returned, when the caller has it already.
+    """
+    from model.loading import ModelLoadError, load_segmenter
+
+    directory, config = resolved or resolve_model(args)
+    try:
         model = load_segmenter(
             directory,
             precision=args.precision,
@@ -207,6 +240,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
         "kind": "adapter" if config.adapter_path else "standalone",
         "vlm_family": config.vlm_family,
         "sam_variant": config.sam_variant,
+        "answer_style": config.answer_style,  # how the teacher-forced answers are worded
         "base_model": str(args.base_model or config.vlm_path) if config.adapter_path else None,
         "sam_checkpoint": model.config.sam_checkpoint,
         "dtype": dtype,
@@ -221,8 +255,8 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
 def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     """Score every split under every protocol; returns the report on rank 0 (None elsewhere)."""
-    splits = build_splits(args.val_dataset, args.dataset_dir, args.reason_seg_queries)
-    model, checkpoint, model_info = load_model(args, dist_info.device)
+    resolved, splits = model_and_splits(args)
+    model, checkpoint, model_info = load_model(args, dist_info.device, resolved)
     precision = args.precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     writer = PredictionWriter(args.save_predictions, dist_info.rank) if args.save_predictions else None

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from model.constants import ANSWER_STYLES
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 
 BOOL = argparse.BooleanOptionalAction
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--explanatory", type=float, default=0.1, help="share of ReasonSeg samples answered with an explanation")
     data.add_argument("--num_questions_per_image", type=int, default=3)
     data.add_argument(
+        "--answer_style", choices=list(ANSWER_STYLES), default="plain",
+        help="how mask answers are worded, in training and validation: plain is LISA's templates ('Sure, [SEG].'), "
+        "named names the target before its [SEG] ('Sure, it is the red square [SEG].'), so that the [SEG] state "
+        "must carry the question (helps small models learn to use it); recorded in the checkpoint's config.json, "
+        "test.py scores with the recorded style",
+    )
+    data.add_argument(
         "--conversation_mode", choices=["single_turn", "multi_turn"], default="multi_turn",
         help="the questions of a sample (one image): multi_turn asks them as the turns of one conversation "
         "(scored better on the demo), single_turn each as its own conversation (LISA's way, and how evaluation "
@@ -63,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val_batch_size", type=int, default=1,
                       help="validation batch per process (1, as test.py: the same numbers it prints)")
     data.add_argument("--workers", type=int, default=4)
+    data.add_argument(
+        "--sam_feature_cache", type=int, default=0, metavar="IMAGES",
+        help="keep the frozen SAM encoder's output for up to this many images per process, so that a "
+        "picture seen again (another epoch, another source) is not encoded again; exact, it costs memory: "
+        "2 MB per image for SAM ViT-B/L/H in bf16, 256 KB for the tiny demo model (0: off)",
+    )
     data.add_argument("--max_skipped_share", type=float, default=0.1, help="abort when more than this share of samples is unreadable")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)

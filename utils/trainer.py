@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from model.batch import SampleEncoder, to_device
 from model.config import SegmenterConfig
+from model.image_cache import FeatureCache
 from model.image_tokens import PixelLimits, apply_pixel_limits, pixel_limits
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
@@ -71,7 +72,11 @@ def build_model(
     float32 (master weights; see :meth:`ReasonSegmenter.cast_for_run`). No float32 copy of the
     frozen model is ever made.
     """
-    loss_weights = dict(ce_weight=args.ce_loss_weight, bce_weight=args.bce_loss_weight, dice_weight=args.dice_loss_weight)
+    # Recorded on the config, so that every checkpoint says how it was trained (test.py reads answer_style).
+    recorded = dict(
+        ce_weight=args.ce_loss_weight, bce_weight=args.bce_loss_weight, dice_weight=args.dice_loss_weight,
+        answer_style=args.answer_style,
+    )
     if resume_from is not None:
         model = ReasonSegmenter.from_pretrained(
             resume_from, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained, device=device,
@@ -99,7 +104,7 @@ def build_model(
             device=device,
         )
     model.cast_for_run(dtype)  # the LoRA just added is float32 already: a check, not a copy
-    for name, value in loss_weights.items():
+    for name, value in recorded.items():
         setattr(model.config, name, value)
     return model
 
@@ -160,6 +165,8 @@ class Trainer:
         if args.gradient_checkpointing:
             self.model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.vlm.enable_input_require_grads()
+        # SAM's image encoder is frozen: a picture seen again can reuse its embedding.
+        self.sam_features = FeatureCache(args.sam_feature_cache, training=True).attach(self.model) if args.sam_feature_cache else None
         self.backend = training_backend(args, dist_info, self.model, self.accumulation, self.total_steps)
         if saved_state:
             self._load_training_state(resume_from, saved_state)
@@ -369,6 +376,9 @@ class Trainer:
             overflow_steps=self.overflow_total,
             stop=bool(stop_any),
         )
+        if self.sam_features is not None:
+            stats = self.sam_features.stats
+            record["sam_cache_hit_rate"] = stats["sam_hits"] / max(1, stats["sam_hits"] + stats["sam_misses"])
         scale = self.backend.loss_scale
         if scale is not None:
             record["loss_scale"] = scale

@@ -78,8 +78,9 @@ def published_generate(
         if positions:
             states = hidden[index, positions]
             result.seg_states = states
-            logits = model.decode_masks(
-                image_embeddings[index], states, batch["sam_input_size"][index], batch["original_size"][index]
+            [logits] = model.decode_masks(
+                image_embeddings[index : index + 1], [states], batch["sam_input_size"][index : index + 1],
+                batch["original_size"][index : index + 1],
             )
             result.masks = [mask.cpu().numpy() for mask in logits > 0]
             result.boxes = [mask_to_box(mask) for mask in result.masks]

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from utils.data import templates
 from utils.data.rng import derive_rng
 from utils.data.sample import RawSample
 
@@ -30,6 +31,12 @@ class RawDataset(torch.utils.data.Dataset, abc.ABC):
 
     ``self[i]`` draws its generator from ``(seed, epoch, i)``; :class:`HybridDataset` instead
     calls :meth:`get_sample` with a generator of its own.
+
+    ``answer_style`` (one of :data:`templates.ANSWER_STYLES`) words the mask answers: ``"plain"``
+    (LISA's templates, "Sure, [SEG].") or ``"named"`` (the target named right before its
+    ``[SEG]``: "Sure, it is the red square [SEG].", see :func:`templates.mask_answer`), so that
+    the language model must carry the request into the ``[SEG]`` state. Sources name what each
+    mask shows (a referring expression, a class name ...); text-only answers are never named.
     """
 
     name: str = "raw"
@@ -40,6 +47,7 @@ class RawDataset(torch.utils.data.Dataset, abc.ABC):
         seed: int = 0,
         num_questions_per_image: int = 3,
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -49,6 +57,7 @@ class RawDataset(torch.utils.data.Dataset, abc.ABC):
         self.seed = seed
         self.epoch = 0
         self.num_questions_per_image = num_questions_per_image
+        self.answer_style = templates.check_answer_style(answer_style)
         if name is not None:
             self.name = name
 

@@ -17,6 +17,10 @@ ReasonSeg val split), ``synthetic|refer_val`` (its refcoco val split), ``synthet
 (its gRefCOCO val).
 A ReasonSeg split holds the first query of each image unless ``reason_seg_queries="all"``
 (``--reason_seg_queries`` of test.py and train_ddp.py, which both build their splits here).
+
+``answer_style`` (``"plain"`` or ``"named"``, :data:`templates.ANSWER_STYLES`) words every mask
+answer, in training (``--answer_style``) and validation alike: teacher-forced scores feed the
+answers in the style the model was trained with (test.py reads it from the model's config).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def build_source_dataset(
     seed: int = 0,
     num_questions_per_image: int = 3,
     name: str | None = None,
+    answer_style: str = "plain",
     **options: Any,
 ) -> RawDataset:
     """One dataset of a source kind from its LISA-style spec.
@@ -92,9 +97,12 @@ def build_source_dataset(
     ``kind``/``spec`` examples: ``sem_seg``/``ade20k`` (optionally ``ade20k|validation``),
     ``refer_seg``/``refcoco`` (train split) or ``refcoco|unc|val``, ``vqa``/``llava_instruct_150k``,
     ``reason_seg``/``ReasonSeg|train``, ``coco``/``instances.json|images`` (relative to
-    ``dataset_dir`` or absolute). ``options`` go to the dataset class (e.g. ``explanatory_rate``).
+    ``dataset_dir`` or absolute). ``answer_style`` words the mask answers (every source takes
+    it). ``options`` go to the dataset class (e.g. ``explanatory_rate``).
     """
-    common = {"mode": mode, "seed": seed, "num_questions_per_image": num_questions_per_image}
+    common = {
+        "mode": mode, "seed": seed, "num_questions_per_image": num_questions_per_image, "answer_style": answer_style,
+    }
     if name is not None:
         common["name"] = name
     parts = spec.split("|")
@@ -132,7 +140,8 @@ class TrainDataConfig:
 
     ``explanatory`` is LISA's flag (-1 disables explanatory ReasonSeg answers); it sets
     ``text_only_rate = explanatory`` and ``explanatory_rate = (1 - explanatory) / 2`` unless those
-    two are given.
+    two are given. ``answer_style`` words the mask answers of every source (``"plain"``: LISA's
+    templates; ``"named"``: the target named before its ``[SEG]``).
     """
 
     dataset_dir: str = "./dataset"
@@ -150,6 +159,7 @@ class TrainDataConfig:
     samples_per_epoch: int = 500 * 8 * 2 * 10
     seed: int = 0
     sub_dataset_weighting: str = "uniform"
+    answer_style: str = "plain"
 
     @classmethod
     def from_args(cls, args: Any = None, **overrides: Any) -> "TrainDataConfig":
@@ -219,7 +229,8 @@ def build_train_dataset(
         options = config.reason_seg_rates() if kind == "reason_seg" else {}
         sources[kind] = [
             build_source_dataset(
-                kind, spec, config.dataset_dir, "train", config.seed, config.num_questions_per_image, **options
+                kind, spec, config.dataset_dir, "train", config.seed, config.num_questions_per_image,
+                answer_style=config.answer_style, **options,
             )
             for spec in config.source_specs(kind)
         ]
@@ -264,7 +275,8 @@ def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "fi
 
     ``reason_seg_queries`` (ReasonSeg splits only): ``"first"`` scores the first query of each
     image (LISA's protocol, the default of test.py and of training validation), ``"all"`` every
-    query. ``options`` go to the dataset class.
+    query. ``options`` go to the dataset class, among them ``answer_style`` (``"plain"`` by
+    default; give the style the model was trained with).
     """
     name = name.strip()
     if reason_seg_queries not in ("first", "all"):
@@ -294,5 +306,6 @@ def build_val_dataset(name: str, dataset_dir: str, reason_seg_queries: str = "fi
 
 
 def build_val_datasets(names: str, dataset_dir: str, **options: Any) -> dict[str, RawDataset]:
-    """Several validation datasets from ``"ReasonSeg|val||refcoco|unc|val"``."""
+    """Several validation datasets from ``"ReasonSeg|val||refcoco|unc|val"``; ``options`` as
+    :func:`build_val_dataset` (``reason_seg_queries``, ``answer_style`` ...)."""
     return {name: build_val_dataset(name, dataset_dir, **options) for name in split_names(names)}

@@ -120,11 +120,13 @@ class CocoCategoryDataset(TargetDataset):
         seed: int = 0,
         num_questions_per_image: int = 3,
         name: str = "coco",
+        answer_style: str = "plain",
     ) -> None:
         index = CocoIndex.from_file(annotation_file)
         super().__init__(
             category_targets(index, phrasings), _image_records(index, image_path), _annotations(index),
             mode, seed, num_questions_per_image, name, is_sentence=False, one_text_per_target=True,
+            answer_style=answer_style,
         )
         logger.info("%s (%s): %d images, %d items from %s", name, mode, len(self.image_ids), len(self), annotation_file)
 
@@ -134,11 +136,11 @@ class PacoLvisDataset(CocoCategoryDataset):
     (``file_name`` is ``train2017/...``). Categories ``object`` or ``object:part``."""
 
     def __init__(self, dataset_dir: str, split: str = "train", mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, name: str = "paco_lvis") -> None:
+                 num_questions_per_image: int = 3, name: str = "paco_lvis", answer_style: str = "plain") -> None:
         annotation_file = os.path.join(dataset_dir, "vlpart", "paco", "annotations", f"paco_lvis_v1_{split}.json")
         coco_root = os.path.join(dataset_dir, "coco")
         super().__init__(annotation_file, functools.partial(os.path.join, coco_root), part_phrasings,
-                         mode, seed, num_questions_per_image, name)
+                         mode, seed, num_questions_per_image, name, answer_style)
 
 
 class PascalPartDataset(CocoCategoryDataset):
@@ -146,11 +148,11 @@ class PascalPartDataset(CocoCategoryDataset):
     in ``vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/``. Categories ``object:part``."""
 
     def __init__(self, dataset_dir: str, split: str = "train", mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, name: str = "pascal_part") -> None:
+                 num_questions_per_image: int = 3, name: str = "pascal_part", answer_style: str = "plain") -> None:
         root = os.path.join(dataset_dir, "vlpart", "pascal_part")
         image_dir = os.path.join(root, "VOCdevkit", "VOC2010", "JPEGImages")
         super().__init__(os.path.join(root, f"{split}.json"), functools.partial(os.path.join, image_dir),
-                         part_phrasings, mode, seed, num_questions_per_image, name)
+                         part_phrasings, mode, seed, num_questions_per_image, name, answer_style)
 
 
 class CocoInstancesDataset(TargetDataset):
@@ -162,7 +164,8 @@ class CocoInstancesDataset(TargetDataset):
     """
 
     def __init__(self, annotation_file: str, image_dir: str, mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, is_sentence: bool = False, name: str = "coco") -> None:
+                 num_questions_per_image: int = 3, is_sentence: bool = False, name: str = "coco",
+                 answer_style: str = "plain") -> None:
         index = CocoIndex.from_file(annotation_file)
         targets = expression_targets(index)
         self.uses_expressions = bool(targets)
@@ -173,6 +176,7 @@ class CocoInstancesDataset(TargetDataset):
             targets, _image_records(index, functools.partial(os.path.join, image_dir)), _annotations(index),
             mode, seed, num_questions_per_image, name,
             is_sentence=is_sentence and self.uses_expressions, one_text_per_target=not self.uses_expressions,
+            answer_style=answer_style,
         )
         logger.info("%s (%s): %d images, %d items, %s requests", name, mode, len(self.image_ids), len(self),
                     "expression" if self.uses_expressions else "category")
@@ -188,7 +192,8 @@ class CocoDetectionDataset(RawDataset):
     (cheaper; false positives on absent categories are then never asked for). The question is
     "Please segment all the {category} in this image."; the reference answer has one ``[SEG]``
     per non-crowd instance (annotation id order), whose mask is that instance (1) with the
-    category's crowd regions as ignore (255). A category with no instance in the image is a
+    category's crowd regions as ignore (255); the ``"named"`` answer style names the category
+    ("Sure, they are car [SEG] and [SEG]."). A category with no instance in the image is a
     no-target item (text answer, all-zero ground truth, crowd regions 255).
 
     Items are in image order, then category id order (:meth:`image_items` maps an image id to
@@ -205,10 +210,11 @@ class CocoDetectionDataset(RawDataset):
         num_questions_per_image: int = 1,
         present_only: bool = False,
         name: str = "coco",
+        answer_style: str = "plain",
     ) -> None:
         if mode != "val":
             raise ValueError("CocoDetectionDataset is for evaluation (mode 'val'); train on COCO files with --coco_data")
-        super().__init__(mode, seed, num_questions_per_image, name)
+        super().__init__(mode, seed, num_questions_per_image, name, answer_style)
         index = CocoIndex.from_file(annotation_file)
         if not index.categories:
             raise ValueError(f"{annotation_file} has no categories: a detection split asks about each category by name")
@@ -270,7 +276,7 @@ class CocoDetectionDataset(RawDataset):
         question = templates.all_instances_question(category)
         no_target_gt = []
         if masks:
-            answer = templates.segmentation_answer(len(masks))
+            answer = templates.mask_answer(len(masks), category, self.answer_style)
         else:
             answer = templates.no_target_answer()
             no_target_gt.append(np.where(crowd, IGNORE_LABEL, 0).astype(np.uint8))

@@ -7,6 +7,8 @@ On disk (``<dataset_dir>/reason_seg/ReasonSeg/``)::
 
 A JSON holds ``text`` (1-5 queries, all about the same target), ``is_sentence`` (long query or
 short phrase) and ``shapes`` (``{"label": "target"|"ignore"|"flag", "points": [[x, y], ...]}``).
+An optional ``target_name`` is a short name of the target ("the red square"), which answers in
+the ``"named"`` answer style name; the real ReasonSeg files have none (the synthetic ones do).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ class ReasonSegAnnotation:
     mask: np.ndarray  # H x W uint8: 1 target, 255 ignore, 0 background
     queries: list[str]
     is_sentence: bool
+    target_name: str | None = None  # a short name of the target, when the file gives one
+
+    def answer_name(self, request: str) -> str | None:
+        """What a ``"named"`` answer to ``request`` calls the target: ``target_name``, else a
+        short request itself; None (a plain answer) for a sentence without ``target_name``."""
+        if self.target_name:
+            return self.target_name
+        return None if self.is_sentence else request
 
 
 def _polygon(points: Any) -> np.ndarray:
@@ -90,6 +100,7 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
             mask=rasterize_shapes(content.get("shapes", []), height, width),
             queries=[query for query in queries if query],
             is_sentence=bool(content["is_sentence"]),
+            target_name=str(content.get("target_name") or "").strip() or None,
         )
     except (KeyError, TypeError, ValueError, cv2.error) as error:
         raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
@@ -119,6 +130,10 @@ class ReasonSegDataset(RawDataset):
           protocol, scored by test.py and training validation alike; ``val_queries="all"``: one per
           (image, query), so that every query is scored (``--reason_seg_queries all``).
 
+    In the ``"named"`` answer style, mask and explanatory answers name the target
+    (:meth:`ReasonSegAnnotation.answer_name`: the file's ``target_name``, else a short query
+    itself; a sentence without ``target_name`` keeps the plain answer).
+
     Meta: ``is_sentence`` (bool), ``query_indices`` (list[int]), ``answer_kind`` (``"mask"``,
     ``"mask+explanation"`` or ``"text"``), ``no_target`` (list[bool], all False).
     """
@@ -137,8 +152,9 @@ class ReasonSegDataset(RawDataset):
         val_queries: ValQueries = "first",
         folder: str = "ReasonSeg",
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
-        super().__init__(mode, seed, num_questions_per_image, name)
+        super().__init__(mode, seed, num_questions_per_image, name, answer_style)
         if not (0 <= explanatory_rate and 0 <= text_only_rate and explanatory_rate + text_only_rate <= 1):
             raise ValueError(
                 f"need 0 <= explanatory_rate, text_only_rate and their sum <= 1, got "
@@ -219,7 +235,9 @@ class ReasonSegDataset(RawDataset):
                 turns.append(
                     (
                         templates.explanatory_question(request, annotation.is_sentence, rng),
-                        templates.explanatory_answer(explanation, rng),
+                        templates.explanatory_answer(
+                            explanation, rng, annotation.answer_name(request), self.answer_style
+                        ),
                     )
                 )
             else:
@@ -227,7 +245,7 @@ class ReasonSegDataset(RawDataset):
                 turns.append(
                     (
                         templates.segmentation_question(request, annotation.is_sentence, question_rng),
-                        templates.segmentation_answer(1, question_rng),
+                        templates.mask_answer(1, annotation.answer_name(request), self.answer_style, question_rng),
                     )
                 )
             masks.append(annotation.mask)

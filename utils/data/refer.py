@@ -83,6 +83,7 @@ class ReferSegDataset(TargetDataset):
         seed: int = 0,
         num_questions_per_image: int = 3,
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
         self.ref_dataset = ref_dataset
         self.split_by = split_by or DEFAULT_SPLIT_BY.get(ref_dataset, "unc")
@@ -103,7 +104,10 @@ class ReferSegDataset(TargetDataset):
         images, annotations = self._load_instances(
             os.path.join(data_dir, "instances.json"), os.path.join(refer_root, image_dir_for(ref_dataset)), targets
         )
-        super().__init__(targets, images, annotations, mode, seed, num_questions_per_image, name or ref_dataset)
+        super().__init__(
+            targets, images, annotations, mode, seed, num_questions_per_image, name or ref_dataset,
+            answer_style=answer_style,
+        )
         logger.info(
             "%s(%s) %s (%s): %d refs, %d images, %d items",
             ref_dataset, self.split_by, split, mode, len(self.targets), len(self.image_ids), len(self),
@@ -157,8 +161,11 @@ class GRefCocoDataset(ReferSegDataset):
         seed: int = 0,
         num_questions_per_image: int = 3,
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
-        super().__init__(dataset_dir, "grefcoco", split_by, split, mode, seed, num_questions_per_image, name)
+        super().__init__(
+            dataset_dir, "grefcoco", split_by, split, mode, seed, num_questions_per_image, name, answer_style
+        )
 
     def _read_refs_file(self, data_dir: str) -> tuple[str, list[dict[str, Any]]]:
         json_path = os.path.join(data_dir, self.refs_file_pattern.format(split_by=self.split_by))

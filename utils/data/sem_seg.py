@@ -72,7 +72,8 @@ class LabelMapDataset(RawDataset):
         palette: for RGB label maps, the colour of each class index (``N x 3``).
 
     Items: train: one per image, up to ``num_questions_per_image`` present classes drawn at
-    random; val: one per image, every askable present class in index order (one turn each).
+    random; val: one per image, every askable present class in index order (one turn each). A
+    ``"named"`` answer names the class asked ("Sure, it is wall [SEG].").
     Meta: ``class_ids`` (list[int], one per turn), ``no_target`` (all False), ``is_sentence``.
     """
 
@@ -88,8 +89,9 @@ class LabelMapDataset(RawDataset):
         seed: int = 0,
         num_questions_per_image: int = 3,
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
-        super().__init__(mode, seed, num_questions_per_image, name)
+        super().__init__(mode, seed, num_questions_per_image, name, answer_style)
         if len(image_paths) != len(label_paths):
             raise ValueError("image_paths and label_paths differ in length")
         self.image_paths = image_paths
@@ -139,7 +141,7 @@ class LabelMapDataset(RawDataset):
         turns = [
             (
                 templates.segmentation_question(request, False, template_rng),
-                templates.segmentation_answer(1, template_rng),
+                templates.mask_answer(1, request, self.answer_style, template_rng),
             )
             for request in requests
         ]
@@ -178,7 +180,7 @@ class Ade20kDataset(LabelMapDataset):
     """
 
     def __init__(self, dataset_dir: str, split: str = "training", mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, name: str = "ade20k") -> None:
+                 num_questions_per_image: int = 3, name: str = "ade20k", answer_style: str = "plain") -> None:
         root = os.path.join(dataset_dir, "ade20k")
         images, labels = pair_images_with_labels(
             os.path.join(root, "annotations", split), os.path.join(root, "images", split)
@@ -187,7 +189,9 @@ class Ade20kDataset(LabelMapDataset):
         value_to_class = np.full(256, IGNORE_CLASS, dtype=np.int64)
         count = min(len(names), 255)
         value_to_class[1 : count + 1] = np.arange(count)
-        super().__init__(images, labels, names, value_to_class, None, None, mode, seed, num_questions_per_image, name)
+        super().__init__(
+            images, labels, names, value_to_class, None, None, mode, seed, num_questions_per_image, name, answer_style
+        )
 
 
 class CocoStuffDataset(LabelMapDataset):
@@ -200,7 +204,7 @@ class CocoStuffDataset(LabelMapDataset):
     """
 
     def __init__(self, dataset_dir: str, split: str = "train2017", mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, name: str = "cocostuff") -> None:
+                 num_questions_per_image: int = 3, name: str = "cocostuff", answer_style: str = "plain") -> None:
         label_root = os.path.join(dataset_dir, "cocostuff")
         images, labels = pair_images_with_labels(
             os.path.join(label_root, split), os.path.join(dataset_dir, "coco", split)
@@ -211,7 +215,8 @@ class CocoStuffDataset(LabelMapDataset):
         value_to_class[:count] = np.arange(count)
         askable = ["-" not in class_name for class_name in names]
         super().__init__(
-            images, labels, names, value_to_class, askable, None, mode, seed, num_questions_per_image, name
+            images, labels, names, value_to_class, askable, None, mode, seed, num_questions_per_image, name,
+            answer_style,
         )
 
 
@@ -224,7 +229,8 @@ class MapillaryDataset(LabelMapDataset):
     """
 
     def __init__(self, dataset_dir: str, split: str = "training", mode: Mode = "train", seed: int = 0,
-                 num_questions_per_image: int = 3, version: str = "v2.0", name: str = "mapillary") -> None:
+                 num_questions_per_image: int = 3, version: str = "v2.0", name: str = "mapillary",
+                 answer_style: str = "plain") -> None:
         root = os.path.join(dataset_dir, "mapillary")
         config_path = os.path.join(root, f"config_{version}.json")
         if not os.path.isfile(config_path):
@@ -242,5 +248,6 @@ class MapillaryDataset(LabelMapDataset):
             os.path.join(root, split, version, "labels"), os.path.join(root, split, "images")
         )
         super().__init__(
-            images, labels, names, value_to_class, askable, palette, mode, seed, num_questions_per_image, name
+            images, labels, names, value_to_class, askable, palette, mode, seed, num_questions_per_image, name,
+            answer_style,
         )

@@ -3,7 +3,7 @@
 The root holds (see ``dataset/README.md``)::
 
     synthetic.json                                   # marker: generator settings, suggested flags
-    reason_seg/ReasonSeg/{train,val}/*.jpg + *.json   # labelme polygons, reasoning queries
+    reason_seg/ReasonSeg/{train,val}/*.jpg + *.json   # labelme polygons, reasoning queries, target_name
     reason_seg/ReasonSeg/explanatory/train.json
     refer_seg/refcoco/refs(unc).p + instances.json    # splits "train" and "val"
     refer_seg/grefcoco/grefs(unc).json + instances.json   # multi-target and no-target refs
@@ -210,6 +210,7 @@ class SyntheticDatasetWriter:
         _write_json(os.path.join(folder, f"{name}.json"), {
             "text": [query for query, _ in chosen],
             "is_sentence": is_sentence,
+            "target_name": f"the {shape.name}",  # what "named" answers call it (--answer_style named)
             "shapes": [{
                 "label": "target",
                 "points": shape.polygon.tolist(),

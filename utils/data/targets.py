@@ -112,7 +112,8 @@ class TargetDataset(RawDataset):
     With ``one_text_per_target`` the texts are paraphrases of one name (e.g. "the wheel of the
     car" / "car wheel"): train asks each target once with a random one, val uses the first.
 
-    A no-target request gets a text answer without ``[SEG]``, no mask, ``meta["no_target"]``
+    A mask answer in the ``"named"`` answer style names the request itself ("Sure, it is the
+    man on the left [SEG]."). A no-target request gets a text answer without ``[SEG]``, no mask, ``meta["no_target"]``
     True for its turn and an all-zero ``H x W`` uint8 ground truth appended to
     ``meta["no_target_gt"]`` (one per no-target turn, in turn order), so an evaluator can score
     it against an empty mask.
@@ -137,8 +138,9 @@ class TargetDataset(RawDataset):
         name: str | None = None,
         is_sentence: bool = False,
         one_text_per_target: bool = False,
+        answer_style: str = "plain",
     ) -> None:
-        super().__init__(mode, seed, num_questions_per_image, name)
+        super().__init__(mode, seed, num_questions_per_image, name, answer_style)
         self.is_sentence = is_sentence
         self.one_text_per_target = one_text_per_target
         self.set_targets(targets, images, annotations)
@@ -208,7 +210,7 @@ class TargetDataset(RawDataset):
                 no_target_gt.append(np.zeros((height, width), dtype=np.uint8))
                 target_boxes.append([])
                 continue
-            turns.append((question, templates.segmentation_answer(1, template_rng)))
+            turns.append((question, templates.mask_answer(1, request, self.answer_style, template_rng)))
             masks.append(self._target_mask(target, height, width, record.path))
             if not self.is_train:
                 annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]

@@ -4,12 +4,19 @@ Questions carry no image placeholder: the processor inserts the image itself. An
 ``[SEG]`` per target mask. Each function takes an optional ``rng``: with a generator a template is
 drawn at random (training); with ``None`` the first, canonical template is used (validation, so
 every evaluation prompt is fixed and matches LISA's evaluation wording).
+
+Mask answers come in two styles (:data:`ANSWER_STYLES`): ``"plain"``, LISA's templates
+("Sure, [SEG]."), and ``"named"``, which names the target right before its ``[SEG]`` ("Sure, it
+is the red square [SEG]."). A plain answer is the same whatever the question, so nothing makes
+the language model carry the request into the ``[SEG]`` position; naming the target there does,
+which small models need to learn to use the question at all.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from model.constants import ANSWER_STYLES  # defined there so that the flag parsers name it without torch
 from utils.data.rng import choose
 from utils.data.sample import SEG_TOKEN
 
@@ -64,6 +71,12 @@ NO_TARGET_ANSWER_TEMPLATES: tuple[str, ...] = (
     "Sorry, there is no such object in the image.",
 )
 """Text answers (no ``[SEG]``) for requests that name nothing in the image (gRefCOCO)."""
+
+NAMED_ANSWER_TEMPLATE = "Sure, it is {name} {segs}."
+"""The named answer of one mask: one fixed wording, so that generated answers are predictable."""
+
+NAMED_MULTI_ANSWER_TEMPLATE = "Sure, they are {name} {segs}."
+"""The named answer of several masks (``{segs}`` is ``[SEG] and [SEG]`` ...)."""
 
 IMAGE_PLACEHOLDER = "<image>"
 """The image marker of LLaVA-style conversations, removed from human turns."""
@@ -127,9 +140,50 @@ def segmentation_answer(num_masks: int = 1, rng: np.random.Generator | None = No
     return _pick(ANSWER_TEMPLATES, rng).format(segs=join_seg_tokens(num_masks))
 
 
-def explanatory_answer(explanation: str, rng: np.random.Generator | None = None) -> str:
-    """A one-mask answer followed by ``explanation``."""
-    return f"{segmentation_answer(1, rng)} {explanation.strip()}"
+def check_answer_style(style: str) -> str:
+    """``style`` itself if it is one of :data:`ANSWER_STYLES`.
+
+    Raises:
+        ValueError: any other value (the message lists the allowed ones).
+    """
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {', '.join(map(repr, ANSWER_STYLES))}, got {style!r}")
+    return style
+
+
+def _normalise_name(name: str) -> str:
+    """A target name as short requests are put in questions: stripped, lower-cased, no final "."."""
+    name = name.strip().lower()
+    return name[:-1].rstrip() if name.endswith(".") else name
+
+
+def named_answer(num_masks: int, name: str) -> str:
+    """The named answer: ``"Sure, it is the red square [SEG]."``, or for several masks
+    ``"Sure, they are the squares [SEG] and [SEG]."``."""
+    template = NAMED_ANSWER_TEMPLATE if num_masks == 1 else NAMED_MULTI_ANSWER_TEMPLATE
+    return template.format(name=_normalise_name(name), segs=join_seg_tokens(num_masks))
+
+
+def mask_answer(
+    num_masks: int, name: str | None, style: str = "plain", rng: np.random.Generator | None = None
+) -> str:
+    """The answer of a mask request in ``style``: :func:`named_answer` of ``name`` when the
+    style is ``"named"`` and there is a name, else :func:`segmentation_answer` (``rng`` draws
+    its template; the named wording is fixed and draws nothing).
+
+    Raises:
+        ValueError: ``style`` is not one of :data:`ANSWER_STYLES`.
+    """
+    if check_answer_style(style) == "named" and name and name.strip():
+        return named_answer(num_masks, name)
+    return segmentation_answer(num_masks, rng)
+
+
+def explanatory_answer(
+    explanation: str, rng: np.random.Generator | None = None, name: str | None = None, style: str = "plain"
+) -> str:
+    """A one-mask answer (:func:`mask_answer`) followed by ``explanation``."""
+    return f"{mask_answer(1, name, style, rng)} {explanation.strip()}"
 
 
 def no_target_answer(rng: np.random.Generator | None = None) -> str:

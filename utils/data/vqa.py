@@ -50,6 +50,7 @@ class LlavaVqaDataset(RawDataset):
     Items: one per record with an image, in both modes; the whole conversation is kept (LISA
     does the same), truncated to ``max_turns`` if given. ``num_questions_per_image`` does not
     apply. Answers have no ``[SEG]`` and ``masks`` is empty; ``requests`` are the questions.
+    ``answer_style`` is accepted (every source takes it) but has nothing to word here.
     Meta: ``record_id``, ``no_target`` (all False).
     """
 
@@ -62,8 +63,9 @@ class LlavaVqaDataset(RawDataset):
         num_questions_per_image: int = 3,
         max_turns: int | None = None,
         name: str | None = None,
+        answer_style: str = "plain",
     ) -> None:
-        super().__init__(mode, seed, num_questions_per_image, name or data_name)
+        super().__init__(mode, seed, num_questions_per_image, name or data_name, answer_style)
         self.dataset_dir = dataset_dir
         self.max_turns = max_turns
         folder = os.path.join(dataset_dir, "llava_dataset")
