@@ -22,6 +22,7 @@ from utils.data import templates
 from utils.data.builders import build_source_dataset, build_train_dataset, build_val_dataset
 from utils.data.coco_instances import CocoDetectionDataset, CocoInstancesDataset
 from utils.data.reason_seg import ReasonSegDataset, read_annotation
+from utils.data.sample import CorruptSampleError
 from utils.data.refer import GRefCocoDataset, ReferSegDataset
 from utils.data.rng import derive_rng
 from utils.data.sem_seg import Ade20kDataset
@@ -110,24 +111,31 @@ def answers_of(dataset) -> list[str]:
     return [reply for index in range(len(dataset)) for reply in answers_of_item(dataset, index)]
 
 
-def test_named_reason_seg_uses_target_name_else_a_short_request_else_plain(tmp_path: Path) -> None:
+def test_named_reason_seg_uses_target_names_else_a_short_request_else_plain(tmp_path: Path) -> None:
     write_reason_seg(tmp_path)
     val = tmp_path / "reason_seg" / "ReasonSeg" / "val"
-    (val / "b.jpg").rename(val / "d.jpg")  # d: a sentence with a target_name; b: one without
+    (val / "b.jpg").rename(val / "d.jpg")  # d: sentences with target_names; b: without
     (val / "d.json").write_text(json.dumps({
-        "text": ["What would you use to sit down?"], "is_sentence": True, "target_name": " The Red Chair. ",
+        "text": ["What would you use to sit down?", "", "Where would a cat sleep?"], "is_sentence": True,
+        "target_names": [" The Red Chair. ", "unused", None],
         "shapes": [{"label": "target", "points": [[2, 3], [12, 3], [12, 13], [2, 13]]}],
     }))
     (val / "b.jpg").write_bytes((val / "c.jpg").read_bytes())
-    assert read_annotation(str(val / "d.json"), 30, 40).target_name == "The Red Chair."
-    assert read_annotation(str(val / "b.json"), 30, 40).target_name is None
+    annotation = read_annotation(str(val / "d.json"), 30, 40)
+    assert annotation.target_names == ["The Red Chair.", None]  # aligned with the non-empty queries
+    assert read_annotation(str(val / "b.json"), 30, 40).target_names is None
     named = ReasonSegDataset(str(tmp_path), "val", mode="val", val_queries="all", answer_style="named")
     items = [(Path(named.item_path(i)).stem, *answers_of_item(named, i)) for i in range(len(named))]
     assert items == [
-        ("b", "[SEG]."), ("b", "[SEG]."),  # sentences without target_name: LISA's answer
+        ("b", "[SEG]."), ("b", "[SEG]."),  # sentences without names: LISA's answer
         ("c", "Sure, it is the lamp [SEG]."),  # a short phrase names itself
         ("d", "Sure, it is the red chair [SEG]."),
+        ("d", "[SEG]."),  # a sentence whose name is missing
     ]
+    (tmp_path / "e.json").write_text(json.dumps({"text": ["Where?"], "is_sentence": True, "target_names": ["a", "b"],
+                                                  "shapes": []}))
+    with pytest.raises(CorruptSampleError, match="2 target_names for 1 queries"):
+        read_annotation(str(tmp_path / "e.json"), 30, 40)
     plain = ReasonSegDataset(str(tmp_path), "val", mode="val", val_queries="all")
     assert set(answers_of(plain)) == {"[SEG]."}
 
@@ -190,21 +198,30 @@ def test_builders_pass_the_style_to_every_source(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- synthetic data
 
 
-def test_synthetic_reason_seg_files_carry_target_name(tmp_path: Path) -> None:
-    write_synthetic_dataset(str(tmp_path), seed=2, num_train=4, num_val=3)
+def test_synthetic_reason_seg_files_name_each_query_by_its_short_form(tmp_path: Path) -> None:
+    write_synthetic_dataset(str(tmp_path), seed=2, num_train=12, num_val=6)
     files = sorted((tmp_path / "reason_seg" / "ReasonSeg").glob("*/*.json"))
     assert {f.parent.name for f in files} == {"train", "val", "explanatory"}
+    sentences = 0
     for file in files:
         if file.parent.name == "explanatory":
             continue
         content = json.loads(file.read_text())
-        name = content["target_name"]
-        assert name.startswith("the ") and len(name.split()) == 3, (file, name)  # "the <colour> <kind>"
+        assert len(content["target_names"]) == len(content["text"])
+        for query, name in zip(content["text"], content["target_names"]):
+            if content["is_sentence"]:
+                sentences += 1
+                # The short form the words give, without the colour-and-kind only looking tells.
+                assert name.startswith("the ") and name != query and ("shape" in name or len(name.split()) == 2), name
+            else:
+                assert name == query
+    assert sentences
     val = build_val_dataset("synthetic|val", str(tmp_path), reason_seg_queries="all", answer_style="named")
     for index in range(len(val)):
         sample = val[index]
-        name = json.loads(Path(val.item_path(index)).with_suffix(".json").read_text())["target_name"]
-        assert sample.turns[0][1] == f"Sure, it is {name} [SEG]."
+        content = json.loads(Path(val.item_path(index)).with_suffix(".json").read_text())
+        name = content["target_names"][content["text"].index(sample.requests[0])]
+        assert sample.turns[0][1] == f"Sure, it is {name.lower()} [SEG]."
 
 
 # --------------------------------------------------------------------------- model config, flags, test.py

@@ -69,8 +69,8 @@ def test_inspect_data_shows_named_answers(synthetic_root: Path, tmp_path: Path) 
     run_tool("tools/inspect_data.py", "--dataset_dir", str(synthetic_root), "--dataset", "synthetic|val",
              "--answer_style", "named", "--num", "4", "--out", str(out))
     for record in read_jsonl(out / "samples.jsonl"):
-        target_name = json.loads(Path(record["image"]).with_suffix(".json").read_text())["target_name"]
-        assert record["answer"] == f"Sure, it is {target_name} [SEG]."
+        content = json.loads(Path(record["image"]).with_suffix(".json").read_text())
+        assert record["answer"] == f"Sure, it is {content['target_names'][0].lower()} [SEG]."
 
 
 def test_inspect_data_keeps_ignore_values(tmp_path: Path) -> None:

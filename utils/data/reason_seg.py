@@ -7,8 +7,9 @@ On disk (``<dataset_dir>/reason_seg/ReasonSeg/``)::
 
 A JSON holds ``text`` (1-5 queries, all about the same target), ``is_sentence`` (long query or
 short phrase) and ``shapes`` (``{"label": "target"|"ignore"|"flag", "points": [[x, y], ...]}``).
-An optional ``target_name`` is a short name of the target ("the red square"), which answers in
-the ``"named"`` answer style name; the real ReasonSeg files have none (the synthetic ones do).
+An optional ``target_names`` (one per query of ``text``) says what a ``"named"`` answer to that
+query calls the target: a short phrase that needs no looking ("the red shape" for "Which shape
+has the colour of a ripe tomato?"). The real ReasonSeg files have none (the synthetic ones do).
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ class ReasonSegAnnotation:
     mask: np.ndarray  # H x W uint8: 1 target, 255 ignore, 0 background
     queries: list[str]
     is_sentence: bool
-    target_name: str | None = None  # a short name of the target, when the file gives one
+    target_names: list[str | None] | None = None  # per query, when the file gives them
 
-    def answer_name(self, request: str) -> str | None:
-        """What a ``"named"`` answer to ``request`` calls the target: ``target_name``, else a
-        short request itself; None (a plain answer) for a sentence without ``target_name``."""
-        if self.target_name:
-            return self.target_name
-        return None if self.is_sentence else request
+    def answer_name(self, query_index: int) -> str | None:
+        """What a ``"named"`` answer to query ``query_index`` calls the target: the file's name
+        for that query, else a short query itself; None (a plain answer) for a sentence without
+        a name."""
+        name = self.target_names[query_index] if self.target_names else None
+        if name:
+            return name
+        return None if self.is_sentence else self.queries[query_index]
 
 
 def _polygon(points: Any) -> np.ndarray:
@@ -96,11 +99,15 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
     content = read_json_lenient(json_path)
     try:
         queries = [str(text).strip() for text in content["text"]]
+        names = content.get("target_names")
+        if names is not None and len(names) != len(queries):
+            raise ValueError(f"{len(names)} target_names for {len(queries)} queries in 'text'")
+        kept = [index for index, query in enumerate(queries) if query]
         return ReasonSegAnnotation(
             mask=rasterize_shapes(content.get("shapes", []), height, width),
-            queries=[query for query in queries if query],
+            queries=[queries[index] for index in kept],
             is_sentence=bool(content["is_sentence"]),
-            target_name=str(content.get("target_name") or "").strip() or None,
+            target_names=None if names is None else [str(names[index] or "").strip() or None for index in kept],
         )
     except (KeyError, TypeError, ValueError, cv2.error) as error:
         raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
@@ -131,8 +138,8 @@ class ReasonSegDataset(RawDataset):
           (image, query), so that every query is scored (``--reason_seg_queries all``).
 
     In the ``"named"`` answer style, mask and explanatory answers name the target
-    (:meth:`ReasonSegAnnotation.answer_name`: the file's ``target_name``, else a short query
-    itself; a sentence without ``target_name`` keeps the plain answer).
+    (:meth:`ReasonSegAnnotation.answer_name`: the file's name for the query, else a short query
+    itself; a sentence without a name keeps the plain answer).
 
     Meta: ``is_sentence`` (bool), ``query_indices`` (list[int]), ``answer_kind`` (``"mask"``,
     ``"mask+explanation"`` or ``"text"``), ``no_target`` (list[bool], all False).
@@ -227,7 +234,7 @@ class ReasonSegDataset(RawDataset):
         requests = [annotation.queries[i] for i in query_indices]
         answer_kind, explanation = self._answer_kind(os.path.basename(image_path), rng)
         turns, masks = [], []
-        for request in requests:
+        for query_index, request in zip(query_indices, requests):
             if answer_kind == ANSWER_KIND_TEXT:
                 turns.append((templates.text_question(request, annotation.is_sentence), explanation))
                 continue
@@ -236,7 +243,7 @@ class ReasonSegDataset(RawDataset):
                     (
                         templates.explanatory_question(request, annotation.is_sentence, rng),
                         templates.explanatory_answer(
-                            explanation, rng, annotation.answer_name(request), self.answer_style
+                            explanation, rng, annotation.answer_name(query_index), self.answer_style
                         ),
                     )
                 )
@@ -245,7 +252,7 @@ class ReasonSegDataset(RawDataset):
                 turns.append(
                     (
                         templates.segmentation_question(request, annotation.is_sentence, question_rng),
-                        templates.mask_answer(1, annotation.answer_name(request), self.answer_style, question_rng),
+                        templates.mask_answer(1, annotation.answer_name(query_index), self.answer_style, question_rng),
                     )
                 )
             masks.append(annotation.mask)

@@ -248,6 +248,20 @@ def reasoning_queries(scene: Scene, index: int) -> list[tuple[str, str]]:
     return [(query, f"The {shape.name} is the answer, because {reason}.") for query, reason in pairs]
 
 
+def reasoning_phrases(scene: Scene, index: int) -> dict[str, str]:
+    """For each of :func:`reasoning_queries`, the short phrase it amounts to, worked out from the
+    words alone ("the red shape" for "Which shape has the colour of a ripe tomato?"): what a
+    named answer calls the target (``--answer_style named``), so that answering needs no more
+    looking at the image than the query's own short form does."""
+    shape = scene.shapes[index]
+    phrases = {query: f"the {shape.colour} shape" for query, _ in COLOUR_REASONS[shape.colour]}
+    if _is_unique_kind(scene, index):
+        phrases.update({query: f"the {shape.kind}" for query, _ in KIND_REASONS[shape.kind]})
+    for extreme in extremes(scene, index):
+        phrases[EXTREME_REASONS[extreme][0]] = EXTREME_PHRASES[extreme][0]
+    return phrases
+
+
 def group_expressions(scene: Scene) -> list[tuple[str, list[int]]]:
     """Texts naming two or more shapes at once, with the shapes they name."""
     groups: list[tuple[str, list[int]]] = []

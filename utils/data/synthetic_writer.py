@@ -3,7 +3,7 @@
 The root holds (see ``dataset/README.md``)::
 
     synthetic.json                                   # marker: generator settings, suggested flags
-    reason_seg/ReasonSeg/{train,val}/*.jpg + *.json   # labelme polygons, reasoning queries, target_name
+    reason_seg/ReasonSeg/{train,val}/*.jpg + *.json   # labelme polygons, reasoning queries, target_names
     reason_seg/ReasonSeg/explanatory/train.json
     refer_seg/refcoco/refs(unc).p + instances.json    # splits "train" and "val"
     refer_seg/grefcoco/grefs(unc).json + instances.json   # multi-target and no-target refs
@@ -40,6 +40,7 @@ from utils.data.synthetic import (
     absent_expression,
     group_expressions,
     make_scene,
+    reasoning_phrases,
     reasoning_queries,
     referring_expressions,
     render_scene,
@@ -200,6 +201,7 @@ class SyntheticDatasetWriter:
         target = int(rng.integers(len(scene.shapes)))
         is_sentence = bool(rng.random() < 0.5)
         shape = scene.shapes[target]
+        phrases = reasoning_phrases(scene, target)
         if is_sentence:
             candidates = reasoning_queries(scene, target)
         else:
@@ -210,7 +212,9 @@ class SyntheticDatasetWriter:
         _write_json(os.path.join(folder, f"{name}.json"), {
             "text": [query for query, _ in chosen],
             "is_sentence": is_sentence,
-            "target_name": f"the {shape.name}",  # what "named" answers call it (--answer_style named)
+            # What a named answer calls the target (--answer_style named): a short query itself,
+            # a sentence's short form.
+            "target_names": [phrases.get(query, query) for query, _ in chosen],
             "shapes": [{
                 "label": "target",
                 "points": shape.polygon.tolist(),
