@@ -238,3 +238,17 @@ def test_demo_draws_both_pictures_and_ends_with_the_headline(predictions, synthe
     image, question, _ = held_out_request(out / "data")
     assert inference[inference.index("--image") + 1] == str(image)
     assert inference[inference.index("--prompt") + 1] == question
+
+
+def test_demo_steps_are_timed_by_entry_point(monkeypatch):
+    import subprocess
+    import sys
+
+    import tools.demo as demo
+
+    monkeypatch.setattr(demo, "STEP_SECONDS", {})
+    demo.run([sys.executable, "tools/make_synthetic.py", "--help"], stdout=subprocess.DEVNULL)
+    demo.run([sys.executable, "tools/make_synthetic.py", "--help"], stdout=subprocess.DEVNULL)
+    assert list(demo.STEP_SECONDS) == ["make_synthetic.py"] and demo.STEP_SECONDS["make_synthetic.py"] > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        demo.run([sys.executable, "tools/make_synthetic.py", "--no_such_flag"], stderr=subprocess.DEVNULL)

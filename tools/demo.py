@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +35,18 @@ from utils.data.synthetic import COLOURS, SHAPE_KINDS  # noqa: E402
 from utils.distributed import free_port  # noqa: E402
 
 
+#: Seconds each step of this run took (the entry point's name -> wall time), for the summary.
+STEP_SECONDS: dict[str, float] = {}
+
+
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     print("\n$ " + " ".join(command), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, cwd=REPO, env=env, check=True, **kwargs)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, check=True, **kwargs)
+    step = next(Path(part).name for part in command[1:] if part.endswith(".py"))
+    STEP_SECONDS[step] = STEP_SECONDS.get(step, 0.0) + time.perf_counter() - start
+    return result
 
 
 #: A request whose answer anyone can check by eye: a colour and a shape ("the red square").
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     parser.add_argument("--max_steps", type=int, default=0, help="shorter training (0: the recipe's)")
     args = parser.parse_args()
+    start = time.perf_counter()
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -145,6 +155,9 @@ def main() -> None:
               f"cIoU {entry['metrics']['ciou']:.3f} over {entry['metrics']['count']} masks")
     print(f"training curves: {metrics} (TensorBoard: {runs / 'demo' / 'tensorboard'})")
     print(f"merged model: {merged}")
+    if STEP_SECONDS:
+        print(f"time: {time.perf_counter() - start:.0f} s in all; "
+              + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in STEP_SECONDS.items()))
     print(f"held-out scene {image.name}, request {query!r}: the mask should cover {request} alone; "
           f"masks and overlays in {vis}")
     print(headline(results, summary_png, curve_png))
