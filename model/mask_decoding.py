@@ -2,8 +2,9 @@
 
 The official ``MaskDecoder.predict_masks`` serves one image per call: it repeats that image's
 embedding once per prompt. A training batch holds B images with a few ``[SEG]`` prompts each, so
-the official call runs B times per step, and on a small model each call is mostly per-operator
-overhead (about 1,500 operators forward and backward on the CPU demo, whatever the mask count).
+the official call runs B times per step with the same operators each time, and a small model pays
+for operator launches more than for arithmetic (on the CPU demo, batch 4, one pass instead of four
+cut the decoder's forward from 79 to 60 ms a step).
 :func:`decode_low_res_masks` pairs every prompt with its own image's embedding instead and runs
 the official submodules (``transformer``, ``output_upscaling``, the hypernetwork MLPs, the IoU
 head) once for all N prompts. Each mask equals the official per-image call's (tested to 1e-5 in

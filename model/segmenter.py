@@ -439,7 +439,9 @@ class ReasonSegmenter(nn.Module):
         if not sum(counts):
             return [image_embeddings.new_zeros((0, *(int(v) for v in size))).float() for size in original_sizes]
         states = torch.cat([states for states in seg_states if len(states)])
-        image_index = torch.repeat_interleave(torch.arange(len(counts), device=states.device), torch.tensor(counts, device=states.device))
+        image_index = torch.repeat_interleave(
+            torch.arange(len(counts), device=states.device), torch.tensor(counts, device=states.device)
+        )
         sparse = self.projection(states.to(self.projection.fc1.weight.dtype))
         low_res = decode_low_res_masks(self.sam, image_embeddings, image_index, sparse)
         return postprocess_by_image(low_res, counts, input_sizes, original_sizes, self.sam_transform.image_size)
@@ -562,10 +564,9 @@ class ReasonSegmenter(nn.Module):
             row_states.append(result.seg_states if seg_steps else no_states)
             results.append(result)
         if any(len(row) for row in row_states):
-            sizes = [(batch["sam_input_size"][image], batch["original_size"][image]) for image in rows]
-            row_logits = self.decode_masks(
+            row_logits = self.decode_masks(  # one pass for every request of the batch
                 image_embeddings[torch.as_tensor(rows, device=image_embeddings.device)], row_states,
-                [input_size for input_size, _ in sizes], [original_size for _, original_size in sizes],
+                [batch["sam_input_size"][image] for image in rows], [batch["original_size"][image] for image in rows],
             )
             for result, logits in zip(results, row_logits):
                 if len(logits):
