@@ -16,7 +16,7 @@ that would have produced it; both stores are LRU-bounded (``max_items`` entries 
 only active inside the context (or between :meth:`FeatureCache.attach` and
 :meth:`FeatureCache.detach`). The vision tower's outputs are cached only without autograd
 (inference). SAM's embeddings are cached in inference, and in training too when the cache is
-built with ``training=True`` (``train_ddp.py --sam_feature_cache N``): SAM's image encoder is
+built with ``training=True`` (``train_ddp.py --sam_feature_cache N``; SAM only): SAM's image encoder is
 frozen in training, so an image's embedding is the same at every step, and a training set that
 shows the same pictures again (over epochs, or one photo in several sources) encodes each once.
 
@@ -104,8 +104,10 @@ class FeatureCache:
 
     Args:
         max_items: entries kept per encoder (0 disables storing).
-        training: also serve SAM's embeddings while the model is in training mode (its image
-            encoder is frozen); without it, a model in training mode encodes every time.
+        training: a cache for training: SAM's embeddings are served while the model is in training
+            mode too (its image encoder is frozen), and the vision tower is left alone (its outputs
+            are large at real size, and in training it runs with autograd anyway). Without it, a
+            model in training mode encodes every time.
     """
 
     def __init__(self, max_items: int = 8, training: bool = False) -> None:
@@ -125,15 +127,18 @@ class FeatureCache:
     # ------------------------------------------------------------------ attach / detach
 
     def attach(self, model: nn.Module) -> "FeatureCache":
-        """Route ``model.encode_images`` and its vision tower's forward through the cache."""
+        """Route ``model.encode_images`` (and, unless ``training``, its vision tower's forward) through
+        the cache."""
         if self._model is not None:
             raise RuntimeError("this FeatureCache is already attached to a model")
-        visual = find_vision_tower(model.vlm)
         self._saved_encode = model.__dict__.get("encode_images", _MISSING)
-        self._saved_forward = visual.__dict__.get("forward", _MISSING)
         model.encode_images = self._wrap_encode(model.encode_images)
-        visual.forward = self._wrap_vision(visual.forward)
-        self._model, self._visual = model, visual
+        self._model = model
+        if not self.training:
+            visual = find_vision_tower(model.vlm)
+            self._saved_forward = visual.__dict__.get("forward", _MISSING)
+            visual.forward = self._wrap_vision(visual.forward)
+            self._visual = visual
         return self
 
     def detach(self) -> None:
@@ -144,6 +149,8 @@ class FeatureCache:
             (self._model, "encode_images", self._saved_encode),
             (self._visual, "forward", self._saved_forward),
         ):
+            if module is None:
+                continue
             if saved is _MISSING:
                 module.__dict__.pop(name, None)
             else:

@@ -449,6 +449,7 @@ def test_validation_scores_what_test_py_prints(tiny_segmenter_dir, synthetic_roo
 def test_sam_feature_cache_trains_exactly_as_without_and_reuses_embeddings(tiny_segmenter_dir, synthetic_root, tmp_path):
     """SAM's encoder is frozen, so its cached output changes nothing: the same losses and weights
     over steps that see the same pictures again, and a picture seen again is not encoded again."""
+    from model.image_cache import find_vision_tower
     from utils.data.builders import build_train_dataset
     from utils.distributed import DistInfo
     from utils.train_args import parse_args
@@ -463,6 +464,8 @@ def test_sam_feature_cache_trains_exactly_as_without_and_reuses_embeddings(tiny_
         batches = [trainer.model.collate([data[i] for i in range(start, start + 4)]) for start in (0, 4)]
         encoded = []
         trainer.model.sam.image_encoder.register_forward_hook(lambda _m, inputs, _o: encoded.append(len(inputs[0])))
+        # A training cache leaves the vision tower alone (its outputs are large at real size).
+        assert "forward" not in find_vision_tower(trainer.model.vlm).__dict__
         records = [trainer._optimizer_step([batch]) for batch in (*batches, *batches)]  # each picture twice
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.close()
