@@ -236,16 +236,22 @@ def referring_expressions(scene: Scene, index: int) -> list[str]:
     return texts
 
 
+def _reasons(scene: Scene, index: int) -> list[tuple[str, str, str]]:
+    """(query, reason, short phrase) for every reasoning query whose answer is exactly shape ``index``."""
+    shape = scene.shapes[index]
+    found: list[tuple[str, str, str]] = []
+    if _is_unique_kind(scene, index):
+        found.extend((query, reason, f"the {shape.kind}") for query, reason in KIND_REASONS[shape.kind])
+    found.extend((query, reason, f"the {shape.colour} shape") for query, reason in COLOUR_REASONS[shape.colour])
+    for extreme in extremes(scene, index):
+        found.append((*EXTREME_REASONS[extreme], EXTREME_PHRASES[extreme][0]))
+    return found
+
+
 def reasoning_queries(scene: Scene, index: int) -> list[tuple[str, str]]:
     """(query, explanation) pairs whose answer is exactly shape ``index``."""
-    shape = scene.shapes[index]
-    pairs: list[tuple[str, str]] = []
-    if _is_unique_kind(scene, index):
-        pairs.extend(KIND_REASONS[shape.kind])
-    pairs.extend(COLOUR_REASONS[shape.colour])
-    for extreme in extremes(scene, index):
-        pairs.append(EXTREME_REASONS[extreme])
-    return [(query, f"The {shape.name} is the answer, because {reason}.") for query, reason in pairs]
+    name = scene.shapes[index].name
+    return [(query, f"The {name} is the answer, because {reason}.") for query, reason, _ in _reasons(scene, index)]
 
 
 def reasoning_phrases(scene: Scene, index: int) -> dict[str, str]:
@@ -253,13 +259,7 @@ def reasoning_phrases(scene: Scene, index: int) -> dict[str, str]:
     words alone ("the red shape" for "Which shape has the colour of a ripe tomato?"): what a
     named answer calls the target (``--answer_style named``), so that answering needs no more
     looking at the image than the query's own short form does."""
-    shape = scene.shapes[index]
-    phrases = {query: f"the {shape.colour} shape" for query, _ in COLOUR_REASONS[shape.colour]}
-    if _is_unique_kind(scene, index):
-        phrases.update({query: f"the {shape.kind}" for query, _ in KIND_REASONS[shape.kind]})
-    for extreme in extremes(scene, index):
-        phrases[EXTREME_REASONS[extreme][0]] = EXTREME_PHRASES[extreme][0]
-    return phrases
+    return {query: phrase for query, _, phrase in _reasons(scene, index)}
 
 
 def group_expressions(scene: Scene) -> list[tuple[str, list[int]]]:
