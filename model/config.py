@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .constants import SEG_TOKEN
+from .constants import SEG_STATES, SEG_TOKEN
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "qwen_vl_sam_segmenter"
@@ -33,6 +33,9 @@ class SegmenterConfig:
             templates, ``"named"``: the target named before its ``[SEG]``, see
             :data:`constants.ANSWER_STYLES`); test.py feeds teacher-forced answers in this
             style. A config.json written before it existed loads as ``"plain"``.
+        seg_state: which hidden state stands for a ``[SEG]`` (:data:`constants.SEG_STATES`):
+            ``"seg_token"``, its own, or ``"preceding_token"``, the one that predicts it (LISA's).
+            A config.json written before it existed loads as ``"seg_token"``.
     """
 
     vlm_family: str
@@ -49,6 +52,11 @@ class SegmenterConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     answer_style: str = "plain"
+    seg_state: str = "seg_token"
+
+    def __post_init__(self) -> None:
+        if self.seg_state not in SEG_STATES:
+            raise ValueError(f"seg_state must be one of {', '.join(SEG_STATES)}, got {self.seg_state!r}")
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

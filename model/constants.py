@@ -12,3 +12,10 @@ ANSWER_STYLES: tuple[str, ...] = ("plain", "named")
 or the target named before its ``[SEG]`` ("Sure, it is the red square [SEG]."). Here, not in the
 data layer, because the training flags and the model's config name it without loading the data
 code."""
+
+SEG_STATES: dict[str, int] = {"seg_token": 0, "preceding_token": -1}
+"""Which last-layer hidden state stands for a ``[SEG]`` (to the position of the ``[SEG]`` in the
+sequence, the offset of the state used): ``"seg_token"``, the ``[SEG]`` token's own state, or
+``"preceding_token"``, the state of the token before it, whose next-token prediction is the
+``[SEG]`` (LISA's choice). One choice per model (its config), used by training, evaluation and
+generation alike."""

@@ -82,9 +82,11 @@ class Decoded:
     Attributes:
         tokens: [B, N] generated token ids, N <= max_new_tokens; a row that stopped early goes on
             with arbitrary tokens after its stop token (callers cut at the first stop token).
-        states: [B, N, H] the final (post-norm) hidden state of the step that consumed
-            ``tokens[:, j]``: the state that stands for a ``[SEG]`` at j. Zero where not computed
-            (after the last step).
+        states: [B, N + 1, H] final (post-norm) hidden states, in sequence order: ``states[:, 0]``
+            the prompt's last one (it chose ``tokens[:, 0]``), ``states[:, j + 1]`` that of the step
+            that consumed ``tokens[:, j]``. A ``[SEG]`` at j is stood for by ``states[:, j + 1 +
+            offset]`` (:data:`model.constants.SEG_STATES`). Zero where not computed (after the last
+            step).
         prefix_reused: the image prefix's keys and values came from a :class:`PrefixCache`.
     """
 
@@ -207,7 +209,8 @@ class GreedyDecoder:
         first_positions = attention_mask.sum(dim=1) + rope_delta.view(-1).to(device)
 
         tokens = torch.zeros((batch_size, max_new_tokens), dtype=torch.long, device=device)
-        states = hidden.new_zeros((batch_size, max_new_tokens, hidden.shape[-1]))
+        states = hidden.new_zeros((batch_size, max_new_tokens + 1, hidden.shape[-1]))
+        states[:, 0] = hidden
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         check_every = 1 if device.type == "cpu" else self.sync_every
@@ -222,8 +225,8 @@ class GreedyDecoder:
             positions = (first_positions + step).view(1, batch_size, 1).expand(3, batch_size, 1)
             logits, hidden = self._decode_step(token[:, None], positions, full_mask, cache)
             # Copy out before the next step: under CUDA graphs the next replay reuses this memory.
-            states[:, step] = hidden
-        return Decoded(tokens[:, :steps], states[:, :steps], reused)
+            states[:, step + 1] = hidden
+        return Decoded(tokens[:, :steps], states[:, : steps + 1], reused)
 
     # ------------------------------------------------------------------ the prompt
 

@@ -34,6 +34,7 @@ from utils.masks import mask_score, mask_to_box
 
 from .batch import collate, encode_sample, row_images, to_device
 from .config import SegmenterConfig
+from .constants import SEG_STATES
 from .conversation import IGNORE_INDEX
 from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
 from .image_cache import shared_images
@@ -490,8 +491,8 @@ class ReasonSegmenter(nn.Module):
             (the VLM output with ``.loss`` (token cross-entropy averaged over the answer tokens of
             all rows), ``.logits`` [n, V] only at the n positions whose next token is labelled
             (see :func:`labelled_next_tokens`) and ``.hidden`` [R, T, H] final hidden states of
-            every position; per sample the [n_i, H] states of the ``[SEG]`` tokens in the answers
-            of its conversations, in row order).
+            every position; per sample the [n_i, H] states standing for the ``[SEG]`` tokens in
+            the answers of its conversations (``config.seg_state``), in row order).
         """
         keep, targets = labelled_next_tokens(batch["labels"])
         with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
@@ -499,7 +500,7 @@ class ReasonSegmenter(nn.Module):
             output = self.vlm(**inputs, logits_to_keep=keep)
         output.loss = F.cross_entropy(output.logits.float(), targets)
         output.hidden = captured[-1]
-        seg_positions = batch["labels"] == self.seg_token_id  # answer [SEG] tokens only
+        seg_positions = state_positions(batch["labels"] == self.seg_token_id, self.seg_state_offset)  # answers only
         per_sample: list[list[torch.Tensor]] = [[] for _ in batch["masks"]]
         for row, sample in enumerate(row_images(batch)):
             per_sample[sample].append(output.hidden[row][seg_positions[row]])
@@ -560,7 +561,8 @@ class ReasonSegmenter(nn.Module):
             if rows[index] < len(image_tokens):
                 result.image_tokens = image_tokens[rows[index]]
             seg_steps = [j for j, token in enumerate(row_tokens) if token == self.seg_token_id]
-            result.seg_states = states[index, seg_steps] if seg_steps else None
+            # states[:, 0] is the prompt's last state, states[:, j + 1] the state after token j.
+            result.seg_states = states[index, [j + 1 + self.seg_state_offset for j in seg_steps]] if seg_steps else None
             row_states.append(result.seg_states if seg_steps else no_states)
             results.append(result)
         if any(len(row) for row in row_states):
@@ -576,7 +578,8 @@ class ReasonSegmenter(nn.Module):
         return results
 
     def _generate_with_transformers(self, inputs: dict, max_new_tokens: int, generate_kwargs: dict) -> tuple:
-        """transformers' ``generate`` -> ([B, N] tokens, [B, N', H] states of the consumed tokens)."""
+        """transformers' ``generate`` -> ([B, N] tokens, [B, N' + 1, H] states: the prompt's last,
+        then those of the consumed tokens, as :class:`model.decoding.Decoded` has them)."""
         prompt_length = inputs["input_ids"].shape[1]
         with self.hidden_states.capture() as captured:
             sequences = self.vlm.generate(
@@ -586,8 +589,8 @@ class ReasonSegmenter(nn.Module):
                 pad_token_id=self.processor.tokenizer.pad_token_id,
                 **generate_kwargs,
             )
-        # The state of generated token j comes from decoding step j + 1 (step 0 is the prompt).
-        states = torch.cat([step[:, -1:] for step in captured[1:]], dim=1) if len(captured) > 1 else None
+        # Step 0 runs the prompt; the state of generated token j comes from step j + 1.
+        states = torch.cat([step[:, -1:] for step in captured], dim=1)
         return sequences[:, prompt_length : prompt_length + max_new_tokens], states
 
     def _decoder(self, mode: str) -> GreedyDecoder:
@@ -623,6 +626,22 @@ class ReasonSegmenter(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.projection.fc1.weight.device
+
+    @property
+    def seg_state_offset(self) -> int:
+        """A ``[SEG]`` at position p of a sequence is stood for by the state at p + this (0 or -1;
+        ``config.seg_state``, see :data:`model.constants.SEG_STATES`)."""
+        return SEG_STATES[self.config.seg_state]
+
+
+def state_positions(seg_positions: torch.Tensor, offset: int) -> torch.Tensor:
+    """[R, T] bool, where the ``[SEG]`` tokens are -> [R, T] bool, where the states standing for
+    them are (``offset`` <= 0 positions earlier, see :attr:`ReasonSegmenter.seg_state_offset`)."""
+    if offset > 0:
+        raise ValueError(f"a [SEG] is stood for by its own state or an earlier one, not {offset} later")
+    if offset == 0:
+        return seg_positions
+    return torch.cat([seg_positions[:, -offset:], seg_positions.new_zeros((seg_positions.shape[0], -offset))], dim=1)
 
 
 def labelled_next_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,14 +141,20 @@ def test_mask_losses_ignore_255_pixels():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generation_seg_states_equal_teacher_forced_states(tiny_vlm_dir, family, dog):
-    """The one [SEG] convention: KV-cache generation gives the teacher-forced forward's states."""
+@pytest.mark.parametrize("seg_state, answer", [
+    ("seg_token", "Sure, [SEG] and [SEG]."),
+    # The first [SEG] is the first answer token: the prompt's last state stands for it.
+    ("preceding_token", "[SEG] and [SEG]."),
+])
+def test_generation_seg_states_equal_teacher_forced_states(tiny_vlm_dir, family, dog, seg_state, answer):
+    """The one [SEG] convention (config.seg_state): KV-cache generation gives the teacher-forced
+    forward's states, and they are the final hidden states at the [SEG] positions plus the offset."""
     torch.manual_seed(0)
     model = ReasonSegmenter.from_components(tiny_vlm_dir(family), "tiny", lora=LoraSettings()).eval()
+    model.config.seg_state = seg_state
     sample = model.prepare(dog, [("Where is the dog?", None)])
     batch = model.collate([sample], padding_side="left")
     prompt_length = batch["input_ids"].shape[1]
-    answer = "Sure, [SEG] and [SEG]."
     [result] = model.generate(batch, max_new_tokens=16, logits_processor=forced(model, answer, prompt_length))
     assert result.text == answer
     assert len(result.masks) == 2 and result.seg_states.shape == (2, model.config.hidden_size)
@@ -160,8 +166,12 @@ def test_generation_seg_states_equal_teacher_forced_states(tiny_vlm_dir, family,
     full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)[None]], dim=1)
     full["labels"] = torch.cat([torch.full((1, prompt_length), -100), tokens[None]], dim=1)
     with torch.no_grad():
-        _, states = model.teacher_forced_seg_states(full)
+        output, states = model.teacher_forced_seg_states(full)
     torch.testing.assert_close(result.seg_states, states[0], rtol=1e-4, atol=1e-4)
+    seg_positions = (full["input_ids"][0] == model.seg_token_id).nonzero()[:, 0]
+    expected = output.hidden[0, seg_positions + (-1 if seg_state == "preceding_token" else 0)]
+    torch.testing.assert_close(states[0], expected)
+    assert not torch.allclose(output.hidden[0, seg_positions], output.hidden[0, seg_positions - 1])
 
 
 def test_seg_produced_at_the_token_limit_still_gets_its_state(lora_model, dog):

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from model.constants import ANSWER_STYLES
+from model.constants import ANSWER_STYLES, SEG_STATES
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 
 BOOL = argparse.BooleanOptionalAction
@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ce_loss_weight", type=float, default=1.0)
     model.add_argument("--bce_loss_weight", type=float, default=2.0)
     model.add_argument("--dice_loss_weight", type=float, default=0.5)
+    model.add_argument(
+        "--seg_state", choices=list(SEG_STATES), default=None,
+        help="the hidden state that stands for a [SEG]: seg_token, its own; preceding_token, the state that predicts "
+        "it (LISA's; on the CPU demo the model learns to use the question ~400 steps sooner); default: the "
+        "segmenter directory's own, seg_token for a new model; recorded in the checkpoint's config.json",
+    )
     add_pixel_arguments(model)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_dir", default="./dataset")

@@ -72,7 +72,8 @@ def build_model(
     float32 (master weights; see :meth:`ReasonSegmenter.cast_for_run`). No float32 copy of the
     frozen model is ever made.
     """
-    # Recorded on the config, so that every checkpoint says how it was trained (test.py reads answer_style).
+    # Recorded on the config, so that every checkpoint says how it was trained (test.py reads answer_style,
+    # every path reads seg_state).
     recorded = dict(
         ce_weight=args.ce_loss_weight, bce_weight=args.bce_loss_weight, dice_weight=args.dice_loss_weight,
         answer_style=args.answer_style,
@@ -104,6 +105,8 @@ def build_model(
             device=device,
         )
     model.cast_for_run(dtype)  # the LoRA just added is float32 already: a check, not a copy
+    if args.seg_state is not None:
+        recorded["seg_state"] = args.seg_state
     for name, value in recorded.items():
         setattr(model.config, name, value)
     return model

@@ -71,7 +71,8 @@ def published_generate(
         tokens = generated[index].tolist()
         end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
         tokens = tokens[:end]
-        positions = [prompt_length + j for j, token in enumerate(tokens) if token == model.seg_token_id]
+        positions = [prompt_length + j + model.seg_state_offset for j, token in enumerate(tokens)
+                     if token == model.seg_token_id]
         result = SegmentationResult(
             text=model.processor.tokenizer.decode(tokens, skip_special_tokens=False), token_ids=tokens
         )
