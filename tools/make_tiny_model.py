@@ -1,15 +1,17 @@
 """Write a tiny random segmenter directory (tiny Qwen-VL + tiny SAM) for tests and CPU demos.
 
     python tools/make_tiny_model.py --out work_dirs/tiny --family qwen2_5_vl
-    python tools/make_tiny_model.py --out demo_out/tiny_model --tokenizer_corpus synthetic   # make demo
+    python tools/make_tiny_model.py --out demo_out/tiny_model   # what make demo runs
 
 The directory loads like any other: ``--version DIR`` in train_ddp.py, test.py, inference.py.
 
 ``--tokenizer_corpus synthetic`` trains the tiny byte-level BPE tokenizer on every wording of the
 synthetic dataset (tools/make_synthetic.py) as well, so that each of its words ("lime", "left",
 "carrot") is one token, as in a real Qwen tokenizer; with the default corpus (model/tiny.py's few
-hundred sentences) such words are split into single letters, which a 2-layer model has to
-reassemble before it can reason about them.
+hundred sentences) such words are split into pieces ("largest" is l-ar-ge-st), which a 2-layer
+model has to reassemble before it can reason about them. The demo keeps the default: with the
+synthetic corpus its held-out gIoU was 0.657 against 0.665 (seed 0), the requests with split words
+(largest, leftmost) no better, so the pieces are not what limits them.
 """
 
 import argparse
