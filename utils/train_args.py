@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--seg_state", choices=list(SEG_STATES), default=None,
         help="the hidden state that stands for a [SEG]: seg_token, its own; preceding_token, the state that predicts "
-        "it (LISA's; on the CPU demo the model learns to use the question ~400 steps sooner); default: the "
-        "segmenter directory's own, seg_token for a new model; recorded in the checkpoint's config.json",
+        "it (LISA's; the CPU demo's recipe, where the two score alike over three seeds); default: the segmenter "
+        "directory's own, seg_token for a new model; recorded in the checkpoint's config.json",
     )
     add_pixel_arguments(model)
     data = p.add_argument_group("data")
