@@ -233,7 +233,7 @@ def test_data_loading_row_uses_sam_1024_and_qwen_default_pixels(smoke, tmp_path)
 def test_decode_floor_counts_the_weights_one_token_reads():
     """Qwen2.5-VL-7B (built on the meta device): 16.6 GB of bf16 weights, of which a decoded token
     reads the language model and the LM head (14.1 GB), not the vision tower or the embedding."""
-    from model.param_count import VLM_SPECS
+    from tools.bench.param_count import VLM_SPECS
     from model.vlm import VLM_FAMILIES
     from tools.bench.gpu_rows import decode_weight_bytes
 
@@ -253,7 +253,7 @@ def test_decode_floor_counts_the_weights_one_token_reads():
 
 def test_real_size_code_path_on_a_tiny_config(smoke):
     """The real-size measurements (GPU rows) run end to end on a tiny configuration on the CPU."""
-    from model.param_count import tiny_spec
+    from tools.bench.param_count import tiny_spec
     from tools.bench.real_size import measure_inference, measure_training
 
     inference = measure_inference(smoke, spec=tiny_spec(), sam_variant="tiny", say=lambda _m: None)

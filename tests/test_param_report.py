@@ -1,4 +1,4 @@
-"""Tests for model/param_count.py and tools/param_report.py (real-size models on the meta device)."""
+"""Tests for tools/bench/param_count.py and tools/param_report.py (real-size models on the meta device)."""
 
 import os
 
@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from model.param_count import (  # noqa: E402
+from tools.bench.param_count import (  # noqa: E402
     VLM_SPECS,
     analytic_lora_params,
     count_parameters,

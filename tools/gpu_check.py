@@ -174,7 +174,7 @@ def write_vlm(spec, out: Path, device: str) -> int:
     import torch
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from model.param_count import build_vlm_config
+    from tools.bench.param_count import build_vlm_config
     from model.processor import PROCESSOR_CLASSES, save_processor
     from model.tiny import build_tiny_tokenizer, chat_template
     from model.vlm import VLM_FAMILIES
@@ -334,7 +334,7 @@ def has_checkpoint(run_dir: Path) -> bool:
 def check(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    from model.param_count import VLM_SPECS, resolve_model_name, tiny_spec
+    from tools.bench.param_count import VLM_SPECS, resolve_model_name, tiny_spec
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("tools/gpu_check.py needs a CUDA GPU; --tiny runs the same stages on a CPU")
@@ -507,7 +507,7 @@ def table(summary: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen2.5-vl-3b", help="a published configuration (model/param_count.py)")
+    p.add_argument("--model", default="qwen2.5-vl-3b", help="a published configuration (tools/bench/param_count.py)")
     p.add_argument("--sam", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the stages' wiring, not a measurement")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps in all (SIGTERM after --save_steps)")

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from model.param_count import RECIPES, VLM_SPECS, count_parameters, markdown_table  # noqa: E402
+from tools.bench.param_count import RECIPES, VLM_SPECS, count_parameters, markdown_table  # noqa: E402
 from model.vlm import LoraSettings  # noqa: E402
 
 SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")

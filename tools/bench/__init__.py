@@ -7,6 +7,8 @@
   parameter counts, DDP throughput, data loading.
 * :mod:`tools.bench.real_size` -- Qwen2.5-VL-7B + SAM ViT-H with random weights on a GPU: the
   measurements behind the keyed GPU rows.
+* :mod:`tools.bench.param_count` -- the published Qwen-VL configurations as data, and trainable
+  parameters and optimiser memory at real size, counted on the ``meta`` device.
 * :mod:`tools.bench.gpu_rows` -- the keyed GPU rows of issues 11 and 12: goals, floors, ``met``.
 * :mod:`tools.bench.report` -- running the benchmarks, the report and its tables.
 """

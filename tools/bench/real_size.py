@@ -106,7 +106,7 @@ def real_spec(spec=None):
     """``spec``, or Qwen2.5-VL-7B's."""
     if spec is not None:
         return spec
-    from model.param_count import VLM_SPECS, resolve_model_name
+    from .param_count import VLM_SPECS, resolve_model_name
 
     return VLM_SPECS[resolve_model_name("qwen2.5-vl-7b")]
 

@@ -164,7 +164,7 @@ def run_real_size(name: str, settings: BenchSettings, say: Callable[[str], None]
 
     spec, sam_variant = None, "vit_h"
     if settings.real_size == "tiny":
-        from model.param_count import tiny_spec
+        from .param_count import tiny_spec
 
         spec, sam_variant = tiny_spec(), "tiny"
     measure = measure_inference if name == "real_size_inference" else measure_training

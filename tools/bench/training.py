@@ -185,8 +185,8 @@ def bench_training_step(settings: BenchSettings) -> list[BenchRow]:
 
 
 def bench_params(settings: BenchSettings, model_name: str = "qwen2.5-vl-7b", sam_variant: str = "vit_h") -> list[BenchRow]:
-    """Trainable parameters and AdamW state at real size (model.param_count, on the meta device)."""
-    from model.param_count import count_parameters
+    """Trainable parameters and AdamW state at real size (tools.bench.param_count, on the meta device)."""
+    from .param_count import count_parameters
 
     ours = count_parameters(model_name, sam_variant, "ours")
     lisa = count_parameters(model_name, sam_variant, "lisa")

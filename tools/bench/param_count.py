@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sam import SAM_VARIANTS
-from .vlm import VLM_FAMILIES, LoraSettings
+from model.sam import SAM_VARIANTS
+from model.vlm import VLM_FAMILIES, LoraSettings
 
 RECIPES = ("ours", "lisa")
 
@@ -315,10 +315,10 @@ def _plain_lora(vlm: nn.Module, settings: LoraSettings) -> nn.Module:
 def _setup(
     spec: VLMSpec, sam_variant: str, recipe: str, lora: LoraSettings, train_language_model: bool
 ) -> _Setup:
-    from .config import SegmenterConfig
-    from .sam import build_sam, sam_prompt_embed_dim
-    from .segmenter import ReasonSegmenter
-    from .vlm import apply_lora, make_language_model_trainable
+    from model.config import SegmenterConfig
+    from model.sam import build_sam, sam_prompt_embed_dim
+    from model.segmenter import ReasonSegmenter
+    from model.vlm import apply_lora, make_language_model_trainable
 
     seg_id = spec.tokenizer_length  # [SEG] appended to the published tokenizer
     if seg_id >= spec.text["vocab_size"]:
