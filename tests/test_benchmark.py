@@ -65,6 +65,9 @@ def test_command_writes_the_report(tmp_path):
     process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(out.read_text())
+    # Rewritten after each benchmark (a GPU run stopped by a time limit keeps its rows); the last
+    # write is the whole report, and no half-written file is left.
+    assert report["complete"] is True and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     rows = report["rows"]
     assert [row["name"] for row in rows] == [
         "one request, 4 new tokens",
@@ -256,8 +259,13 @@ def test_real_size_code_path_on_a_tiny_config(smoke):
     from tools.bench.param_count import tiny_spec
     from tools.bench.real_size import measure_inference, measure_training
 
-    inference = measure_inference(smoke, spec=tiny_spec(), sam_variant="tiny", say=lambda _m: None)
+    updates = []
+    inference = measure_inference(smoke, spec=tiny_spec(), sam_variant="tiny", say=lambda _m: None,
+                                  on_update=lambda part: updates.append({k: dict(v) for k, v in part.items()}))
     assert inference["errors"] == {}
+    # What is measured reaches the report at once, one measurement after another.
+    assert len(updates) == 5 and updates[-1] == inference
+    assert [len(u["values"]) for u in updates] == [3, 4, 5, 6, 7]
     assert set(inference["values"]) == {row.key for row in GPU_ROWS if row.issue == 11}
     for key, value in inference["values"].items():
         # (the decode time is a difference of two timings: on a tiny model it can be below 0)
@@ -287,3 +295,15 @@ def test_ddp_row_runs_train_ddp_under_torchrun(smoke, tmp_path):
     assert row.ratio == pytest.approx(rates["2"] / rates["1"])
     logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
     assert len(logs) == 2 and any("ddp_n2" in name for name in logs)
+
+
+def test_report_so_far_after_each_benchmark(smoke):
+    from tools.bench.report import run_benchmarks
+
+    parts = []
+    report = run_benchmarks(smoke, ["generation", "params"], on_part=parts.append)
+    [partial] = parts  # after generation; the last benchmark's report is the returned one
+    assert partial["complete"] is False and report["complete"] is True
+    assert {row["details"]["benchmark"] for row in partial["rows"]} == {"generation"}
+    assert partial["rows"] == report["rows"][:len(partial["rows"])] and len(report["rows"]) > len(partial["rows"])
+    assert list(partial["seconds_by_benchmark"]) == ["generation"]

@@ -52,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="minimal sizes (4/8 tokens, 1 repetition, tiny SAM): checks the machinery, not the speed")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", help="write the JSON report here; a directory (an existing one, or a path ending "
-                        "in /) gets YYYY-MM-DD-<gpu>.json, e.g. --out docs/benchmarks/ after a GPU run")
+                        "in /) gets YYYY-MM-DD-<gpu>.json, e.g. --out docs/benchmarks/ after a GPU run. It is "
+                        "rewritten after each benchmark (\"complete\": false until the end), so a run stopped by a "
+                        "time limit keeps what it measured")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(CHOICES)} "
                         "(real_size = real_size_inference,real_size_training)")
     parser.add_argument("--hidden_size", type=int, default=256, help="text hidden size of the tiny Qwen2.5-VL")
@@ -86,7 +88,20 @@ def main(argv=None) -> int:
     )
     command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
-    report = run_benchmarks(settings, args.only, progress=lambda message: print(message, file=sys.stderr, flush=True))
+
+    def write(report: dict) -> Path:
+        report["command"] = command.strip()
+        out = Path(args.out)
+        if out.is_dir() or args.out.endswith(("/", os.sep)):
+            out = out / default_report_name(report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        partial.replace(out)  # a run stopped mid-write leaves the last whole report
+        return out
+
+    report = run_benchmarks(settings, args.only, progress=lambda message: print(message, file=sys.stderr, flush=True),
+                            on_part=write if args.out else None)
     report["command"] = command.strip()
     table = format_table(report)
     machine = report["machine"]
@@ -103,12 +118,7 @@ def main(argv=None) -> int:
     print()
     print(format_sides(report))
     if args.out:
-        out = Path(args.out)
-        if out.is_dir() or args.out.endswith(("/", os.sep)):
-            out = out / default_report_name(report)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        print(f"\nwrote {out}", file=sys.stderr)
+        print(f"\nwrote {write(report)}", file=sys.stderr)
     failed = [row["name"] for row in report["rows"] if row["check_passed"] is False]
     failed += [row["key"] for row in report["gpu_rows"] if row["check_passed"] is False]
     for part in report.get("real_size_code_path_check", {}).values():

@@ -183,9 +183,11 @@ class _Measured:
 
 
 def measure_inference(
-    settings, spec=None, sam_variant: str = "vit_h", say: Callable[[str], None] = print
+    settings, spec=None, sam_variant: str = "vit_h", say: Callable[[str], None] = print,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The inference rows of issue 11 (see the module docstring)."""
+    """The inference rows of issue 11 (see the module docstring); ``on_update(measured so far)``
+    after each measurement."""
     from utils.inference import InferenceSession
 
     device = settings.torch_device
@@ -331,6 +333,8 @@ def measure_inference(
             say(f"  measuring {', '.join(keys)} ...")
             out.attempt(keys, fn, say)
             free_memory(device)
+            if on_update is not None:
+                on_update(out.as_dict())
     finally:
         model = None  # the closures above hold it through this name
         free_memory(device)
@@ -381,8 +385,10 @@ def _initial_loss(model, batch, autocast) -> float:
 def measure_training(
     settings, spec=None, sam_variant: str = "vit_h", say: Callable[[str], None] = print,
     batch_sizes: tuple[int, ...] = TRAIN_BATCH_SIZES,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The training rows of issue 12 (see the module docstring)."""
+    """The training rows of issue 12 (see the module docstring); ``on_update(measured so far)``
+    after each measurement."""
     from utils.optim import build_optimizer
 
     device = settings.torch_device
@@ -487,6 +493,8 @@ def measure_training(
 
     out.attempt(("gpu_train_step_b2_s", "gpu_train_samples_per_s_best", "gpu_train_peak_gb_b2",
                  "gpu_train_peak_gb_b2_ckpt"), ours, say)
+    if on_update is not None:
+        on_update(out.as_dict())
     if "ours" in steps:
         out.attempt(("gpu_train_vs_published_step",), published, say)
     else:

@@ -58,10 +58,16 @@ def expand(only: Sequence[str]) -> list[str]:
 
 
 def run_benchmarks(
-    settings: BenchSettings, only: Sequence[str] | None = None, progress: Callable[[str], None] | None = None
+    settings: BenchSettings,
+    only: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the selected benchmarks (all of :data:`BENCHMARKS` by default; the real-size ones only
-    with ``settings.real_size``) and return the report."""
+    with ``settings.real_size``) and return the report.
+
+    ``on_part(report)`` is called after each benchmark with the report so far (``"complete":
+    False``), so that a run stopped by a time limit keeps what it measured."""
     selected = expand(only) if only else [name for name in BENCHMARKS if name not in REAL_SIZE or settings.real_size]
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
@@ -93,6 +99,43 @@ def run_benchmarks(
     code_path_check: dict[str, Any] = {}
     durations: dict[str, float] = {}
     shared_model = None
+
+    def assemble(complete: bool) -> dict[str, Any]:
+        """The report of what has run so far."""
+        if settings.real_size == "real":
+            reason = "not selected in this run (--only)" if complete else "not reached yet (a partial report)"
+        elif settings.device != "cuda":
+            reason = "no CUDA device: GPU rows are measured with --device cuda, never estimated"
+        else:
+            reason = "real-size rows not run (--real_size_config)"
+        report = {
+            "date": date.isoformat(timespec="seconds"),
+            "complete": complete,
+            "settings": asdict(settings),
+            "model": (f"tiny Qwen2.5-VL (model.tiny.build_tiny_vlm), text hidden {settings.hidden_size}, "
+                      f"{settings.num_layers} layers, random weights"),
+            "machine": start_info,
+            "load_average_end": machine_info(settings)["load_average"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "seconds": time.perf_counter() - started,
+            "seconds_by_benchmark": dict(durations),
+            "rows": [row.to_dict() for row in rows],
+            "gpu": {"name": gpu_name, "peaks": peaks},
+            "gpu_rows": gpu_rows(measured, peaks, gpu_name, date.date().isoformat(), reason),
+        }
+        if code_path_check:
+            report["real_size_code_path_check"] = {
+                "note": "the real-size code run on a tiny configuration on this device: a check of the code path, "
+                        "not GPU figures (the GPU rows stay 'not measured')", **code_path_check}
+        return report
+
+    def real_size_update(part: dict[str, Any]) -> None:
+        """A real-size row measured: into the report on disk at once (a part takes minutes)."""
+        if settings.real_size == "real" and on_part is not None:
+            for field in measured:
+                measured[field].update(part[field])
+            on_part(assemble(complete=False))
+
     try:
         for name in selected:
             say(f"running {name} ...")
@@ -114,7 +157,7 @@ def run_benchmarks(
             elif name == "data_loading":
                 new = bench_data_loading(settings, scratch)
             else:
-                part = run_real_size(name, settings, say)
+                part = run_real_size(name, settings, say, on_update=real_size_update)
                 if settings.real_size == "real":
                     for field in measured:
                         measured[field].update(part[field])
@@ -126,40 +169,21 @@ def run_benchmarks(
                 say(format_row_line(row))
             rows.extend(new)
             free_memory(settings.torch_device)
+            if on_part is not None and name != selected[-1]:
+                on_part(assemble(complete=False))
     finally:
         if scratch_holder is not None:
             scratch_holder.cleanup()
-    end_info = machine_info(settings)
-    if settings.real_size == "real":
-        reason = "not selected in this run (--only)"
-    elif settings.device != "cuda":
-        reason = "no CUDA device: GPU rows are measured with --device cuda, never estimated"
-    else:
-        reason = "real-size rows not run (--real_size_config)"
-    report = {
-        "date": date.isoformat(timespec="seconds"),
-        "settings": asdict(settings),
-        "model": (f"tiny Qwen2.5-VL (model.tiny.build_tiny_vlm), text hidden {settings.hidden_size}, "
-                  f"{settings.num_layers} layers, random weights"),
-        "machine": start_info,
-        "load_average_end": end_info["load_average"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "seconds": time.perf_counter() - started,
-        "seconds_by_benchmark": durations,
-        "rows": [row.to_dict() for row in rows],
-        "gpu": {"name": gpu_name, "peaks": peaks},
-        "gpu_rows": gpu_rows(measured, peaks, gpu_name, date.date().isoformat(), reason),
-    }
-    if code_path_check:
-        report["real_size_code_path_check"] = {
-            "note": "the real-size code run on a tiny configuration on this device: a check of the code path, "
-                    "not GPU figures (the GPU rows stay 'not measured')", **code_path_check}
-    return report
+    return assemble(complete=True)
 
 
-def run_real_size(name: str, settings: BenchSettings, say: Callable[[str], None]) -> dict[str, Any]:
+def run_real_size(
+    name: str, settings: BenchSettings, say: Callable[[str], None],
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """One real-size part (``real_size_inference`` or ``real_size_training``): Qwen2.5-VL-7B + SAM
-    ViT-H on CUDA, or the same code on a tiny configuration (``settings.real_size == "tiny"``)."""
+    ViT-H on CUDA, or the same code on a tiny configuration (``settings.real_size == "tiny"``).
+    ``on_update(measured so far)`` after each of its measurements."""
     from .real_size import measure_inference, measure_training
 
     spec, sam_variant = None, "vit_h"
@@ -168,7 +192,7 @@ def run_real_size(name: str, settings: BenchSettings, say: Callable[[str], None]
 
         spec, sam_variant = tiny_spec(), "tiny"
     measure = measure_inference if name == "real_size_inference" else measure_training
-    return measure(settings, spec=spec, sam_variant=sam_variant, say=say)
+    return measure(settings, spec=spec, sam_variant=sam_variant, say=say, on_update=on_update)
 
 
 def default_report_name(report: dict[str, Any]) -> str:
