@@ -4,6 +4,8 @@
     python tools/gpu_check.py                          # Qwen2.5-VL-3B + SAM ViT-H (random weights)
     python tools/gpu_check.py --model qwen2.5-vl-7b    # Qwen2.5-VL-7B + SAM ViT-H
     python tools/gpu_check.py --tiny                   # the same stages, tiny models, on a CPU (CI)
+    python tools/gpu_check.py --model qwen2.5-vl-7b --train_rows --out docs/benchmarks/DATE-GPU-train-rows.json
+                                                       # issue 12's training rows, through train_ddp.py
 
 What it does, as a user would, each entry point in its own process:
 
@@ -17,6 +19,12 @@ What it does, as a user would, each entry point in its own process:
 4. ``torchrun --nproc_per_node=1 train_ddp.py`` with LoRA in bf16, SIGTERM'd once it has saved a
    checkpoint, then ``--auto_resume``'d to the end (checked: the run ends at the last step);
 5. ``transform_weight.py`` (merge), ``inference.py`` one-shot, ``test.py --protocol both``.
+
+With ``--train_rows`` it runs, instead of 3-5, ``train_ddp.py`` alone at issue 12's batch (640x480
+photographs x 3 questions) at batch 2, batch 2 with gradient checkpointing, then 4, 8 and 16 while
+the peak stays within 80 GB, and reads the keyed training rows (step time, best samples/s, peak
+memory with and without checkpointing) from each run's ``metrics.jsonl``: the training loop's own
+timing (data wait included) and ``torch.cuda.max_memory_allocated``, the first steps left out.
 
 Per stage it records wall time, peak GPU memory (``nvidia-smi``'s device total, sampled every
 0.2 s, minus the value before the stage) and peak host memory (the summed PSS of the stage's
@@ -35,6 +43,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +61,12 @@ GB = 1e9
 # photographs are added at their own sizes).
 PHOTO_SIZES = ((4000, 3000), (1920, 1080))
 QUESTION = "Where can the driver see the car speed in this image? Please output segmentation mask."
+#: --train_rows: (run name, batch size, gradient checkpointing), in order; issue 12's batch is
+#: 640x480 photographs x 3 questions.
+TRAIN_ROW_RUNS = (("b2", 2, False), ("b2_ckpt", 2, True), ("b4", 4, False), ("b8", 8, False), ("b16", 16, False))
+TRAIN_ROW_IMAGE_SIZE = (640, 480)
+#: The memory a batch size must fit to count for the best samples/s (issue 12: "fits 80 GB").
+TRAIN_ROW_MEMORY_LIMIT_GB = 80.0
 
 
 @dataclass
@@ -218,9 +233,12 @@ def write_sam(variant: str, out: Path, device: str) -> None:
     torch.save({k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}, out)
 
 
-def write_dataset(root: Path, num_train: int, num_val: int) -> list[tuple[str, tuple[int, int]]]:
-    """A ReasonSeg-format root of real-size photographs, one polygon target each.
+def write_dataset(
+    root: Path, num_train: int, num_val: int, sizes: tuple[tuple[int, int], ...] | None = None
+) -> list[tuple[str, tuple[int, int]]]:
+    """A ReasonSeg-format root of real-size photographs, one polygon target and three queries each.
 
+    ``sizes``: the image sizes, in turn (default: 4000x3000, 1920x1080 and the photo's own).
     Returns (file name, size) of every image written.
     """
     import numpy as np
@@ -234,8 +252,8 @@ def write_dataset(root: Path, num_train: int, num_val: int) -> list[tuple[str, t
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):
             photo = Image.open(photos[index % len(photos)]).convert("RGB")
-            sizes = [*PHOTO_SIZES, photo.size]
-            size = sizes[index % len(sizes)]
+            choices = sizes or (*PHOTO_SIZES, photo.size)
+            size = choices[index % len(choices)]
             image = photo.resize(size, Image.BILINEAR)
             width, height = size
             cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
@@ -351,6 +369,7 @@ def check(args: argparse.Namespace, work: Path) -> dict:
     vlm_dir, sam_file, data, runs = work / "qwen_vl", work / f"sam_{sam_variant}.pth", work / "data", work / "runs"
     merged, vis = work / "merged", work / "vis"
     run_dir = runs / "gpu_check"
+    precision = "bf16"
 
     def timed(name: str, fn) -> Stage:
         stage = Stage(name)
@@ -369,7 +388,10 @@ def check(args: argparse.Namespace, work: Path) -> dict:
         write_sam(sam_variant, sam_file, device)
         if device == "cuda":
             torch.cuda.empty_cache()
-        images = write_dataset(data, args.num_train, args.num_val)
+        if args.train_rows:
+            images = write_dataset(data, args.num_train, 0, sizes=(TRAIN_ROW_IMAGE_SIZE,))
+        else:
+            images = write_dataset(data, args.num_train, args.num_val)
         return {"vlm_parameters": count, "images": [f"{name} {w}x{h}" for name, (w, h) in images]}
 
     if not timed("write_inputs", write_inputs).ok:
@@ -380,7 +402,17 @@ def check(args: argparse.Namespace, work: Path) -> dict:
         stages.append(result)
         return result
 
-    precision = "bf16"
+    if args.train_rows:
+        base = [python, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train_ddp.py",
+                "--version", str(vlm_dir), "--vision_pretrained", str(sam_file), "--dataset_dir", str(data),
+                "--dataset", "reason_seg", "--sample_rates", "1", "--reason_seg_data", "ReasonSeg|train",
+                "--num_questions_per_image", "3", "--grad_accumulation_steps", "1", "--no_eval",
+                "--steps_per_epoch", str(args.train_rows_steps), "--max_steps", str(args.train_rows_steps),
+                "--save_steps", str(args.train_rows_steps), "--warmup_steps", "1", "--workers", str(args.workers),
+                "--precision", precision, "--log_base_dir", str(runs), *pixels]
+        measured = measure_train_rows(stage, base, runs, logs, warmup=args.train_rows_warmup)
+        return summarise(args, spec, stages, work, train_rows=measured)
+
     # Loading alone: what a rank holds before the first step, and what inference holds.
     load = stage("load_train", [python, __file__, "--probe", "train", "--probe_version", str(vlm_dir),
                                 "--probe_sam", str(sam_file), "--probe_precision", precision])
@@ -443,6 +475,101 @@ def check(args: argparse.Namespace, work: Path) -> dict:
     return summarise(args, spec, stages, work)
 
 
+def train_step_figures(metrics: Path, warmup: int) -> dict:
+    """A run's training loop timing from its ``metrics.jsonl``: the median step (data wait
+    included) and samples/s over the steps after ``warmup``, and the peak GPU memory (GB, 10^9
+    bytes) over all steps (None without CUDA)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("kind") == "train"]
+    timed = [r for r in records if r["step"] > warmup]
+    if not timed:
+        raise ValueError(f"{metrics}: no training step after the first {warmup}")
+    step = statistics.median(r["step_seconds"] for r in timed)
+    samples = statistics.median(r["samples"] for r in timed)
+    peaks = [r["peak_gpu_memory_gb"] for r in records if r.get("peak_gpu_memory_gb") is not None]
+    return {"step_s": step, "samples_per_s": samples / step, "peak_gb": max(peaks) if peaks else None,
+            "samples_per_step": samples, "step_seconds": [r["step_seconds"] for r in timed],
+            "image_tokens_mean": statistics.mean(r.get("image_tokens_mean", 0) for r in timed)}
+
+
+def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: int) -> dict:
+    """Issue 12's training rows through ``train_ddp.py``: one run per :data:`TRAIN_ROW_RUNS`
+    entry (``stage(name, command)`` runs it), larger batches while the peak is expected to fit
+    :data:`TRAIN_ROW_MEMORY_LIMIT_GB`. Returns ``{"values", "details", "counts", "errors"}`` as
+    :func:`tools.bench.gpu_rows.gpu_rows` takes them, and ``"runs"``: each run's figures, or why
+    it has none (out of memory, skipped, failed)."""
+    figures: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    larger_plain_skipped = ""  # why larger batches without checkpointing are not run
+    for name, batch_size, checkpointing in TRAIN_ROW_RUNS:
+        if not checkpointing:
+            plain = sorted((b, figures[n]["peak_gb"]) for n, b, c in TRAIN_ROW_RUNS if n in figures and not c)
+            if not larger_plain_skipped and len(plain) >= 2 and None not in (plain[-1][1], plain[-2][1]):
+                (b0, p0), (b1, p1) = plain[-2:]  # the peak grows about linearly with the batch
+                expected = p1 + (p1 - p0) * (batch_size - b1) / (b1 - b0)
+                if expected > TRAIN_ROW_MEMORY_LIMIT_GB:
+                    larger_plain_skipped = (f"about {expected:.0f} GB expected at batch {batch_size}, "
+                                            f"over {TRAIN_ROW_MEMORY_LIMIT_GB:.0f} GB")
+            if larger_plain_skipped:
+                errors[name] = f"skipped: {larger_plain_skipped}"
+                continue
+        launcher, script = base[:base.index("train_ddp.py")], base[base.index("train_ddp.py"):]
+        command = [*launcher, "--master_port", str(_free_port()), *script, "--batch_size", str(batch_size),
+                   "--exp_name", f"train_rows_{name}",
+                   "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing"]
+        result = stage(f"train_rows_{name}", command)
+        if not result.ok:
+            log = logs / f"train_rows_{name}.log"
+            out_of_memory = log.is_file() and "CUDA out of memory" in log.read_text(errors="replace")
+            result.extra["out_of_memory"] = out_of_memory
+            errors[name] = "out of memory" if out_of_memory else result.detail.splitlines()[0]
+            if out_of_memory and not checkpointing:  # checkpointing may still fit
+                larger_plain_skipped = f"batch {batch_size} ran out of memory"
+            continue
+        try:
+            figures[name] = train_step_figures(runs / f"train_rows_{name}" / "metrics.jsonl", warmup)
+        except (OSError, ValueError, KeyError) as error:
+            result.ok, result.detail = False, f"no timing: {type(error).__name__}: {error}"
+            errors[name] = result.detail
+            continue
+        result.extra["figures"] = figures[name]
+        peak = figures[name]["peak_gb"]
+        if not checkpointing and peak is not None and peak > TRAIN_ROW_MEMORY_LIMIT_GB:
+            larger_plain_skipped = f"batch {batch_size} peaked at {peak:.0f} GB, over {TRAIN_ROW_MEMORY_LIMIT_GB:.0f} GB"
+    common = {"how": "train_ddp.py under torchrun --nproc_per_node=1, bf16, default LoRA + [SEG] rows; "
+                     "metrics.jsonl's step_seconds (data wait included) and peak_gpu_memory_gb "
+                     f"(torch.cuda.max_memory_allocated), steps after the first {warmup}",
+              "batch": f"{TRAIN_ROW_IMAGE_SIZE[0]}x{TRAIN_ROW_IMAGE_SIZE[1]} photographs x 3 questions",
+              "floor": "tools/benchmark.py --only real_size_training counts the step's FLOPs"}
+    values: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    if "b2" in figures:
+        values["gpu_train_step_b2_s"] = figures["b2"]["step_s"]
+        details["gpu_train_step_b2_s"] = {**common, **figures["b2"]}
+        if figures["b2"]["peak_gb"] is not None:
+            values["gpu_train_peak_gb_b2"] = figures["b2"]["peak_gb"]
+            details["gpu_train_peak_gb_b2"] = {**common, **figures["b2"]}
+    if "b2_ckpt" in figures and figures["b2_ckpt"]["peak_gb"] is not None:
+        values["gpu_train_peak_gb_b2_ckpt"] = figures["b2_ckpt"]["peak_gb"]
+        details["gpu_train_peak_gb_b2_ckpt"] = {**common, **figures["b2_ckpt"]}
+    fitting = {b: figures[n]["samples_per_s"] for n, b, c in TRAIN_ROW_RUNS if n in figures and not c
+               and (figures[n]["peak_gb"] or 0.0) <= TRAIN_ROW_MEMORY_LIMIT_GB}
+    if fitting:
+        best = max(fitting, key=fitting.get)
+        values["gpu_train_samples_per_s_best"] = fitting[best]
+        details["gpu_train_samples_per_s_best"] = {
+            **common, "best_batch_size": best, "samples_per_s_by_batch": fitting,
+            "peak_gb_by_batch": {b: figures[n]["peak_gb"] for n, b, c in TRAIN_ROW_RUNS if n in figures and not c},
+            "memory_limit_gb": TRAIN_ROW_MEMORY_LIMIT_GB}
+    errors_by_key = {}
+    for key, run in (("gpu_train_step_b2_s", "b2"), ("gpu_train_peak_gb_b2", "b2"),
+                     ("gpu_train_peak_gb_b2_ckpt", "b2_ckpt"), ("gpu_train_samples_per_s_best", "b2")):
+        if key not in values and run in errors:
+            errors_by_key[key] = f"run {run}: {errors[run]}"
+    return {"values": values, "details": details, "counts": {}, "errors": errors_by_key,
+            "runs": {"measured": figures, "not_measured": errors}}
+
+
 def _exact_peaks(stage: Stage) -> None:
     """A load stage reports its own peaks (exact, not sampled)."""
     if stage.extra.get("host_peak_bytes"):
@@ -484,12 +611,31 @@ def machine() -> dict:
     return info
 
 
-def summarise(args: argparse.Namespace, spec, stages: list[Stage], work: Path) -> dict:
+def summarise(args: argparse.Namespace, spec, stages: list[Stage], work: Path, train_rows: dict | None = None) -> dict:
+    info = machine()
+    if args.train_rows:
+        # A larger batch that runs out of memory ends the sweep; it is a finding, not a failure.
+        ok = train_rows is not None and "gpu_train_step_b2_s" in train_rows["values"] and all(
+            s.ok or s.extra.get("out_of_memory") for s in stages)
+    else:
+        ok = bool(stages) and all(s.ok for s in stages) and stages[-1].name == "test"
     summary = {
-        "model": spec.hf_id, "sam": "tiny" if args.tiny else args.sam, "tiny": args.tiny, "machine": machine(),
-        "ok": bool(stages) and all(s.ok for s in stages) and stages[-1].name == "test",
-        "stages": [asdict(s) for s in stages], "work_dir": str(work) if args.keep else None,
+        "model": spec.hf_id, "sam": "tiny" if args.tiny else args.sam, "tiny": args.tiny, "machine": info,
+        "ok": ok, "stages": [asdict(s) for s in stages], "work_dir": str(work) if args.keep else None,
     }
+    if train_rows is not None:
+        if args.tiny or not info["gpu"]:
+            summary["train_rows_code_path_check"] = {
+                "note": "train_ddp.py on tiny models on this machine: a check of the code path, not GPU rows",
+                **train_rows}
+        else:
+            from tools.bench.gpu_rows import TRAINING_KEYS, gpu_rows
+
+            summary["gpu_rows"] = [
+                row for row in gpu_rows(train_rows, None, info["gpu"], info["date"],
+                                        "train_ddp.py has no published-recipe mode: this row is "
+                                        "tools/benchmark.py --only real_size_training's")
+                if row["key"] in TRAINING_KEYS]
     if not summary["ok"]:
         summary["failed_logs"] = {path.stem: _log_tail(path, 40) for path in sorted((work / "logs").glob("*.log"))
                                   if not any(s.ok for s in stages if s.name == path.stem)}
@@ -516,6 +662,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_train", type=int, default=8)
     p.add_argument("--num_val", type=int, default=3)
     p.add_argument("--stage_timeout", type=float, default=300, help="seconds before a stage is killed")
+    p.add_argument("--train_rows", action="store_true",
+                   help="instead of the whole path: issue 12's training rows through train_ddp.py (see above)")
+    p.add_argument("--train_rows_steps", type=int, default=10, help="--train_rows: optimizer steps per run")
+    p.add_argument("--train_rows_warmup", type=int, default=3, help="--train_rows: first steps left out of the timing")
+    p.add_argument("--workers", type=int, default=8, help="--train_rows: data-loader workers per run")
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--out", default="runs/gpu_check/summary.json", help="the JSON summary")
@@ -547,6 +698,18 @@ def main(argv=None) -> int:
         if not s["ok"]:
             print(f"FAILED {s['name']}: {s['detail']}")
     print(table(summary))
+    if summary.get("gpu_rows"):
+        from tools.bench.gpu_rows import format_gpu_table
+
+        print()
+        print(format_gpu_table(summary["gpu_rows"]))
+    elif summary.get("train_rows_code_path_check"):
+        runs = summary["train_rows_code_path_check"]["runs"]
+        for name, figures in runs["measured"].items():
+            print(f"{name}: {figures['step_s']:.3f} s a step, {figures['samples_per_s']:.2f} samples/s (tiny models, "
+                  "a code-path check)")
+        for name, why in runs["not_measured"].items():
+            print(f"{name}: {why}")
     print(f"summary: {out}")
     return 0 if summary["ok"] else 1
 

@@ -284,7 +284,7 @@ class Trainer:
                 record["step_seconds"] = time.perf_counter() - started  # data wait included
                 record["samples_per_second"] = record["samples"] / max(record["step_seconds"], 1e-9)
                 if self.device.type == "cuda":  # this process's peak during the step
-                    record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
                     torch.cuda.reset_peak_memory_stats(self.device)
                 self._log(record)
                 progress.update(1)
