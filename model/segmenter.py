@@ -44,6 +44,7 @@ from .image_tokens import image_token_counts
 from .processor import load_processor, save_processor
 from .projection import SegProjection
 from .sam import SamTransform, build_sam, freeze_for_segmentation, sam_prompt_embed_dim
+from .sam_compile import run_image_encoder
 from .vlm import (
     LoraSettings,
     SEG_TOKEN,
@@ -418,7 +419,7 @@ class ReasonSegmenter(nn.Module):
         """[B, 3, S, S] uint8 SAM inputs, their (h, w) -> [B, P, S/16, S/16] embeddings (frozen encoder)."""
         encoder = self.sam.image_encoder
         pixels = self.sam_transform.normalize(sam_pixel_values, input_sizes)
-        return encoder(pixels.to(encoder.patch_embed.proj.weight.dtype))
+        return run_image_encoder(encoder, pixels.to(encoder.patch_embed.proj.weight.dtype))
 
     def decode_masks(
         self,

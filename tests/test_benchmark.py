@@ -273,6 +273,9 @@ def test_real_size_code_path_on_a_tiny_config(smoke):
         details = inference["details"][key]
         assert details.get("check_passed", True), (key, details.get("check"))
     assert {"sam_encode_flops", "prefill_flops", "decode_weight_bytes"} <= set(inference["counts"])
+    # --compile_sam measured beside the default encoder: compiled (no fallback), the same embeddings.
+    compiled = inference["details"]["gpu_sam_encode_ms"]["compile_sam"]
+    assert compiled["compiled"] and compiled["ms"] > 0 and compiled["max_abs_difference"] <= 1e-4 * compiled["max_abs_eager"]
     training = measure_training(smoke, spec=tiny_spec(), sam_variant="tiny", say=lambda _m: None, batch_sizes=(2, 4))
     assert training["errors"] == {}
     # Peak memory is measured on CUDA only; the rest runs here.

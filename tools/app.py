@@ -37,7 +37,7 @@ def main() -> None:
     setup_logging()
     session = session_from_args(args)
     examples = examples_in(args.examples)
-    if session.decoding == "compiled":  # compile now, not on the first visitor's request
+    if session.decoding == "compiled" or args.compile_sam:  # compile now, not on the first visitor's request
         for image, prompt in examples:
             logging.info("warmed up on %s in %.1f s", image, session.warm_up(image, prompt))
     demo = build_demo(session, Path(args.version).name, examples, queue_size=args.queue_size)

@@ -21,6 +21,7 @@ import torch
 from model.config import SegmenterConfig
 from model.decoding import DECODING_MODES, resolve_decoding
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
+from model.sam_compile import compile_image_encoder
 from utils.data.builders import build_val_dataset, split_names, val_split_kind
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from utils.eval_report import PredictionWriter, build_report, format_summary, result_entry, write_json
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate: compiled (static KV cache + CUDA graphs, compiled once per batch shape), eager "
                      "(the same loop uncompiled) or transformers (its generate); auto: compiled on CUDA, else eager. "
                      "All give the same answers")
+    run.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
     out = p.add_argument_group("output")
     out.add_argument("--log_dir", default=DEFAULT_LOG_DIR, help=f"where {REPORT_NAME} and {TABLE_NAME} go")
     out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
@@ -230,6 +232,8 @@ def load_model(
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    if args.compile_sam:
+        compile_image_encoder(model.sam.image_encoder)
     kind = "training checkpoint (LoRA adapter on a base model)" if config.adapter_path else "standalone model"
     limits = pixel_limits(model.processor)
     dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.decoding import DECODING_MODES
+from model.sam_compile import compile_image_encoder
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 from utils.grounding import answer_objects
 from model.constants import SEG_TOKEN
@@ -362,7 +363,7 @@ class InferenceSession:
 
         With ``compiled`` decoding this compiles the decoding step for a one-request batch of that
         image's prompt length now (a long-running app calls it at start) instead of on a user's
-        first request.
+        first request; with ``--compile_sam``, SAM's image encoder for one image likewise.
         """
         loaded = self.load(image)
         start = time.perf_counter()
@@ -588,6 +589,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "shape; eager: the same loop uncompiled; transformers: transformers' generate. auto: "
                        "compiled on CUDA for the interactive loop, batches and the app, eager on a CPU and for "
                        "a one-shot request (which would pay the compile for one answer)")
+    group.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
     add_pixel_arguments(group)
 
 
@@ -617,6 +619,8 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
         )
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.compile_sam:
+        compile_image_encoder(model.sam.image_encoder)
     return InferenceSession(
         model,
         max_new_tokens=args.max_new_tokens,

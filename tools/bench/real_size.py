@@ -280,15 +280,35 @@ def measure_inference(
             "check_passed": ok, "how": "utils.inference.InferenceSession.ask, 5 questions on one image per round"}
 
     def sam_encoder() -> None:
+        from model.sam_compile import compile_image_encoder, image_encoder_is_compiled, uncompile_image_encoder
+
         batch = request_batch(model, [image], [question])
         pixels, sizes = batch["sam_pixel_values"][:1], batch["sam_input_size"][:1]
+        repeats, warmup = (2, 1) if settings.smoke else (10, 3)
         with torch.no_grad():
             encode = lambda: model.encode_images(pixels, sizes)  # noqa: E731
-            times = _times(encode, device, 2 if settings.smoke else 10, warmup=1 if settings.smoke else 3)
+            times = _times(encode, device, repeats, warmup=warmup)
             _count(out, "sam_encode_flops", encode, say)
+            eager = encode()
+            # --compile_sam (off by default): measured beside the default, so that its gain is known.
+            encoder = model.sam.image_encoder
+            compile_image_encoder(encoder)
+            try:
+                first_s, compiled = timed(encode, device)
+                compiled_times = _times(encode, device, repeats, warmup=warmup - 1)
+                still_compiled = image_encoder_is_compiled(encoder)
+            finally:
+                uncompile_image_encoder(encoder)
+        difference = float((compiled.float() - eager.float()).abs().max())
+        scale = float(eager.float().abs().max())
         out.values["gpu_sam_encode_ms"] = 1e3 * median(times)
-        out.details["gpu_sam_encode_ms"] = {**common, "times_s": times, "input": list(pixels.shape),
-                                            "how": "ReasonSegmenter.encode_images"}
+        out.details["gpu_sam_encode_ms"] = {
+            **common, "times_s": times, "input": list(pixels.shape), "how": "ReasonSegmenter.encode_images",
+            "compile_sam": {
+                "ms": 1e3 * median(compiled_times), "times_s": compiled_times, "first_call_s": first_s,
+                "compiled": still_compiled, "max_abs_difference": difference, "max_abs_eager": scale,
+                "how": "the same call with --compile_sam (model.sam_compile: the blocks compiled, inductor); "
+                       "compiled False: compiling failed and it ran eagerly"}}
 
     def prefill() -> None:
         inputs = vlm_inputs(request_batch(model, [image], [question]))

@@ -1,0 +1,68 @@
+"""SAM's image encoder compiled block by block (``--compile_sam``), the eager encoder its fallback.
+
+Each block's ``forward`` becomes ``torch.compile(block.forward)`` kept on the block instance. No
+module is wrapped or replaced, so module and parameter names, ``state_dict()``, strict loading of
+official checkpoints and training checkpoints are unchanged, and deleting the attribute gives the
+eager block back. Dynamo keys its cache on the code and treats a module's parameters as graph
+inputs, so all window blocks share one graph and all global blocks another: ViT-H compiles two
+graphs per batch size, not 32 (``tests/test_sam_compile.py`` counts them). SAM's input is always
+S x S, hence ``dynamic=False``; each new batch size compiles once more.
+
+The first call of a shape pays the compile. If compiling fails (no Triton, no C++ compiler, an
+operator the compiler cannot take), the encoder logs a warning and runs eagerly from then on, with
+the same outputs. The speed-up on a GPU has not been measured yet (``tools/bench_sam_encoder.py``
+times the same per-block compile against the eager SDPA encoder and the floor).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def _blocks(image_encoder: nn.Module) -> nn.ModuleList:
+    blocks = getattr(image_encoder, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"expected a SAM ImageEncoderViT (with .blocks), got {type(image_encoder).__name__}")
+    return blocks
+
+
+def compile_image_encoder(image_encoder: nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
+    """Compile every block of ``image_encoder`` (``sam.image_encoder``) in place; see the module
+    docstring. ``backend`` and ``mode`` go to ``torch.compile``."""
+    blocks = _blocks(image_encoder)
+    for block in blocks:
+        eager_forward = type(block).forward.__get__(block)
+        block.forward = torch.compile(eager_forward, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+    logger.info("SAM's image encoder: %d blocks compiled (%s); the first batch of each size pays the compile",
+                len(blocks), backend)
+
+
+def uncompile_image_encoder(image_encoder: nn.Module) -> None:
+    """Give every block its eager ``forward`` back."""
+    for block in _blocks(image_encoder):
+        block.__dict__.pop("forward", None)
+
+
+def image_encoder_is_compiled(image_encoder: nn.Module) -> bool:
+    """Whether :func:`compile_image_encoder` is in effect."""
+    return any("forward" in block.__dict__ for block in _blocks(image_encoder))
+
+
+def run_image_encoder(image_encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``image_encoder(pixels)``: [B, 3, S, S] -> [B, P, S/16, S/16]. A compiled encoder that cannot
+    be compiled warns once and runs eagerly from then on."""
+    if not image_encoder_is_compiled(image_encoder):
+        return image_encoder(pixels)
+    try:
+        return image_encoder(pixels)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        cause = getattr(error, "inner_exception", None) or error  # the backend's own error
+        logger.warning("compiling SAM's image encoder failed (%s: %s); running it eagerly from now on",
+                       type(cause).__name__, str(cause).strip().splitlines()[0] if str(cause).strip() else "")
+        uncompile_image_encoder(image_encoder)
+        return image_encoder(pixels)
