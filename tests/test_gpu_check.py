@@ -55,14 +55,15 @@ def _fake_train_run(runs, logs, peaks_by_batch, step_s_by_batch, out_of_memory=(
     def stage(name, command):
         batch = int(command[command.index("--batch_size") + 1])
         checkpointing = "--gradient_checkpointing" in command
-        calls.append((batch, checkpointing))
+        compiled = "--compile_sam" in command
+        calls.append((batch, checkpointing) + (("compile_sam",) if compiled else ()))
         if (batch, checkpointing) in out_of_memory:
             (logs / f"{name}.log").write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
             return Stage(name, ok=False, detail="exit code 1; log ...")
         run = runs / command[command.index("--exp_name") + 1]
         run.mkdir(parents=True)
         peak = peaks_by_batch[batch] * (0.8 if checkpointing else 1.0)
-        step_s = step_s_by_batch[batch] * (3.0 if checkpointing else 1.0)
+        step_s = step_s_by_batch[batch] * (3.0 if checkpointing else 0.9 if compiled else 1.0)
         records = [{"kind": "train", "step": step, "samples": batch, "image_tokens_mean": 391.0,
                     "step_seconds": step_s * (5.0 if step == 1 else 1.0 + 0.01 * step), "peak_gpu_memory_gb": peak}
                    for step in range(1, 7)]
@@ -81,13 +82,15 @@ def test_train_rows_from_the_training_loops_metrics(tmp_path):
     # Peaks of 20 and 30 GB at batch 2 and 4: batch 8 (about 50 GB) runs, 16 (about 90 GB) is skipped.
     stage, calls = _fake_train_run(runs, logs, {2: 20.0, 4: 30.0, 8: 50.0, 16: 90.0}, {2: 0.2, 4: 0.3, 8: 0.5})
     measured = measure_train_rows(stage, ["train_ddp.py"], runs, logs, warmup=1)
-    assert calls == [(2, False), (2, True), (4, False), (8, False)]
+    # ... then batch 2 again with --compile_sam, to decide that flag's default.
+    assert calls == [(2, False), (2, True), (4, False), (8, False), (2, False, "compile_sam")]
     values = measured["values"]
     # The median of steps 2-6 (the slow first step left out; the validation record ignored).
     assert values["gpu_train_step_b2_s"] == pytest.approx(0.2 * 1.04)
     assert values["gpu_train_peak_gb_b2"] == 20.0 and values["gpu_train_peak_gb_b2_ckpt"] == pytest.approx(16.0)
     assert values["gpu_train_samples_per_s_best"] == pytest.approx(8 / (0.5 * 1.04))
     assert measured["details"]["gpu_train_samples_per_s_best"]["best_batch_size"] == 8
+    assert measured["details"]["gpu_train_step_b2_s"]["with_compile_sam_step_s"] == pytest.approx(0.9 * 0.2 * 1.04)
     assert measured["runs"]["not_measured"]["b16"].startswith("skipped: about 90 GB")
     assert measured["errors"] == {}
 
@@ -99,7 +102,7 @@ def test_train_rows_stop_at_the_first_batch_out_of_memory(tmp_path):
     logs.mkdir()
     stage, calls = _fake_train_run(runs, logs, {2: 30.0}, {2: 0.4}, out_of_memory={(4, False)})
     measured = measure_train_rows(stage, ["train_ddp.py"], runs, logs, warmup=1)
-    assert calls == [(2, False), (2, True), (4, False)]
+    assert calls == [(2, False), (2, True), (4, False), (2, False, "compile_sam")]
     assert measured["runs"]["not_measured"] == {"b4": "out of memory", "b8": "skipped: batch 4 ran out of memory",
                                                 "b16": "skipped: batch 4 ran out of memory"}
     assert measured["values"]["gpu_train_samples_per_s_best"] == pytest.approx(2 / (0.4 * 1.04))
@@ -108,7 +111,7 @@ def test_train_rows_stop_at_the_first_batch_out_of_memory(tmp_path):
     logs2.mkdir()
     stage, calls = _fake_train_run(runs2, logs2, {2: 25.0}, {2: 0.4}, out_of_memory={(2, False)})
     measured = measure_train_rows(stage, ["train_ddp.py"], runs2, logs2, warmup=1)
-    assert calls == [(2, False), (2, True)]
+    assert calls == [(2, False), (2, True)]  # no --compile_sam run without a batch-2 run to compare with
     assert measured["values"] == {"gpu_train_peak_gb_b2_ckpt": pytest.approx(20.0)}
     assert measured["errors"]["gpu_train_step_b2_s"] == "run b2: out of memory"
 
@@ -126,10 +129,11 @@ def test_gpu_check_tiny_train_rows_run_train_ddp(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
     assert [stage["name"] for stage in summary["stages"]] == [
-        "write_inputs", "train_rows_b2", "train_rows_b2_ckpt", "train_rows_b4", "train_rows_b8", "train_rows_b16"]
+        "write_inputs", "train_rows_b2", "train_rows_b2_ckpt", "train_rows_b4", "train_rows_b8", "train_rows_b16",
+        "train_rows_b2_compile_sam"]
     assert summary["ok"] and "gpu_rows" not in summary  # tiny models on a CPU are not GPU rows
     check = summary["train_rows_code_path_check"]
-    assert set(check["runs"]["measured"]) == {"b2", "b2_ckpt", "b4", "b8", "b16"}
+    assert set(check["runs"]["measured"]) == {"b2", "b2_ckpt", "b4", "b8", "b16", "b2_compile_sam"}
     assert all(figures["samples_per_step"] == int(name[1:].split("_")[0])
                for name, figures in check["runs"]["measured"].items())
     assert set(check["values"]) == {"gpu_train_step_b2_s", "gpu_train_samples_per_s_best"}  # no peak without CUDA

@@ -22,7 +22,7 @@ What it does, as a user would, each entry point in its own process:
 
 With ``--train_rows`` it runs, instead of 3-5, ``train_ddp.py`` alone at issue 12's batch (640x480
 photographs x 3 questions) at batch 2, batch 2 with gradient checkpointing, then 4, 8 and 16 while
-the peak stays within 80 GB, and reads the keyed training rows (step time, best samples/s, peak
+the peak stays within 80 GB, batch 2 again with ``--compile_sam``, and reads the keyed training rows (step time, best samples/s, peak
 memory with and without checkpointing) from each run's ``metrics.jsonl``: the training loop's own
 timing (data wait included) and ``torch.cuda.max_memory_allocated``, the first steps left out.
 
@@ -492,14 +492,36 @@ def train_step_figures(metrics: Path, warmup: int) -> dict:
             "image_tokens_mean": statistics.mean(r.get("image_tokens_mean", 0) for r in timed)}
 
 
-def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: int) -> dict:
+def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: int, compile_sam: bool = True) -> dict:
     """Issue 12's training rows through ``train_ddp.py``: one run per :data:`TRAIN_ROW_RUNS`
     entry (``stage(name, command)`` runs it), larger batches while the peak is expected to fit
     :data:`TRAIN_ROW_MEMORY_LIMIT_GB`. Returns ``{"values", "details", "counts", "errors"}`` as
     :func:`tools.bench.gpu_rows.gpu_rows` takes them, and ``"runs"``: each run's figures, or why
-    it has none (out of memory, skipped, failed)."""
+    it has none (out of memory, skipped, failed). ``compile_sam``: one more run at batch 2 with
+    ``--compile_sam`` (in ``"runs"`` and the step row's details, not a row of its own)."""
     figures: dict[str, dict] = {}
     errors: dict[str, str] = {}
+
+    def run(name: str, batch_size: int, *flags: str) -> bool:
+        """One train_ddp.py run into ``figures[name]`` (or ``errors[name]``); False: out of memory."""
+        launcher, script = base[:base.index("train_ddp.py")], base[base.index("train_ddp.py"):]
+        command = [*launcher, "--master_port", str(_free_port()), *script, "--batch_size", str(batch_size),
+                   "--exp_name", f"train_rows_{name}", *flags]
+        result = stage(f"train_rows_{name}", command)
+        if not result.ok:
+            log = logs / f"train_rows_{name}.log"
+            out_of_memory = log.is_file() and "CUDA out of memory" in log.read_text(errors="replace")
+            result.extra["out_of_memory"] = out_of_memory
+            errors[name] = "out of memory" if out_of_memory else result.detail.splitlines()[0]
+            return not out_of_memory
+        try:
+            figures[name] = result.extra["figures"] = train_step_figures(
+                runs / f"train_rows_{name}" / "metrics.jsonl", warmup)
+        except (OSError, ValueError, KeyError) as error:
+            result.ok, result.detail = False, f"no timing: {type(error).__name__}: {error}"
+            errors[name] = result.detail
+        return True
+
     larger_plain_skipped = ""  # why larger batches without checkpointing are not run
     for name, batch_size, checkpointing in TRAIN_ROW_RUNS:
         if not checkpointing:
@@ -513,29 +535,16 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
             if larger_plain_skipped:
                 errors[name] = f"skipped: {larger_plain_skipped}"
                 continue
-        launcher, script = base[:base.index("train_ddp.py")], base[base.index("train_ddp.py"):]
-        command = [*launcher, "--master_port", str(_free_port()), *script, "--batch_size", str(batch_size),
-                   "--exp_name", f"train_rows_{name}",
-                   "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing"]
-        result = stage(f"train_rows_{name}", command)
-        if not result.ok:
-            log = logs / f"train_rows_{name}.log"
-            out_of_memory = log.is_file() and "CUDA out of memory" in log.read_text(errors="replace")
-            result.extra["out_of_memory"] = out_of_memory
-            errors[name] = "out of memory" if out_of_memory else result.detail.splitlines()[0]
-            if out_of_memory and not checkpointing:  # checkpointing may still fit
-                larger_plain_skipped = f"batch {batch_size} ran out of memory"
+        fitted = run(name, batch_size, "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing")
+        if checkpointing:  # checkpointing may fit where the plain run did not: it ends nothing
             continue
-        try:
-            figures[name] = train_step_figures(runs / f"train_rows_{name}" / "metrics.jsonl", warmup)
-        except (OSError, ValueError, KeyError) as error:
-            result.ok, result.detail = False, f"no timing: {type(error).__name__}: {error}"
-            errors[name] = result.detail
-            continue
-        result.extra["figures"] = figures[name]
-        peak = figures[name]["peak_gb"]
-        if not checkpointing and peak is not None and peak > TRAIN_ROW_MEMORY_LIMIT_GB:
+        peak = figures.get(name, {}).get("peak_gb")
+        if not fitted:
+            larger_plain_skipped = f"batch {batch_size} ran out of memory"
+        elif peak is not None and peak > TRAIN_ROW_MEMORY_LIMIT_GB:
             larger_plain_skipped = f"batch {batch_size} peaked at {peak:.0f} GB, over {TRAIN_ROW_MEMORY_LIMIT_GB:.0f} GB"
+    if compile_sam and "b2" in figures:  # --compile_sam against the default, to decide its default
+        run("b2_compile_sam", 2, "--no-gradient_checkpointing", "--compile_sam")
     common = {"how": "train_ddp.py under torchrun --nproc_per_node=1, bf16, default LoRA + [SEG] rows; "
                      "metrics.jsonl's step_seconds (data wait included) and peak_gpu_memory_gb "
                      f"(torch.cuda.max_memory_allocated), steps after the first {warmup}",
@@ -546,6 +555,8 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
     if "b2" in figures:
         values["gpu_train_step_b2_s"] = figures["b2"]["step_s"]
         details["gpu_train_step_b2_s"] = {**common, **figures["b2"]}
+        if "b2_compile_sam" in figures:
+            details["gpu_train_step_b2_s"]["with_compile_sam_step_s"] = figures["b2_compile_sam"]["step_s"]
         if figures["b2"]["peak_gb"] is not None:
             values["gpu_train_peak_gb_b2"] = figures["b2"]["peak_gb"]
             details["gpu_train_peak_gb_b2"] = {**common, **figures["b2"]}
