@@ -22,9 +22,10 @@ What it does, as a user would, each entry point in its own process:
 
 With ``--train_rows`` it runs, instead of 3-5, ``train_ddp.py`` alone at issue 12's batch (640x480
 photographs x 3 questions) at batch 2, batch 2 with gradient checkpointing, then 4, 8 and 16 while
-the peak stays within 80 GB, batch 2 again with ``--compile_sam``, and reads the keyed training rows (step time, best samples/s, peak
-memory with and without checkpointing) from each run's ``metrics.jsonl``: the training loop's own
-timing (data wait included) and ``torch.cuda.max_memory_allocated``, the first steps left out.
+the peak stays within 80 GB, and batch 2 again with ``--compile_sam``. It reads the keyed training
+rows (step time, best samples/s, peak memory with and without checkpointing) from each run's
+``metrics.jsonl``: the training loop's own timing (data wait included) and
+``torch.cuda.max_memory_allocated``, the first steps left out.
 
 Per stage it records wall time, peak GPU memory (``nvidia-smi``'s device total, sampled every
 0.2 s, minus the value before the stage) and peak host memory (the summed PSS of the stage's
