@@ -18,9 +18,10 @@ the bias is not zero; random 1024x1024 inputs):
    (efficient, cuDNN, flash where the mode allows it): median of ``--repeats`` runs after warm-up,
    synchronised, peak memory, max abs difference and relative error against the official bf16
    output and against the float32 output;
-5. ``torch.compile``s the fastest eager SDPA variant (per block by default: one graph for the
-   window blocks and one for the global blocks, reused by all 32; ``--compile-scope encoder`` for
-   the whole encoder) and times it the same way; compile time (first call) reported apart;
+5. ``torch.compile``s the fastest eager SDPA variant (per block by default, as ``--compile_sam``
+   does: one graph for the window blocks and one for the global blocks, reused by all 32;
+   ``--compile-scope encoder`` for the whole encoder) and times it the same way; compile time
+   (first call) reported apart;
 6. profiles one batch-1 call of the official encoder, of each mode with the default dispatch (which
    attention kernel it gets), of the fastest eager variant and of the compiled one (top GPU kernels).
 
@@ -52,6 +53,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from model.sam import SAM_VARIANTS, build_sam  # noqa: E402
+from model.sam_compile import compile_image_encoder, uncompile_image_encoder  # noqa: E402
 from model.sam_attention import (  # noqa: E402
     DEFAULT_REL_POS_MODE,
     REL_POS_MODES,
@@ -415,9 +417,8 @@ def main(argv=None) -> int:
             continue
         torch._dynamo.reset()
         set_mode(mode)
-        if args.compile_scope == "blocks":
-            for blk in enc.blocks:
-                blk.compile(mode=args.compile_mode, dynamic=False)
+        if args.compile_scope == "blocks":  # as --compile_sam does
+            compile_image_encoder(enc, mode=args.compile_mode)
             module = enc
         else:
             module = torch.compile(enc, mode=args.compile_mode, dynamic=False)
@@ -452,8 +453,7 @@ def main(argv=None) -> int:
                 with torch.no_grad(), backend_context(backend):
                     report["profiles"][name] = kernel_profile(lambda: module(x), device)
         if args.compile_scope == "blocks":  # back to eager blocks for what follows
-            for blk in enc.blocks:
-                blk._compiled_call_impl = None
+            uncompile_image_encoder(enc)
         torch._dynamo.reset()
 
     # 7. kernel profiles (batch 1): which kernels each default dispatch picks, where the time goes
