@@ -16,7 +16,8 @@ Modes (``decoding=``, see :data:`DECODING_MODES`)
   (batch size, cache length) pays the compile (:attr:`GreedyDecoder.compile_seconds`); a process
   that answers many requests pays it once per shape, and cache lengths are rounded up to
   :data:`CACHE_LENGTH_STEP` so there are few shapes. A compile failure falls back to ``"eager"``
-  with a warning.
+  with a warning; a shape beyond :data:`MAX_COMPILED_SHAPES` decodes eagerly (the shapes already
+  compiled stay compiled).
 * ``"eager"``: the same loop and maths without compiling (what a CPU runs).
 * ``"transformers"``: transformers' ``generate`` with its dynamic cache: the reference the tests
   compare against, and the path for options this loop does not take (sampling, beams).
@@ -35,9 +36,10 @@ Follow-up questions (:class:`PrefixCache`)
 ------------------------------------------
 A request of one image is ``system + image + question``. The keys and values of everything up
 to the last image token do not depend on the question, so they are kept (with the row's
-``rope_delta``), keyed by a hash of exactly those tokens and the image's patches. A next question
-about the same image copies them into the cache and runs the language model only over the
-question's tokens: neither the vision tower nor the image's hundreds of tokens run again.
+``rope_delta``), keyed by a hash of exactly those tokens and the image's patches, and by the
+model's dtype and device. A next question about the same image copies them into the cache and
+runs the language model only over the question's tokens: neither the vision tower nor the image's
+hundreds of tokens run again.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ DECODING_MODES: tuple[str, ...] = ("auto", "compiled", "eager", "transformers")
 CACHE_LENGTH_STEP = 256
 """Static caches are sized in multiples of this many tokens, so that prompts of different lengths
 share a compiled step (each distinct (batch, length) shape is compiled once)."""
+MAX_COMPILED_SHAPES = 64
+"""Compiled variants of the decoding step (one per (batch, cache length) shape, over every decoder
+of the process) before new shapes decode eagerly. torch's own limit (``recompile_limit``, 8) would
+make the ninth shape fail to compile; each variant costs its compile time and, on CUDA, its graph."""
 
 
 def resolve_decoding(mode: str, device: torch.device) -> str:
@@ -170,6 +176,7 @@ class GreedyDecoder:
         self.max_caches = max_caches
         self.sync_every = sync_every
         self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.eager_shapes: set[tuple[int, int]] = set()  # met beyond MAX_COMPILED_SHAPES
         self._caches: OrderedDict[tuple, object] = OrderedDict()
         self._compiled_step: Callable | None = None
 
@@ -237,7 +244,9 @@ class GreedyDecoder:
         prefix_length = image_prefix_length(inputs) if reusable else 0
         key = None
         if prefix_length:
+            # With the model's dtype and device: a prefix computed before a model.to(...) fits no cache of it.
             key = tensor_key(inputs["input_ids"][:, :prefix_length], inputs["pixel_values"], inputs.get("image_grid_thw"))
+            key += f"|{self.lm.dtype}|{inputs['input_ids'].device}"
             prefix = prefix_cache.get(key)
             if prefix is not None and prefix.length < inputs["input_ids"].shape[1]:
                 return self._prefill_after(prefix, inputs, attention_mask, cache), prefix.rope_delta, True
@@ -286,19 +295,19 @@ class GreedyDecoder:
         return self.lm.lm_head(hidden).float(), hidden
 
     def _decode_step(self, token, positions, attention_mask, cache):
-        if not self.compiled:
+        shape = tuple(attention_mask.shape)
+        if not self.compiled or shape in self.eager_shapes:
             return self._forward_step(token, positions, attention_mask, cache)
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        shape = tuple(attention_mask.shape)
         # The previous step's outputs are dead (copied out): the next replay may reuse their memory.
         torch.compiler.cudagraph_mark_step_begin()
-        if shape in self.compile_seconds:
+        if shape in self.compile_seconds:  # compiled already: no recompile, so no limit to lift
             return self._compiled_step(token, positions, attention_mask, cache)
         logger.info("compiling the decoding step for batch %d, cache %d (once per shape; --decoding eager skips it)", *shape)
         start = time.perf_counter()
         try:
-            logits, hidden = self._compiled_step(token, positions, attention_mask, cache)
+            logits, hidden = self._run_compiled(shape, token, positions, attention_mask, cache)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             logger.warning("compiling the decoding step failed (%s: %s); decoding eagerly from now on",
                            type(error).__name__, error)
@@ -306,9 +315,27 @@ class GreedyDecoder:
             raise _CompileFailed from error
         if token.device.type == "cuda":
             torch.cuda.synchronize(token.device)
-        self.compile_seconds[shape] = time.perf_counter() - start
-        logger.info("compiled the decoding step for batch %d, cache %d in %.1f s", *shape, self.compile_seconds[shape])
+        if shape not in self.eager_shapes:
+            self.compile_seconds[shape] = time.perf_counter() - start
+            logger.info("compiled the decoding step for batch %d, cache %d in %.1f s", *shape, self.compile_seconds[shape])
         return logits, hidden
+
+    def _run_compiled(self, shape, token, positions, attention_mask, cache):
+        """The compiled step's first call for ``shape`` (it compiles); past
+        :data:`MAX_COMPILED_SHAPES` variants, ``shape`` runs eagerly."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            # A new shape is a recompile: allow one per shape we are willing to compile.
+            with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+                return self._compiled_step(token, positions, attention_mask, cache)
+        except FailOnRecompileLimitHit:  # raised before the step ran: nothing was written to the cache
+            logger.warning(
+                "the decoding step is compiled for %d shapes already (MAX_COMPILED_SHAPES); batch %d, cache %d "
+                "decodes eagerly", MAX_COMPILED_SHAPES, *shape,
+            )
+            self.eager_shapes.add(shape)
+            return self._forward_step(token, positions, attention_mask, cache)
 
     @staticmethod
     def _choose(logits, prompt_ids, generated, logits_processor) -> torch.Tensor:

@@ -131,6 +131,12 @@ class FeatureCache:
         the cache."""
         if self._model is not None:
             raise RuntimeError("this FeatureCache is already attached to a model")
+        if getattr(model.__dict__.get("encode_images"), "feature_cache", None) is not None:
+            # Detaching either of two stacked caches would unhook the other one too.
+            raise RuntimeError(
+                "the model already has a FeatureCache attached (another InferenceSession?); close that "
+                "session (or detach that cache) first: one at a time per model"
+            )
         self._saved_encode = model.__dict__.get("encode_images", _MISSING)
         model.encode_images = self._wrap_encode(model.encode_images)
         self._model = model
@@ -194,6 +200,7 @@ class FeatureCache:
                             self._sam.put(key, embedding.clone())  # not a view that keeps the whole batch alive
                 return torch.stack([found[key] for key in keys])
 
+        encode_images.feature_cache = self  # marks the model as taken (see attach)
         return encode_images
 
     def _wrap_vision(self, forward: Callable) -> Callable:

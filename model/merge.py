@@ -79,6 +79,7 @@ def check_lora_overrides(settings: dict, overrides: dict) -> dict:
             continue
         saved = settings.get(name)
         if name == "target_modules":
+            value = [module.strip() for module in value if module.strip()]  # "q_proj, v_proj" as typed
             same = saved is not None and sorted(value) == sorted(saved if isinstance(saved, list) else [saved])
         else:
             same = saved is not None and float(value) == float(saved)

@@ -7,9 +7,9 @@ The language model's final hidden state (after its last norm) *at the position o
 teacher-forced evaluation read it from the full forward pass (a hook on the final norm,
 :class:`FinalHiddenStates`); generation reads it from the KV-cache decoding step that consumes the
 ``[SEG]`` just produced (:mod:`model.decoding` takes the language model's post-norm output of that
-step; transformers' ``generate`` goes through the same hook). Tests check that all give the same
-vectors. Generation runs one decoding step past the last kept token so that a ``[SEG]`` produced
-last still has its state.
+step; transformers' ``generate`` goes through the same hook, and after a beam search one forward
+over the answers kept does). Tests check that all give the same vectors. Generation runs one
+decoding step past the last kept token so that a ``[SEG]`` produced last still has its state.
 
 Shapes: B images, T tokens, H text hidden size, P SAM prompt size, S SAM input side,
 n_i masks for image i, N masks in the batch.
@@ -285,6 +285,7 @@ class ReasonSegmenter(nn.Module):
             from .seg_rows import use_row_sparse_trainable_tokens
 
             vlm = PeftModel.from_pretrained(vlm, directory / config.adapter_path, is_trainable=is_trainable)
+            _check_adapter_loaded(vlm, directory / config.adapter_path, vlm_path)
             use_row_sparse_trainable_tokens(vlm)
         if (directory / SAM_WEIGHTS).is_file():
             sam_file = directory / SAM_WEIGHTS
@@ -534,8 +535,18 @@ class ReasonSegmenter(nn.Module):
             prefix_cache: a one-request batch reuses (and stores) its image prefix's keys and
                 values there (follow-up questions about the same image).
             generate_kwargs: ``logits_processor`` works in every mode; anything else (sampling,
-                beams) is passed to transformers' ``generate``, which then decodes.
+                beams) is passed to transformers' ``generate``, which then decodes (one answer per
+                request: ``num_return_sequences`` must be 1).
+        Raises:
+            ValueError: a batch that is not left-padded, or ``num_return_sequences`` > 1.
         """
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            # A right-padded row would go on after its padding: a silently wrong answer.
+            raise ValueError(
+                "generate needs a left-padded batch (every prompt ending at the last column); "
+                'build it with collate(..., padding_side="left")'
+            )
         mode = resolve_decoding(decoding, self.device)
         if set(generate_kwargs) - {"logits_processor"}:
             mode = "transformers"
@@ -581,18 +592,36 @@ class ReasonSegmenter(nn.Module):
     def _generate_with_transformers(self, inputs: dict, max_new_tokens: int, generate_kwargs: dict) -> tuple:
         """transformers' ``generate`` -> ([B, N] tokens, [B, N' + 1, H] states: the prompt's last,
         then those of the consumed tokens, as :class:`model.decoding.Decoded` has them)."""
-        prompt_length = inputs["input_ids"].shape[1]
-        with self.hidden_states.capture() as captured:
-            sequences = self.vlm.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens + 1,  # one step past the limit: a last [SEG] gets its state
-                do_sample=False,
-                pad_token_id=self.processor.tokenizer.pad_token_id,
-                **generate_kwargs,
+        if generate_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError(
+                f"num_return_sequences={generate_kwargs['num_return_sequences']}: generate gives one answer per "
+                "request; leave it out (sample several answers with separate calls and do_sample=True)"
             )
-        # Step 0 runs the prompt; the state of generated token j comes from step j + 1.
-        states = torch.cat([step[:, -1:] for step in captured], dim=1)
-        return sequences[:, prompt_length : prompt_length + max_new_tokens], states
+        rows, prompt_length = inputs["input_ids"].shape
+        options = {"do_sample": False, "pad_token_id": self.processor.tokenizer.pad_token_id, **generate_kwargs}
+        with self.hidden_states.capture() as captured:
+            # One step past the limit: a last [SEG] gets its state.
+            sequences = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens + 1, **options)
+        tokens = sequences[:, prompt_length : prompt_length + max_new_tokens]
+        # Greedy and sampled decoding run each row once a token: step 0 runs the prompt, and the state
+        # of generated token j comes from step j + 1. Beam search runs (and reorders) several
+        # hypotheses per row: their states are recomputed from the answers kept.
+        if all(len(step) == rows for step in captured) and all(step.shape[1] == 1 for step in captured[1:]):
+            return tokens, torch.cat([step[:, -1:] for step in captured], dim=1)
+        return tokens, self._answer_states(inputs, tokens)
+
+    def _answer_states(self, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N + 1, H] final states of one forward over left-padded prompts [B, T] followed by
+        their answers ``tokens`` [B, N]: the prompts' last, then those of the answer tokens."""
+        prompt_length = inputs["input_ids"].shape[1]
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], tokens], dim=1))
+        attention_mask = inputs["attention_mask"]
+        full["attention_mask"] = torch.cat([attention_mask, torch.ones_like(tokens, dtype=attention_mask.dtype)], dim=1)
+        if inputs.get("mm_token_type_ids") is not None:  # answer tokens are text
+            full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, tokens.shape[1]))
+        with self.hidden_states.capture() as captured:
+            self.vlm(**full, logits_to_keep=1)
+        return captured[-1][:, prompt_length - 1 :]
 
     def _decoder(self, mode: str) -> GreedyDecoder:
         """The decoder of ``mode`` (kept: its static caches and compiled step are reused)."""
@@ -695,6 +724,25 @@ def cast_for_run(
         if param.dtype != wanted:
             param.data = param.data.to(wanted)
     return model
+
+
+def _check_adapter_loaded(vlm: nn.Module, adapter_dir: Path, base_model: str | os.PathLike) -> None:
+    """Raise ValueError when tensors of the adapter at ``adapter_dir`` found no layer in ``vlm``.
+
+    peft skips such tensors without a word (e.g. the LoRA of layers a smaller base model lacks),
+    and the model would run, and merge, without them.
+    """
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    # The loaded model's adapter state, named as in the file (what saving it again would write).
+    loaded = get_peft_model_state_dict(vlm)
+    unused = sorted(set(load_peft_weights(str(adapter_dir), device="cpu")) - set(loaded))
+    if unused:
+        raise ValueError(
+            f"{len(unused)} tensors of the adapter in {adapter_dir} have no layer in the base model {base_model} "
+            f"(e.g. {', '.join(unused[:3])}): it is not the model the checkpoint was trained on; pass that one "
+            "(--base_model)"
+        )
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -310,3 +310,16 @@ def test_report_so_far_after_each_benchmark(smoke):
     assert {row["details"]["benchmark"] for row in partial["rows"]} == {"generation"}
     assert partial["rows"] == report["rows"][:len(partial["rows"])] and len(report["rows"]) > len(partial["rows"])
     assert list(partial["seconds_by_benchmark"]) == ["generation"]
+
+
+def test_report_names_keep_the_two_real_size_halves_apart():
+    from tools.bench.report import default_report_name
+
+    def name(benchmarks):
+        return default_report_name({"date": "2026-12-01T10:00:00+00:00", "gpu": {"name": "NVIDIA H200"},
+                                    "benchmarks": benchmarks})
+
+    assert name(["real_size_inference", "real_size_training"]) == "2026-12-01-h200.json"
+    assert name(["real_size_inference"]) == "2026-12-01-h200-real_size_inference.json"
+    assert name(["real_size_training"]) == "2026-12-01-h200-real_size_training.json"
+    assert name(["generation", "params"]) == "2026-12-01-h200.json"

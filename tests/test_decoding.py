@@ -8,6 +8,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import load_photo
+from model import decoding
 from model.decoding import CACHE_LENGTH_STEP, PrefixCache, resolve_decoding
 from model.image_cache import find_vision_tower
 from model.segmenter import ReasonSegmenter
@@ -123,6 +124,18 @@ def test_prefix_cache_is_bounded_and_only_serves_single_requests(model, photos):
         PrefixCache(max_items=-1)
 
 
+def test_prefix_cache_does_not_serve_a_prefix_across_a_dtype_change(tiny_vlm_dir, photos):
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    cache = PrefixCache()
+    model.predict([photos[0]], ["Where is the dog?"], max_new_tokens=2, decoding="eager", prefix_cache=cache)
+    model.to(torch.bfloat16)
+    [answer] = model.predict([photos[0]], ["And its tail?"], max_new_tokens=2, decoding="eager", prefix_cache=cache)
+    assert cache.stats == {"hits": 0, "misses": 2} and len(answer.token_ids) == 2
+    model.predict([photos[0]], ["And its head?"], max_new_tokens=2, decoding="eager", prefix_cache=cache)
+    assert cache.stats["hits"] == 1, "a follow-up in the new dtype must reuse the prefix of that dtype"
+
+
 def test_compiled_step_equals_eager_and_compiles_once_per_shape(model, photos):
     """torch.compile(fullgraph=True) captures the whole step (no graph break) on every generation."""
     torch._dynamo.reset()
@@ -163,6 +176,35 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_vlm_dir, phot
     assert "no compiler here" in caplog.text
     assert not model._decoders["compiled"].compiled
     assert_same_answers(answers, reference)
+
+
+def test_compiled_decoding_outlives_torchs_recompile_limit(tiny_vlm_dir, photos, monkeypatch, caplog):
+    """Each (batch, cache length) shape is a recompile of the step: past torch's recompile limit
+    decoding stays compiled, and past MAX_COMPILED_SHAPES only the new shape decodes eagerly."""
+    torch._dynamo.reset()
+    compile_ = torch.compile  # dynamo without inductor: the same guards and recompiles, compiled fast
+    monkeypatch.setattr(torch, "compile", lambda function, **_: compile_(function, backend="eager", fullgraph=True, dynamic=False))
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    batch = model.collate([model.prepare(photos[0], [("Where is the dog?", None)])], "left")
+    shapes = torch._dynamo.config.recompile_limit + 1
+
+    def answer(k: int, mode: str = "compiled"):  # k + 1 steps of cache length
+        return model.generate(batch, k * CACHE_LENGTH_STEP + 1, decoding=mode, logits_processor=forced(model, batch))
+
+    for k in range(shapes):
+        answer(k)
+    decoder = model._decoders["compiled"]
+    assert decoder.compiled, "hitting torch's recompile limit turned compiled decoding off"
+    assert len(decoder.compile_seconds) == shapes and not decoder.eager_shapes
+    monkeypatch.setattr(decoding, "MAX_COMPILED_SHAPES", shapes)
+    with caplog.at_level(logging.WARNING, logger="model.decoding"):
+        beyond = answer(shapes)
+    [eager_shape] = decoder.eager_shapes
+    assert eager_shape not in decoder.compile_seconds and f"cache {eager_shape[1]} decodes eagerly" in caplog.text
+    assert_same_answers(beyond, answer(shapes, "eager"))
+    answer(0)  # a compiled shape is still served compiled
+    assert decoder.compiled and len(decoder.compile_seconds) == shapes and len(decoder.eager_shapes) == 1
 
 
 def test_decoding_modes_resolve_by_device():

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import DATA, REPO, load_photo
+from model.decoding import CACHE_LENGTH_STEP
 from model.image_cache import FeatureCache, find_vision_tower
 from model.loading import ModelLoadError, load_segmenter, quantization_config
 from model.segmenter import ReasonSegmenter
@@ -258,6 +259,28 @@ def test_the_same_image_is_encoded_once(tiny_segmenter_dir):
     assert "encode_images" not in model.__dict__ and "forward" not in find_vision_tower(model.vlm).__dict__
     model.predict([load_photo("dog.jpg")], ["Where is the dog?"], 2)
     assert (len(sam_calls), len(vision_calls)) == (6, 6)
+
+
+def test_one_feature_cache_per_model_at_a_time(model):
+    """Two sessions' caches on one model would unhook each other on close: the second is refused."""
+    first = InferenceSession(model, max_new_tokens=2)
+    try:
+        with pytest.raises(RuntimeError, match="already has a FeatureCache attached.*close that session"):
+            InferenceSession(model, max_new_tokens=2)
+    finally:
+        first.close()
+    second = InferenceSession(model, max_new_tokens=2)  # once the first is closed
+    try:
+        answers = [second.ask(DOG, "Where is the dog?") for _ in range(2)]
+    finally:
+        second.close()
+    assert [answer.features_reused for answer in answers] == [False, True]
+    assert "encode_images" not in model.__dict__
+
+
+def test_ask_options_override_the_sessions(session):
+    answer = session.ask(DOG, "Where is the dog?", max_new_tokens=3, logits_processor=scripted(session.model, TWO_MASKS))
+    assert len(answer.result.token_ids) == 3 < session.max_new_tokens
 
 
 def test_cache_looks_up_each_image_of_a_batch(model):
@@ -501,13 +524,14 @@ def test_requests_from_many_threads_run_the_model_on_one(session, monkeypatch):
 def test_warm_up_compiles_the_step_a_first_request_then_reuses(tiny_segmenter_dir):
     """tools/app.py warms up on its examples so that no visitor waits for the compile."""
     model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
-    session = InferenceSession(model, max_new_tokens=4, decoding="compiled")
+    # Answers up to a whole cache-length step long: a short warm-up would compile a shorter cache.
+    session = InferenceSession(model, max_new_tokens=CACHE_LENGTH_STEP, decoding="compiled")
     try:
         seconds = session.warm_up(DOG, "Where is the dog?")
         decoder = model._decoders["compiled"]
         assert seconds > 0 and decoder.compiled and len(decoder.compile_seconds) == 1
         compiled_shapes = dict(decoder.compile_seconds)
-        answer = session.ask(DOG, "Where is the dog?")
+        answer = session.ask(DOG, "Where is the dog?", logits_processor=scripted(model, TWO_MASKS))
         assert decoder.compile_seconds == compiled_shapes  # the request compiled nothing
         assert answer.features_reused  # and found the image warmed up
     finally:

@@ -52,6 +52,22 @@ def lora_model(tiny_vlm_dir):
     return ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny", lora=LoraSettings())
 
 
+def teacher_forced(model, image, prompt: str, token_ids: list[int]) -> tuple:
+    """The training forward over one unpadded request and the answer ``token_ids``:
+    (its batch, the VLM output, the [n, H] states standing for the answer's [SEG]s)."""
+    batch = model.collate([model.prepare(image, [(prompt, None)])], padding_side="left")
+    prompt_length = batch["input_ids"].shape[1]
+    tokens = torch.tensor(token_ids)[None]
+    full = dict(batch)
+    full["input_ids"] = torch.cat([batch["input_ids"], tokens], dim=1)
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)], dim=1)
+    full["labels"] = torch.cat([torch.full((1, prompt_length), -100), tokens], dim=1)
+    with torch.no_grad():
+        output, [states] = model.teacher_forced_seg_states(full)
+    return full, output, states
+
+
 def training_batch(model, image):
     mask = rectangle_mask(image.shape[:2], (200, 100, 500, 300), ignore_rows=10)
     first = model.prepare(
@@ -159,18 +175,12 @@ def test_generation_seg_states_equal_teacher_forced_states(tiny_vlm_dir, family,
     assert result.text == answer
     assert len(result.masks) == 2 and result.seg_states.shape == (2, model.config.hidden_size)
     # Teacher-forced pass over exactly the generated sequence.
-    tokens = torch.tensor(result.token_ids + [model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")])
-    full = {k: v for k, v in batch.items()}
-    full["input_ids"] = torch.cat([batch["input_ids"], tokens[None]], dim=1)
-    full["attention_mask"] = torch.ones_like(full["input_ids"])
-    full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)[None]], dim=1)
-    full["labels"] = torch.cat([torch.full((1, prompt_length), -100), tokens[None]], dim=1)
-    with torch.no_grad():
-        output, states = model.teacher_forced_seg_states(full)
-    torch.testing.assert_close(result.seg_states, states[0], rtol=1e-4, atol=1e-4)
+    end_of_turn = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    full, output, states = teacher_forced(model, dog, "Where is the dog?", result.token_ids + [end_of_turn])
+    torch.testing.assert_close(result.seg_states, states, rtol=1e-4, atol=1e-4)
     seg_positions = (full["input_ids"][0] == model.seg_token_id).nonzero()[:, 0]
     expected = output.hidden[0, seg_positions + (-1 if seg_state == "preceding_token" else 0)]
-    torch.testing.assert_close(states[0], expected)
+    torch.testing.assert_close(states, expected)
     assert not torch.allclose(output.hidden[0, seg_positions], output.hidden[0, seg_positions - 1])
 
 
@@ -197,6 +207,49 @@ def test_batched_left_padded_generation_matches_single(lora_model, dog):
         assert joint.text == alone.text == answer
         torch.testing.assert_close(joint.seg_states, alone.seg_states, rtol=1e-4, atol=1e-4)
         assert joint.masks[0].shape == image.shape[:2]
+
+
+def test_beam_search_gives_each_row_the_states_of_its_own_answer(lora_model, dog):
+    """Beam search reorders its hypotheses: each request's [SEG] states are those of its answer."""
+    lora_model.eval()
+    images, prompts = [dog, load_photo("truck.jpg")], ["Where is the dog?", "Find the truck wheel in this picture please."]
+    batch = lora_model.collate([lora_model.prepare(i, [(p, None)]) for i, p in zip(images, prompts)], "left")
+    assert (batch["attention_mask"] == 0).any(), "the batch must exercise left padding"
+    script = forced(lora_model, "Sure, [SEG] and [SEG].", batch["input_ids"].shape[1])
+    results = lora_model.generate(batch, 12, num_beams=3, logits_processor=script)
+    for image, prompt, result in zip(images, prompts, results):
+        assert result.text == "Sure, [SEG] and [SEG]." and len(result.masks) == 2
+        _, _, states = teacher_forced(lora_model, image, prompt, result.token_ids)
+        torch.testing.assert_close(result.seg_states, states, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_return_sequences=2"):
+        lora_model.generate(batch, 12, num_beams=2, num_return_sequences=2)
+
+
+def test_sampling_takes_generate_options_and_its_states_match_its_answer(lora_model, dog):
+    lora_model.eval()
+    tokenizer = lora_model.processor.tokenizer
+    [word] = tokenizer(" and", add_special_tokens=False)["input_ids"]
+    batch = lora_model.collate([lora_model.prepare(dog, [("Where is the dog?", None)])], "left")
+    # Sampling chooses freely between " and" and [SEG] for 8 tokens, then ends the turn.
+    choices = [[word, lora_model.seg_token_id]] * 8 + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    script = LogitsProcessorList([ForcedAnswer(choices, batch["input_ids"].shape[1])])
+    answers = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        [result] = lora_model.generate(batch, 12, do_sample=True, pad_token_id=tokenizer.pad_token_id, logits_processor=script)
+        answers.append(result.token_ids)
+    assert answers[0] == answers[1], "the same seed must sample the same answer"
+    assert set(result.token_ids) == {word, lora_model.seg_token_id}, result.text
+    _, _, states = teacher_forced(lora_model, dog, "Where is the dog?", result.token_ids)
+    assert len(result.masks) == len(states) == result.token_ids.count(lora_model.seg_token_id)
+    torch.testing.assert_close(result.seg_states, states, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_refuses_a_right_padded_batch(lora_model, dog):
+    prompts = ["Where?", "Find the truck wheel in this picture please."]
+    batch = lora_model.collate([lora_model.prepare(dog, [(p, None)]) for p in prompts])  # right padding
+    with pytest.raises(ValueError, match=r'collate\(\.\.\., padding_side="left"\)'):
+        lora_model.generate(batch, 4, decoding="eager")
 
 
 def test_prediction_boxes_come_from_masks(lora_model, dog):

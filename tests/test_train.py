@@ -129,7 +129,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run_under_torchrun(tiny_se
 
     resumed = run(interrupted_cmd, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     final_a = trainable_weights(tmp_path / "straight" / "checkpoint-0000008")
     final_b = trainable_weights(tmp_path / "resumed" / "checkpoint-0000008")
     assert final_a.keys() == final_b.keys()
@@ -168,6 +168,40 @@ def test_missing_version_and_sam_are_named(tmp_path, tiny_vlm_dir):
     assert result.returncode != 0 and "--vision_pretrained is required" in result.stderr
     result = run([sys.executable, "train_ddp.py", "--version", str(tmp_path / "nope"), "--dataset_dir", str(tmp_path)], timeout=60)
     assert result.returncode != 0 and "directory not found" in result.stderr
+
+
+def test_auto_resume_of_a_new_run_needs_vision_pretrained_before_loading(tmp_path, tiny_vlm_dir, capsys):
+    """--auto_resume with nothing to resume yet builds the model from --version and SAM: the same
+    error as without it; once a checkpoint is there (it names its SAM file), SAM is not needed."""
+    from utils.train_args import parse_args
+
+    flags = ["--version", str(tiny_vlm_dir()), "--dataset_dir", str(tmp_path), "--log_base_dir", str(tmp_path),
+             "--exp_name", "run", "--auto_resume"]
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert "--vision_pretrained is required" in capsys.readouterr().err
+    ckpt.begin_checkpoint(tmp_path / "run", 1)
+    ckpt.finish_checkpoint(tmp_path / "run", 1, {"global_step": 1})
+    assert parse_args(flags).vision_pretrained is None
+
+
+def test_save_steps_0_saves_at_the_end_only_and_below_0_is_refused(tiny_segmenter_dir, tmp_path, capsys):
+    from utils.data.builders import build_train_dataset
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    flags = ["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
+             "--dataset_dir", str(small_synthetic_root(tmp_path / "data")), "--log_base_dir", str(tmp_path),
+             "--no_eval", "--workers", "0", "--batch_size", "1", "--steps_per_epoch", "3", "--save_total_limit", "0"]
+    args = parse_args([*flags, "--save_steps", "0"])
+    trainer = Trainer(args, DistInfo(0, 1, 0, torch.device("cpu")), build_train_dataset(args, 3, seed=args.seed), None)
+    trainer.train()
+    trainer.close()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / args.exp_name)] == ["checkpoint-0000003"]
+    with pytest.raises(SystemExit):
+        parse_args([*flags, "--save_steps", "-1"])
+    assert "--save_steps must be at least 0 (0: only at the end), got -1" in capsys.readouterr().err
 
 
 def test_resume_from_an_incompatible_configuration_is_refused(tiny_segmenter_dir, synthetic_root, tmp_path):
@@ -512,3 +546,83 @@ def test_compiled_sam_encoder_trains_as_the_eager_one(tiny_segmenter_dir, synthe
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5, abs=1e-6)
     for name, weight in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_resume_follows_latest_after_a_resume_from_an_earlier_checkpoint(tmp_path, caplog):
+    """A run went to step 4 (best there); it is resumed from step 2 and saves step 3: --auto_resume
+    continues from 3, not from the abandoned 4, which rotation moves aside (with its best) rather
+    than keep as the newest or delete."""
+    run_dir = tmp_path / "run"
+    for step in (2, 4):
+        ckpt.begin_checkpoint(run_dir, step)
+        ckpt.finish_checkpoint(run_dir, step, {"global_step": step})
+    ckpt.mark_best(run_dir, run_dir / "checkpoint-0000004")
+    ckpt.begin_checkpoint(run_dir, 3)
+    current = ckpt.finish_checkpoint(run_dir, 3, {"global_step": 3})
+    assert ckpt.latest_checkpoint(run_dir) == current
+    with caplog.at_level("WARNING"):
+        ckpt.rotate_checkpoints(run_dir, keep_last=1, current=current)
+    assert ckpt.list_checkpoints(run_dir) == [current] and ckpt.latest_checkpoint(run_dir) == current
+    assert ckpt.best_checkpoint(run_dir) is None
+    [aside] = run_dir.glob("abandoned-*")
+    assert ckpt.read_state(aside / "checkpoint-0000004")["global_step"] == 4
+    assert ckpt.best_checkpoint(aside) == aside / "checkpoint-0000004"
+    assert "checkpoint-0000004" in caplog.text and str(aside) in caplog.text
+    (run_dir / ckpt.LATEST_FILE).unlink()  # no pointer: the highest complete checkpoint
+    ckpt.begin_checkpoint(run_dir, 1)
+    ckpt.finish_checkpoint(run_dir, 1, {"global_step": 1})
+    (run_dir / ckpt.LATEST_FILE).write_text("checkpoint-0000009\n")  # names none: the highest as well
+    assert ckpt.latest_checkpoint(run_dir) == current
+
+
+def test_resuming_a_lora_checkpoint_loads_the_base_model_from_version(tiny_vlm_dir, tmp_path):
+    """A cluster job that stages the base model elsewhere resumes with --version naming the new place."""
+    import shutil
+
+    from model.sam import build_sam
+    from utils.train_args import build_parser
+    from utils.trainer import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_sam("tiny").state_dict(), tmp_path / "sam_tiny.pth")
+    base = shutil.copytree(tiny_vlm_dir(), tmp_path / "base")
+    flags = ["--vision_pretrained", str(tmp_path / "sam_tiny.pth"), "--vision_model", "tiny"]
+    model = build_model(build_parser().parse_args(["--version", str(base), *flags]), None, torch.float32, "cpu")
+    model.save_pretrained(tmp_path / "checkpoint", include_sam=False)
+    assert (tmp_path / "checkpoint" / "adapter").is_dir()  # LoRA: the base model is referenced by its path
+    staged = shutil.move(base, tmp_path / "staged")
+    args = build_parser().parse_args(["--version", str(staged), *flags])
+    resumed = build_model(args, tmp_path / "checkpoint", torch.float32, "cpu")
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained.keys() == {n for n, p in resumed.named_parameters() if p.requires_grad}
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_resumed_run_keeps_the_tensorboard_events_of_its_checkpoint_step(tiny_segmenter_dir, tmp_path):
+    """Events of steps after the checkpoint are dropped (the resumed run logs them again), the
+    checkpoint's own step is kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    flags = ["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(tmp_path), "--log_base_dir", str(tmp_path),
+             "--exp_name", "tb", "--no_eval"]
+    trainer = Trainer(parse_args(flags), cpu, None, None)
+    for step in (1, 2, 3):
+        trainer.writer.add_scalar("train/loss", float(step), step)
+        if step == 2:
+            trainer.global_step = 2
+            checkpoint = trainer.save_checkpoint()
+    trainer.close()  # killed after logging step 3, before its checkpoint
+    time.sleep(1.1)  # event files are read in name order, which starts with the second they were made
+    resumed = Trainer(parse_args([*flags, "--resume", str(checkpoint)]), cpu, None, None)
+    resumed.writer.add_scalar("train/loss", 30.0, 3)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]

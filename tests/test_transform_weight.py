@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import DATA, REPO, load_photo
-from model.loading import ModelLoadError, resolve_checkpoint
+from model.loading import ModelLoadError, load_segmenter, resolve_checkpoint
 from model.merge import MergeError, check_lora_overrides, merge_checkpoint
 from model.processor import load_processor
 from model.sam import build_sam
 from model.segmenter import ReasonSegmenter
+from model.tiny import save_tiny_vlm
 from model.vlm import LoraSettings
 from utils.checkpoint import checkpoint_name, mark_best
 
@@ -157,6 +158,7 @@ def test_lora_alpha_flag_overrides_the_scaling_with_a_warning(run, merged, tmp_p
 def test_lora_flags_that_cannot_apply_are_refused(caplog):
     saved = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert check_lora_overrides(saved, {"r": 8, "alpha": 16.0, "target_modules": ["v_proj", "q_proj"]}) == {}
+    assert check_lora_overrides(saved, {"target_modules": "q_proj, v_proj".split(",")}) == {}  # spaces as typed
     with pytest.raises(MergeError, match="--lora_r 16 differs from the checkpoint's 8"):
         check_lora_overrides(saved, {"r": 16})
     with pytest.raises(MergeError, match="--lora_target_modules"):
@@ -204,6 +206,17 @@ def test_clear_errors_for_what_cannot_be_merged(run, tmp_path):
     with pytest.raises(MergeError, match="not a segmenter directory; refusing"):
         merge_checkpoint(run[0] / "run", tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "keep.txt").is_file()
+
+
+def test_a_base_model_without_the_adapters_layers_is_refused(run, tmp_path):
+    """peft skips adapter tensors whose layer the base model lacks; loading and merging must not."""
+    shallow = save_tiny_vlm(tmp_path / "one_layer", num_layers=1, seed=1)  # the checkpoint's has 2
+    expected = r"tensors of the adapter .* have no layer in the base model .*layers\.1\..*--base_model"
+    with pytest.raises(ModelLoadError, match=expected):
+        load_segmenter(run[0] / "run", base_model=shallow, device="cpu")
+    with pytest.raises(MergeError, match=expected):
+        merge_checkpoint(run[0] / "run", tmp_path / "merged", base_model=shallow)
+    assert not (tmp_path / "merged").exists()
 
 
 def test_command_line_errors_are_messages(tmp_path, monkeypatch, capsys):

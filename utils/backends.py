@@ -159,8 +159,11 @@ class DeepSpeedBackend:
 
     The engine counts micro-steps: ``engine.step()`` runs on every one (off the accumulation
     boundary it only counts), and on the boundary it clips, steps the optimizer and the
-    scheduler. Checkpoint: DeepSpeed's own, under ``deepspeed/`` (tag ``state``), without the
-    frozen weights.
+    scheduler. A step is skipped as DDP skips it: the weights and the optimizer state stay, the
+    schedule moves on. DeepSpeed's check for non-finite gradients does the skipping (a config
+    without it is refused, see :func:`read_deepspeed_config`): a non-finite loss is made to give
+    non-finite gradients. In fp16 that also lowers the loss scale, as an overflow does.
+    Checkpoint: DeepSpeed's own, under ``deepspeed/`` (tag ``state``), without the frozen weights.
     """
 
     name = "DeepSpeed"
@@ -186,20 +189,25 @@ class DeepSpeedBackend:
         return nullcontext()  # the engine skips the all-reduce off the boundary itself
 
     def backward(self, loss: torch.Tensor, num_micro: int, final: bool) -> None:
+        if not torch.isfinite(loss):
+            # Its gradients may still be finite (a NaN term without parameters): ZeRO reduces them
+            # into its own buffers, out of reach, so they are made non-finite for the overflow
+            # check to reject the step, on every rank.
+            loss = loss * float("nan")
         # The engine divides by its accumulation steps (and, in fp16, multiplies by its loss scale).
         self.engine.backward(loss)
         if not final:
             self.engine.step()  # off the boundary: counts the micro-step
 
     def step(self, skip: bool) -> tuple[float, bool]:
-        if skip:
-            # DeepSpeed's boundary step cannot be skipped without shifting its micro-step
-            # count, so the step runs on zeroed gradients (the AdamW moments still decay).
-            self.engine.zero_grad()
-        self.engine.step()  # the boundary micro-step: clip, optimizer step, scheduler step
-        overflow = not skip and not self.engine.was_step_applied()  # fp16: DeepSpeed skipped it
-        norm = self.engine.get_global_grad_norm()
-        return (float(norm) if norm is not None and not overflow else 0.0), overflow
+        # The boundary micro-step: clip, then optimizer and scheduler step unless the gradients are
+        # non-finite (a non-finite loss, see backward, or an fp16 overflow).
+        self.engine.step()
+        if self.engine.was_step_applied():
+            norm = self.engine.get_global_grad_norm()
+            return (float(norm) if norm is not None else 0.0), False
+        self.engine.lr_scheduler.step()  # DeepSpeed leaves the schedule alone; DDP's moves on every step
+        return 0.0, not skip
 
     @property
     def lr(self) -> float:
@@ -232,14 +240,44 @@ def deepspeed_config(
     precision: str,
 ) -> dict:
     """The DeepSpeed config file at ``path`` with the run's batch, clipping and precision set."""
-    config = json.loads(Path(path).read_text())
+    config = read_deepspeed_config(path, device, precision)
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_accumulation_steps"] = accumulation
     config["train_batch_size"] = micro_batch_size * accumulation * world_size
     config["gradient_clipping"] = max_grad_norm
     config.setdefault("zero_allow_untested_optimizer", True)
-    deepspeed_precision_config(config, device, precision)  # bf16, or fp16 with DeepSpeed's loss scaling
     return config
 
 
-__all__ = ["DDPBackend", "DeepSpeedBackend", "LOSS_SCALER_FILE", "TrainingBackend", "deepspeed_config"]
+def read_deepspeed_config(path: str | Path, device: torch.device, precision: str) -> dict:
+    """The DeepSpeed config file at ``path`` with its precision sections set for ``precision``.
+
+    Raises ValueError, naming ``--deepspeed`` and the file, for a config the training step cannot
+    run: ZeRO stage 3 (it partitions the weights, which the step and the checkpoints use whole),
+    or one without DeepSpeed's check for non-finite gradients, which skips the step of a
+    non-finite loss (:class:`DeepSpeedBackend`): stage 0 in fp32 has none, and
+    ``bf16.check_grad_overflow`` or ``zero_optimization.compute_grad_norm`` false turn it off.
+    """
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--deepspeed {path}: not valid JSON ({error})") from None
+    deepspeed_precision_config(config, device, precision)  # bf16, or fp16 with DeepSpeed's loss scaling
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    fp32 = not (config["bf16"]["enabled"] or config["fp16"]["enabled"])
+    if stage not in (0, 1, 2):
+        problem = f"ZeRO stage {stage} is not supported (stage 3 partitions the weights): use stage 1 or 2"
+    elif stage == 0 and fp32:
+        problem = "ZeRO stage 0 in fp32 cannot skip the step of a non-finite loss: use stage 1 or 2"
+    elif config["bf16"].get("check_grad_overflow") is False or zero.get("compute_grad_norm") is False:
+        problem = (
+            "bf16.check_grad_overflow / zero_optimization.compute_grad_norm false leave non-finite gradients "
+            "unchecked, so the step of a non-finite loss cannot be skipped: remove them"
+        )
+    else:
+        return config
+    raise ValueError(f"--deepspeed {path}: {problem} (configs/ds_zero2.json is a working config)")
+
+
+__all__ = ["DDPBackend", "DeepSpeedBackend", "LOSS_SCALER_FILE", "TrainingBackend", "deepspeed_config", "read_deepspeed_config"]

@@ -6,7 +6,8 @@ config.json, adapter/, head.safetensors), plus ``optimizer.pt``, ``scheduler.pt`
 ``rng_state_rank{R}.pt``, ``loss_scaler.pt`` (fp16 runs) and, written last, ``trainer_state.json``.
 Everything is first written to a hidden temporary directory that is renamed into place only when
 complete, so a crash mid-write never leaves a checkpoint that looks complete. ``latest`` and
-``best`` are small text files naming a checkpoint, replaced atomically.
+``best`` are small text files naming a checkpoint, replaced atomically; ``latest`` is where a run
+continues.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -75,7 +77,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if is_complete(p))
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(Path(checkpoint).name[len(PREFIX):])
+
+
+def _named_checkpoint(run_dir: Path, pointer: str) -> Path | None:
+    """The complete checkpoint the file ``pointer`` (``latest``, ``best``) names, if any."""
+    file = Path(run_dir) / pointer
+    if not file.is_file():
+        return None
+    path = Path(run_dir) / file.read_text(encoding="utf-8").strip()
+    return path if is_complete(path) else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names (the last one written), else the highest complete one.
+
+    Not simply the highest: a run resumed from an earlier checkpoint leaves the higher ones of the
+    abandoned run in place until its first save (see :func:`rotate_checkpoints`).
+    """
+    named = _named_checkpoint(run_dir, LATEST_FILE)
+    if named is not None:
+        return named
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
 
@@ -92,15 +115,31 @@ def mark_best(run_dir: Path, checkpoint: Path) -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    file = Path(run_dir) / BEST_FILE
-    if not file.is_file():
-        return None
-    path = Path(run_dir) / file.read_text(encoding="utf-8").strip()
-    return path if is_complete(path) else None
+    return _named_checkpoint(run_dir, BEST_FILE)
 
 
-def rotate_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the last ``keep_last`` complete checkpoints, always keeping the best."""
+def rotate_checkpoints(run_dir: Path, keep_last: int, current: Path) -> None:
+    """After ``current`` is written: set aside the checkpoints of later steps, then delete all but
+    the last ``keep_last`` (0: keep all), always keeping the best.
+
+    Later steps are those of a run that went further before this one resumed from an earlier
+    checkpoint. They are moved, with ``best`` if it names one of them, into ``abandoned-<time>/``
+    (not deleted: the abandoned run's best may be among them), where nothing resumes from them,
+    rotation leaves them alone and this run does not overwrite them.
+    """
+    run_dir = Path(run_dir)
+    later = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > checkpoint_step(current)]
+    if later:
+        aside = run_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        if best_checkpoint(run_dir) in later:
+            os.replace(run_dir / BEST_FILE, aside / BEST_FILE)
+        for checkpoint in later:
+            os.rename(checkpoint, aside / checkpoint.name)
+        logger.warning(
+            "moved %s, written before this run resumed from an earlier step, to %s (delete it when not needed)",
+            ", ".join(p.name for p in later), aside,
+        )
     if keep_last <= 0:
         return
     best = best_checkpoint(run_dir)

@@ -298,6 +298,34 @@ def _colour(index: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+WARM_UP_TOKENS = 2
+"""Tokens a warm-up request generates (each runs the decoding step) before it ends its turn."""
+
+
+class EndTurnAfter:
+    """A logits processor ending the answer after ``tokens`` freely chosen tokens (one generation).
+
+    Args:
+        tokens: answer tokens chosen as the model likes.
+        end_id: the token then forced (end of turn).
+    """
+
+    def __init__(self, tokens: int, end_id: int) -> None:
+        self.tokens = tokens
+        self.end_id = end_id
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids, scores):
+        """``input_ids`` [B, t] (prompt and answer so far), ``scores`` [B, V] -> scores."""
+        if self.prompt_length is None:  # the first call sees the prompt alone
+            self.prompt_length = input_ids.shape[1]
+        if input_ids.shape[1] - self.prompt_length < self.tokens:
+            return scores
+        forced = scores.new_full(scores.shape, float("-inf"))
+        forced[:, self.end_id] = 0
+        return forced
+
+
 class InferenceSession:
     """A loaded model answering requests one at a time (thread-safe), reusing image features.
 
@@ -347,7 +375,8 @@ class InferenceSession:
     def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
         """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).
 
-        ``generate_kwargs`` go to the model's ``generate`` (e.g. a logits processor).
+        ``generate_kwargs`` go to the model's ``generate`` (e.g. a logits processor) and override
+        the session's ``max_new_tokens``, ``decoding`` and ``prefix_cache``.
         Raises:
             InputError: an empty prompt or an unusable image.
         """
@@ -363,22 +392,28 @@ class InferenceSession:
 
         With ``compiled`` decoding this compiles the decoding step for a one-request batch of that
         image's prompt length now (a long-running app calls it at start) instead of on a user's
-        first request; with ``--compile_sam``, SAM's image encoder for one image likewise.
+        first request; with ``--compile_sam``, SAM's image encoder for one image likewise. The
+        request has the session's ``max_new_tokens`` (the step is compiled per cache length, which
+        counts them) and ends after :data:`WARM_UP_TOKENS` tokens.
         """
+        from transformers import LogitsProcessorList
+
         loaded = self.load(image)
+        end_early = LogitsProcessorList([EndTurnAfter(WARM_UP_TOKENS, self.model.processor.tokenizer.eos_token_id)])
         start = time.perf_counter()
         self._worker.submit(
-            lambda: self.model.predict([loaded.array], [prompt], max_new_tokens=2, decoding=self.decoding)
+            lambda: self.model.predict(
+                [loaded.array], [prompt], max_new_tokens=self.max_new_tokens, decoding=self.decoding,
+                logits_processor=end_early,
+            )
         ).result()
         return time.perf_counter() - start
 
     def _answer(self, loaded: LoadedImage, prompt: str, generate_kwargs: dict) -> tuple:
         """(the model's result, whether the image's features were reused); on the worker thread."""
         before = dict(self.cache.stats, prefix_hits=self.prefixes.stats["hits"])
-        [result] = self.model.predict(
-            [loaded.array], [prompt], max_new_tokens=self.max_new_tokens,
-            decoding=self.decoding, prefix_cache=self.prefixes, **generate_kwargs,
-        )
+        options = {"max_new_tokens": self.max_new_tokens, "decoding": self.decoding, "prefix_cache": self.prefixes}
+        [result] = self.model.predict([loaded.array], [prompt], **{**options, **generate_kwargs})
         stats = self.cache.stats
         vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
         return result, stats["sam_hits"] > before["sam_hits"] and vision_reused

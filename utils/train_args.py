@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exp_name", default="lisa-qwen")
     run.add_argument("--log_steps", type=int, default=10)
     run.add_argument("--eval_steps", type=int, default=500, help="validate every N steps (and at the end; 0: only at the end)")
-    run.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    run.add_argument(
+        "--save_steps", type=int, default=500,
+        help="checkpoint every N steps, and after each validation, at the end and on SIGTERM / SIGINT (0: only then)",
+    )
     run.add_argument("--save_total_limit", type=int, default=3, help="keep the last N checkpoints (plus the best)")
     run.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     run.add_argument("--auto_resume", action=BOOL, default=False, help="continue from the run's latest checkpoint if any")
@@ -154,13 +157,16 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     version_is_segmenter = Path(args.version).is_dir() and SegmenterConfig.is_segmenter_directory(args.version)
     if Path(args.version).exists() is False and ("/" not in args.version or args.version.startswith((".", "/"))):
         parser.error(f"--version {args.version}: directory not found (download the model into weights/, see weights/README.md)")
-    if not version_is_segmenter and not args.vision_pretrained and not args.resume and not args.auto_resume:
+    if not version_is_segmenter and not args.vision_pretrained and not args.resume and not _auto_resumes(args):
         parser.error("--vision_pretrained is required with a plain Qwen-VL --version: the official SAM file, e.g. weights/sam_vit_h_4b8939.pth")
     if args.vision_pretrained and not Path(args.vision_pretrained).is_file():
         parser.error(f"--vision_pretrained {args.vision_pretrained}: file not found (see weights/README.md for the download links)")
     for flag in ("batch_size", "grad_accumulation_steps", "epochs", "steps_per_epoch", "val_batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("save_steps", "eval_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be at least 0 (0: only at the end), got {getattr(args, flag)}")
     if args.effective_batch_size < 0:
         parser.error("--effective_batch_size must be >= 0")
     if args.lr <= 0:
@@ -175,8 +181,19 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(precision_error)
     if args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed {args.deepspeed}: config file not found (one ships as configs/ds_zero2.json)")
+    if args.deepspeed:
+        deepspeed_error = _deepspeed_problem(args.deepspeed, args.precision)
+        if deepspeed_error:
+            parser.error(deepspeed_error)
     if not Path(args.dataset_dir).is_dir() and not args.eval_only:
         parser.error(f"--dataset_dir {args.dataset_dir}: directory not found (see dataset/README.md, or make one with tools/make_synthetic.py)")
+
+
+def _auto_resumes(args: argparse.Namespace) -> bool:
+    """Whether ``--auto_resume`` finds a checkpoint to continue from (which names its SAM file)."""
+    from utils.checkpoint import latest_checkpoint
+
+    return args.auto_resume and latest_checkpoint(Path(args.log_base_dir) / args.exp_name) is not None
 
 
 def _precision_problem(precision: str) -> str | None:
@@ -186,6 +203,19 @@ def _precision_problem(precision: str) -> str | None:
     from utils.mixed_precision import precision_problem
 
     return precision_problem(precision, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _deepspeed_problem(path: str, precision: str) -> str | None:
+    """Why the DeepSpeed config at ``path`` cannot train here (see ``utils.backends.read_deepspeed_config``)."""
+    import torch
+
+    from utils.backends import read_deepspeed_config
+
+    try:
+        read_deepspeed_config(path, torch.device("cuda" if torch.cuda.is_available() else "cpu"), precision)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def accumulation_for(args: argparse.Namespace, world_size: int) -> int:

@@ -80,9 +80,12 @@ def build_model(
         answer_style=args.answer_style,
     )
     if resume_from is not None:
+        # A LoRA checkpoint names its base model's path; --version, when a plain Qwen-VL directory, is
+        # where that model is now (e.g. staged to local disk by a cluster job).
+        plain_version = Path(args.version).is_dir() and not SegmenterConfig.is_segmenter_directory(args.version)
         model = ReasonSegmenter.from_pretrained(
-            resume_from, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained, device=device,
-            train_language_model=args.train_language_model,
+            resume_from, dtype=dtype, is_trainable=True, base_model=args.version if plain_version else None,
+            sam_checkpoint=args.vision_pretrained, device=device, train_language_model=args.train_language_model,
         )
         if args.train_language_model:
             model.configure_training(None, train_language_model=True)
@@ -190,7 +193,9 @@ class Trainer:
             (self.run_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.global_step or None)
+            # Resumed: the events logged after the checkpoint's step are dropped (they come again), not its own.
+            purge_step = self.global_step + 1 if self.global_step else None
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     # ------------------------------------------------------------------ set-up
 
@@ -298,7 +303,8 @@ class Trainer:
                 )
                 if validate:
                     scores = self.validate()
-                if last or validate or self.global_step % args.save_steps == 0 or record["stop"]:
+                periodic = args.save_steps and self.global_step % args.save_steps == 0
+                if last or validate or periodic or record["stop"]:
                     self.save_checkpoint(scores.get("giou") if validate else None)
                 if record["stop"]:
                     logger.warning("stopped at step %d on %s; resume with --auto_resume", self.global_step, self.stop.signal_name or "a signal")
@@ -492,7 +498,7 @@ class Trainer:
             final = ckpt.finish_checkpoint(self.run_dir, step, state)
             if improved:
                 ckpt.mark_best(self.run_dir, final)
-            ckpt.rotate_checkpoints(self.run_dir, self.args.save_total_limit)
+            ckpt.rotate_checkpoints(self.run_dir, self.args.save_total_limit, final)
             logger.info("saved %s%s", final, " (best so far)" if improved else "")
         barrier()
         return final

@@ -118,6 +118,7 @@ def run_benchmarks(
             "load_average_end": machine_info(settings)["load_average"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "seconds": time.perf_counter() - started,
+            "benchmarks": selected,
             "seconds_by_benchmark": dict(durations),
             "rows": [row.to_dict() for row in rows],
             "gpu": {"name": gpu_name, "peaks": peaks},
@@ -196,8 +197,12 @@ def run_real_size(
 
 
 def default_report_name(report: dict[str, Any]) -> str:
-    """``YYYY-MM-DD-<gpu>.json`` (e.g. ``2026-12-01-h200.json``), as under docs/benchmarks/."""
-    return f"{report['date'][:10]}-{gpu_slug(report['gpu']['name'])}.json"
+    """``YYYY-MM-DD-<gpu>.json`` (e.g. ``2026-12-01-h200.json``), as under docs/benchmarks/; a run
+    of one real-size half adds its name (``2026-12-01-h200-real_size_training.json``), so that the
+    two halves run apart do not overwrite each other."""
+    halves = [name for name in report.get("benchmarks", ()) if name in REAL_SIZE]
+    part = f"-{halves[0]}" if len(halves) == 1 else ""
+    return f"{report['date'][:10]}-{gpu_slug(report['gpu']['name'])}{part}.json"
 
 
 def fmt(value: float | None) -> str:
