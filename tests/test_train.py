@@ -575,6 +575,32 @@ def test_auto_resume_follows_latest_after_a_resume_from_an_earlier_checkpoint(tm
     assert ckpt.latest_checkpoint(run_dir) == current
 
 
+def test_a_checkpoint_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
+    """Every file and directory of a checkpoint is flushed (fsync) before the rename that makes it
+    complete, and the run directory after it; a checkpoint of the same step is replaced whole."""
+    run_dir = tmp_path / "run"
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b)))
+    tmp = ckpt.begin_checkpoint(run_dir, 5)
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "weights.bin").write_bytes(b"new")
+    final = ckpt.finish_checkpoint(run_dir, 5, {"global_step": 5})
+    flushed = [event[1] for event in events if event[0] == "fsync"]
+    [rename_at] = [i for i, event in enumerate(events) if event[0] == "rename"]
+    before = {Path(p).relative_to(tmp) for p in flushed[:rename_at] if Path(p).is_relative_to(tmp)}
+    assert before == {Path("adapter/weights.bin"), Path(ckpt.STATE_FILE), Path("adapter"), Path(".")}
+    assert str(run_dir) in flushed[rename_at:]
+    # The same step again (a rerun): the new content replaces the old, nothing of either is left over.
+    tmp = ckpt.begin_checkpoint(run_dir, 5)
+    (tmp / "other.bin").write_bytes(b"newer")
+    assert ckpt.finish_checkpoint(run_dir, 5, {"global_step": 5}) == final
+    assert sorted(p.name for p in final.iterdir()) == ["other.bin", ckpt.STATE_FILE]
+    assert sorted(p.name for p in run_dir.iterdir()) == [final.name, ckpt.LATEST_FILE]
+
+
 def test_resuming_a_lora_checkpoint_loads_the_base_model_from_version(tiny_vlm_dir, tmp_path):
     """A cluster job that stages the base model elsewhere resumes with --version naming the new place."""
     import shutil

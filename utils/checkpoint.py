@@ -4,8 +4,9 @@ A checkpoint is a directory ``checkpoint-0000123`` in the run directory holding 
 weights as a segmenter directory (``ReasonSegmenter.save_pretrained(include_sam=False)``:
 config.json, adapter/, head.safetensors), plus ``optimizer.pt``, ``scheduler.pt``,
 ``rng_state_rank{R}.pt``, ``loss_scaler.pt`` (fp16 runs) and, written last, ``trainer_state.json``.
-Everything is first written to a hidden temporary directory that is renamed into place only when
-complete, so a crash mid-write never leaves a checkpoint that looks complete. ``latest`` and
+Everything is first written to a hidden temporary directory that is flushed to disk (``fsync``) and
+renamed into place only when complete, so neither a crash nor a power cut mid-write leaves a
+checkpoint that looks complete. ``latest`` and
 ``best`` are small text files naming a checkpoint, replaced atomically; ``latest`` is where a run
 continues.
 """
@@ -33,10 +34,38 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk. Some file systems cannot sync a
+    directory; the rename is then as durable as they make it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file below ``directory`` and then the directories themselves: a rename that
+    follows cannot reach the disk before the data it names (a power cut would otherwise leave a
+    checkpoint that looks complete with empty or truncated files)."""
+    directories = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        directories.append(Path(root))
+    for path in reversed(directories):
+        _fsync(path)
+
+
 def _write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def temporary_path(run_dir: Path, step: int) -> Path:
@@ -53,14 +82,24 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def finish_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
-    """Write ``trainer_state.json`` last, rename the temporary directory into place, update ``latest``."""
+    """Write ``trainer_state.json`` last, flush it all to disk, rename the temporary directory into
+    place, update ``latest``."""
     run_dir = Path(run_dir)
     tmp = temporary_path(run_dir, step)
     final = run_dir / checkpoint_name(step)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+        # A checkpoint of this step from before (a run resumed from an earlier one): set aside, not
+        # deleted, until the new one is in place, so that a crash in between loses neither.
+        replaced = run_dir / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+        os.rename(tmp, final)
+        shutil.rmtree(replaced)
+    else:
+        os.rename(tmp, final)
+    _fsync(run_dir)
     _write_text_atomically(run_dir / LATEST_FILE, final.name + "\n")
     return final
 
