@@ -259,6 +259,51 @@ def test_gradient_checkpointing_is_applied_and_validation_restores_training_mode
     trainer.close()
 
 
+def test_a_signal_during_validation_saves_at_once_and_stops(tiny_segmenter_dir, synthetic_root, tmp_path, caplog):
+    """torchrun kills its workers 30 s after forwarding SIGTERM: a validation under way stops at the
+    next batch, is neither scored nor logged, and the checkpoint of the step is written before exit."""
+    from utils.data.builders import build_train_dataset, build_val_dataset
+    from utils.distributed import DistInfo
+    from utils.train_args import parse_args
+    from utils.trainer import Trainer
+
+    args = parse_args(["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
+                       "--dataset_dir", str(synthetic_root), "--log_base_dir", str(tmp_path), "--exp_name", "sig",
+                       "--val_dataset", "synthetic|val", "--max_val_samples", "0", "--max_steps", "4",
+                       "--steps_per_epoch", "4", "--eval_steps", "2", "--save_steps", "10", "--batch_size", "1",
+                       "--grad_accumulation_steps", "1", "--workers", "0"])
+
+    class SignalDuringValidation(torch.utils.data.Dataset):
+        """The validation split; a SIGTERM comes in as its first item is read."""
+
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, index):
+            trainer.stop.requested = True
+            return self.data[index]
+
+    val_data = SignalDuringValidation(build_val_dataset("synthetic|val", str(synthetic_root)))
+    trainer = Trainer(args, DistInfo(0, 1, 0, torch.device("cpu")),
+                      build_train_dataset(args, samples_per_epoch=4, seed=0), val_data)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with caplog.at_level("WARNING"):
+            scores = trainer.train()  # installs the trainer's own SIGTERM / SIGINT handlers
+    finally:
+        trainer.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert scores == {} and trainer.global_step == 2
+    assert ckpt.latest_checkpoint(tmp_path / "sig").name == "checkpoint-0000002"
+    records = [json.loads(line) for line in (tmp_path / "sig" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "train"]  # no validation record
+    assert "validation at step 2 stopped by a signal" in caplog.text
+
+
 def test_deepspeed_zero2_trains_like_ddp_and_writes_the_same_checkpoints(tiny_segmenter_dir, synthetic_root, tmp_path):
     from model.segmenter import ReasonSegmenter
 

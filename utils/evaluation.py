@@ -183,7 +183,7 @@ class SplitScorer:
         self.on_detections = on_detections
         self.counters = {
             "items": 0, "questions": 0, "no_target_questions": 0, "excluded_no_target": 0,
-            "answers_with_expected_seg": 0, "unreadable": 0,
+            "answers_with_expected_seg": 0, "unreadable": 0, "interrupted": 0,
         }
 
     def add_question(
@@ -267,7 +267,9 @@ class SplitScorer:
     def result(self, device: torch.device | None = None, description: str = "evaluation") -> dict:
         """All-reduce (exactly) and score. Every rank must call it.
 
-        Returns the keys of :func:`utils.metrics.scores_from_state` plus ``items``, ``questions``,
+        Returns ``{"interrupted": True, "items": ...}`` when a rank's evaluation was stopped
+        (``should_stop`` of :func:`evaluate`); else the keys of
+        :func:`utils.metrics.scores_from_state` plus ``items``, ``questions``,
         ``no_target_questions``, ``excluded_no_target`` (no-target questions left out: all of them
         under teacher forcing, none under generation), ``unreadable``; ``groups`` (name -> scores,
         or ``{"count": 0}``) when groups are declared; for ``generate`` also
@@ -277,6 +279,8 @@ class SplitScorer:
         reduce_device = device if device is not None and device.type == "cuda" else None
         state = reduce_state_across_ranks(self.meter.state(), device=reduce_device)
         counters = reduce_state_across_ranks(self.counters, device=reduce_device)
+        if counters["interrupted"]:  # a rank stopped early: no score (every rank learns it here)
+            return {"interrupted": True, "items": counters["items"]}
         if state["count"] == 0:
             excluded = (
                 f", {counters['excluded_no_target']} no-target expressions left out (teacher forcing cannot "
@@ -471,6 +475,7 @@ def evaluate(
     max_new_tokens: int = 64,
     generate_kwargs: dict | None = None,
     on_detections: DetectionSink | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Score a whole split under ``protocol`` (this rank's shard, reduced over all ranks).
 
@@ -482,6 +487,9 @@ def evaluate(
         max_new_tokens, generate_kwargs: ``generate`` only (e.g. a logits processor).
         on_detections: ``generate`` on a COCO-format split: receives this rank's COCO results
             records, one call per answer (see :class:`SplitScorer`).
+        should_stop: checked before each batch; true stops this rank's evaluation there (a
+            training run's SIGTERM: torchrun kills its workers 30 s after forwarding it), and the
+            result is ``{"interrupted": True, ...}`` on every rank.
     Returns:
         see :meth:`SplitScorer.result`.
     Raises:
@@ -513,6 +521,9 @@ def evaluate(
     model.eval()
     try:
         for item in tqdm(loader, desc=description, disable=not show_progress, leave=False):
+            if should_stop is not None and should_stop():
+                scorer.counters["interrupted"] = 1
+                break
             scorer.counters["unreadable"] += item["unreadable"]
             scorer.counters["items"] += item["items"]
             if item["batch"] is None:

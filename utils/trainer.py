@@ -130,7 +130,8 @@ class _StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint after the current step, then exiting", self.signal_name)
+        logger.warning("%s received: saving a checkpoint after the current step (or at once during validation), "
+                       "then exiting", self.signal_name)
 
 
 class Trainer:
@@ -301,12 +302,15 @@ class Trainer:
                 validate = not args.no_eval and self.val_data is not None and (
                     last or (args.eval_steps and self.global_step % args.eval_steps == 0)
                 )
+                stop = record["stop"]
                 if validate:
                     scores = self.validate()
+                    if scores is None:  # a signal cut it short (every rank knows): save and exit now
+                        scores, stop = {}, True
                 periodic = args.save_steps and self.global_step % args.save_steps == 0
-                if last or validate or periodic or record["stop"]:
+                if last or validate or periodic or stop:
                     self.save_checkpoint(scores.get("giou") if validate else None)
-                if record["stop"]:
+                if stop:
                     logger.warning("stopped at step %d on %s; resume with --auto_resume", self.global_step, self.stop.signal_name or "a signal")
                     progress.close()
                     return scores
@@ -426,8 +430,9 @@ class Trainer:
                     self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             self.writer.flush()
 
-    def validate(self) -> dict:
+    def validate(self) -> dict | None:
         """Teacher-forced validation on every rank's shard; the model returns to training mode.
+        None when SIGTERM / SIGINT stopped it (on every rank, then).
 
         The numbers test.py prints for the same model and split (its defaults): the same split
         (``--reason_seg_queries``, first query of each ReasonSeg image by default), the same
@@ -446,7 +451,14 @@ class Trainer:
             precision=self.args.precision,
             description=f"validate {self.args.val_dataset}",
             show_progress=self.dist.is_main,
+            # A signal cuts validation short: torchrun kills its workers 30 s after forwarding it,
+            # and the checkpoint must be written first.
+            should_stop=lambda: self.stop.requested,
         )
+        if scores.get("interrupted"):
+            logger.warning("validation at step %d stopped by a signal after %d items: not scored, not logged",
+                           self.global_step, scores["items"])
+            return None
         if self.dist.is_main:
             logger.info(
                 "step %d validation on %s (teacher_forced): gIoU %.4f cIoU %.4f over %d masks",
