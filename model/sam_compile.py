@@ -6,7 +6,8 @@ official checkpoints and training checkpoints are unchanged, and deleting the at
 eager block back. Dynamo keys its cache on the code and treats a module's parameters as graph
 inputs, so all window blocks share one graph and all global blocks another: ViT-H compiles two
 graphs per batch size, not 32 (``tests/test_sam_compile.py`` counts them). SAM's input is always
-S x S, hence ``dynamic=False``; each new batch size compiles once more.
+S x S, hence ``dynamic=False``; each new batch size compiles once more, up to
+:data:`MAX_COMPILED_VARIANTS`.
 
 The first call of a shape pays the compile. If compiling fails (no Triton, no C++ compiler, an
 operator the compiler cannot take), the encoder logs a warning and runs eagerly from then on, with
@@ -22,6 +23,11 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+MAX_COMPILED_VARIANTS = 64
+"""Compiled variants of a block's ``forward`` (two per batch size: window and global blocks) before
+a new batch size runs eagerly. torch's own limit (``recompile_limit``, 8) would fail the fifth
+batch size, which a training run's or an evaluation's last partial batch easily is."""
 
 
 def _blocks(image_encoder: nn.Module) -> nn.ModuleList:
@@ -55,11 +61,19 @@ def image_encoder_is_compiled(image_encoder: nn.Module) -> bool:
 
 def run_image_encoder(image_encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """``image_encoder(pixels)``: [B, 3, S, S] -> [B, P, S/16, S/16]. A compiled encoder that cannot
-    be compiled warns once and runs eagerly from then on."""
+    be compiled warns once and runs eagerly from then on; a batch size past
+    :data:`MAX_COMPILED_VARIANTS` runs eagerly, the sizes compiled before stay compiled."""
     if not image_encoder_is_compiled(image_encoder):
         return image_encoder(pixels)
     try:
-        return image_encoder(pixels)
+        # Each batch size is a recompile of the blocks' forward: allow them up to our own limit.
+        with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_VARIANTS):
+            return image_encoder(pixels)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before a block ran: nothing to undo
+        logger.warning("SAM's image encoder is compiled for %d shapes already; a batch of %d runs eagerly",
+                       MAX_COMPILED_VARIANTS, len(pixels))
+        with torch.compiler.set_stance("force_eager"):
+            return image_encoder(pixels)
     except torch._dynamo.exc.TorchDynamoException as error:
         cause = getattr(error, "inner_exception", None) or error  # the backend's own error
         logger.warning("compiling SAM's image encoder failed (%s: %s); running it eagerly from now on",

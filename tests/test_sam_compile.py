@@ -101,3 +101,32 @@ def test_the_flag_on_every_entry_point(tiny_segmenter_dir, tmp_path):
         outputs.append(json.loads(result.stdout))
     assert "blocks compiled" in result.stderr
     assert outputs[0] == outputs[1]
+
+
+def test_batch_sizes_past_torchs_recompile_limit(monkeypatch, caplog):
+    """Each batch size compiles two variants (window and global blocks): torch's limit of 8 would
+    fail the fifth; ours compiles on, and past it a batch runs eagerly, the others stay compiled."""
+    from model import sam_compile
+
+    encoder = encoder_with_global_blocks()
+    compile_image_encoder(encoder, backend="aot_eager")
+    sizes = torch._dynamo.config.recompile_limit // 2 + 1  # 5 batch sizes: 10 variants
+    with torch.no_grad():
+        for batch in range(1, sizes + 1):
+            pixels = torch.randn(batch, 3, encoder.img_size, encoder.img_size)
+            torch.testing.assert_close(run_image_encoder(encoder, pixels), _eager(encoder, pixels), rtol=0, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 2 * sizes
+        monkeypatch.setattr(sam_compile, "MAX_COMPILED_VARIANTS", 2 * sizes)
+        pixels = torch.randn(sizes + 1, 3, encoder.img_size, encoder.img_size)
+        with caplog.at_level(logging.WARNING, logger="model.sam_compile"):
+            beyond = run_image_encoder(encoder, pixels)
+        torch.testing.assert_close(beyond, _eager(encoder, pixels), rtol=0, atol=1e-5)
+        assert "runs eagerly" in caplog.text and image_encoder_is_compiled(encoder)
+        assert counters["stats"]["unique_graphs"] == 2 * sizes  # nothing compiled for it
+        run_image_encoder(encoder, torch.randn(1, 3, encoder.img_size, encoder.img_size))  # still compiled
+        assert counters["stats"]["unique_graphs"] == 2 * sizes
+
+
+def _eager(encoder, pixels):
+    with torch.compiler.set_stance("force_eager"):
+        return encoder(pixels)
