@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.data.io import to_rgb
+
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from segment_anything.modeling import Sam
 
@@ -608,11 +610,12 @@ def sam_prompt_embed_dim(sam: "Sam") -> int:
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
     """
     Output (h, w) of resizing an (oldh, oldw) image so its longest side is long_side_length.
-    Same arithmetic as ``ResizeLongestSide.get_preprocess_shape``: round half up, int(x + 0.5).
+    Same arithmetic as ``ResizeLongestSide.get_preprocess_shape``: round half up, int(x + 0.5),
+    except that a side never rounds to 0 (an image over 2048:1, where the official one fails).
     """
     scale = long_side_length * 1.0 / max(oldh, oldw)
     newh, neww = oldh * scale, oldw * scale
-    return int(newh + 0.5), int(neww + 0.5)
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
 
 @dataclass(frozen=True)
@@ -635,7 +638,7 @@ class SamInput:
 def _as_rgb_uint8(image: Any) -> np.ndarray:
     """Validates an image and returns it as a C-contiguous HxWx3 uint8 RGB array."""
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+        return np.array(to_rgb(image))
     if not isinstance(image, np.ndarray):
         raise TypeError(f"Expected an HxWx3 uint8 RGB numpy array (or a PIL image), got {type(image).__name__}")
     if image.dtype != np.uint8:

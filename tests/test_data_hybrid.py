@@ -257,3 +257,13 @@ def test_a_source_in_the_wrong_layout_stops_the_build_with_source_path_and_error
     # The other sources are fine: without vqa the build succeeds.
     assert build_train_dataset(args, dataset="sem_seg||refer_seg||reason_seg", sample_rates="1,1,1").source_names == [
         "sem_seg", "refer_seg", "reason_seg"]
+
+
+def test_a_plain_dataset_mixes_in_as_documented():
+    """Items that are not RawSamples (a TensorDataset's tuples) carry no meta to annotate."""
+    import torch
+
+    dataset = HybridDataset({"plain": torch.utils.data.TensorDataset(torch.arange(10))}, [1], samples_per_epoch=4,
+                            max_consecutive_failures=2)
+    items = [dataset[i] for i in range(4)]
+    assert all(isinstance(item, tuple) and 0 <= int(item[0]) < 10 for item in items) and dataset.num_skipped == 0

@@ -51,6 +51,58 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     assert load_image_rgb(tmp_path / "rotated.jpg").shape == (20, 10, 3)
 
 
+def _save_with_orientation(path: Path, array: np.ndarray, orientation: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, quality=100, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])  # 180 degrees; 90 degrees (width and height swap)
+def test_coco_style_annotations_index_the_stored_pixels_whatever_the_exif(tmp_path: Path, orientation: int) -> None:
+    """COCO polygons / RLE and label maps were made on the stored pixels: the image is read as
+    stored (an EXIF turn would misplace every mask, or make the sizes disagree)."""
+    import json
+    import pickle
+
+    stored = np.zeros((fx.HEIGHT, fx.WIDTH, 3), np.uint8)
+    stored[0:10, 0:10] = 255  # a bright block at the stored top left, which the annotations mark
+    _save_with_orientation(tmp_path / "refer_seg/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg",
+                           stored, orientation)
+    instances = fx.coco_instances([(1, "COCO_train2014_000000000001.jpg")],
+                                  [fx.ann(101, 1, 1, fx.compressed_rle(fx.rect_mask(0, 0, 9, 9)))], [(1, "box")])
+    (tmp_path / "refer_seg/refcoco").mkdir(parents=True)
+    (tmp_path / "refer_seg/refcoco/instances.json").write_text(json.dumps(instances))
+    refs = [{"ref_id": 1, "ann_id": 101, "image_id": 1, "split": "val", "category_id": 1,
+             "sentences": [fx.sentence("white box", 1)]}]
+    (tmp_path / "refer_seg/refcoco/refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    sample = ReferSegDataset(str(tmp_path), "refcoco", split="val", mode="val")[0]
+    bright = sample.image[..., 0] > 128
+    assert sample.image.shape[:2] == (fx.HEIGHT, fx.WIDTH) and (bright & (sample.masks[0] == 1)).sum() == 100
+
+    _save_with_orientation(tmp_path / "ade20k/images/training/ADE_train_00000001.jpg", stored, orientation)
+    label = np.ones((fx.HEIGHT, fx.WIDTH), np.uint8)
+    label[0:10, 0:10] = 5  # "tree"
+    fx.write_label_png(tmp_path / "ade20k/annotations/training/ADE_train_00000001.png", label)
+    sample = build_source_dataset("sem_seg", "ade20k", str(tmp_path), mode="val")[0]
+    tree = sample.masks[sample.requests.index("tree")]
+    assert ((sample.image[..., 0] > 128) & (tree == 1)).sum() == 100 == tree.sum()
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    from model.sam import SamTransform
+
+    gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    Image.fromarray(gradient).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as image:
+        assert image.mode.startswith("I")
+        via_sam = SamTransform(64).preprocess(image)
+    loaded = load_image_rgb(tmp_path / "gray16.png")
+    np.testing.assert_array_equal(loaded[..., 0], (gradient >> 8).astype(np.uint8))
+    assert 120 < loaded.mean() < 135  # PIL's own conversion clips: about 254
+    assert 120 < via_sam.pixel_values[:, :16].float().mean() < 135
+
+
 def test_corrupt_and_missing_images_raise_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     for name in ("bad.jpg", "missing.jpg"):
@@ -112,6 +164,27 @@ def test_reason_seg_val_has_one_item_per_query(tmp_path: Path) -> None:
     assert len(build_val_dataset("ReasonSeg|val", str(tmp_path))) == 2
     assert len(ReasonSegDataset(str(tmp_path), "val", mode="val")) == 2
     assert len(ReasonSegDataset(str(tmp_path), "train_val")) == 3
+
+
+def test_reason_seg_val_counts_a_corrupt_annotation_as_one_unreadable_item(tmp_path: Path, caplog) -> None:
+    fx.write_reason_seg(tmp_path)
+    (tmp_path / "reason_seg" / "ReasonSeg" / "val" / "c.json").write_text('{"text": ["trunc')
+    with caplog.at_level("WARNING"):
+        dataset = build_val_dataset("ReasonSeg|val", str(tmp_path))  # builds: one bad file is no error
+    assert len(dataset) == 2 and "c.json" in caplog.text
+    dataset[0]
+    with pytest.raises(CorruptSampleError, match="c.json"):  # evaluation counts it unreadable
+        dataset[1]
+
+
+def test_reason_seg_shapes_of_equal_area_fill_in_the_references_order() -> None:
+    """LISA fills by ``np.argsort(areas)[::-1]``: of two shapes of equal area the first in the
+    file is drawn last, on top."""
+    from utils.data.reason_seg import rasterize_shapes
+
+    shapes = [{"label": "target", "points": fx.rect(0, 0, 10, 10)}, {"label": "ignore", "points": fx.rect(5, 5, 15, 15)}]
+    assert rasterize_shapes(shapes, 30, 40)[7, 7] == 1
+    assert rasterize_shapes(shapes[::-1], 30, 40)[7, 7] == 255
 
 
 def test_reason_seg_missing_split_lists_found_splits(tmp_path: Path) -> None:

@@ -381,6 +381,14 @@ def test_preprocess_shapes_and_padding(shape, image_size):
     torch.testing.assert_close(px[:, :ih, :iw], normalised.view(3, 1, 1).expand(3, ih, iw))
 
 
+def test_an_image_thinner_than_2048_to_1_keeps_one_pixel_row():
+    """The official arithmetic rounds the short side of a 1 x 3000 image to 0 (and PIL fails)."""
+    assert reference_preprocess_shape(1, 3000, 1024) == (0, 1024)
+    out = SamTransform(1024).preprocess(np.full((1, 3000, 3), 200, np.uint8))
+    assert out.input_size == (1, 1024) and out.original_size == (1, 3000)
+    assert torch.all(out.pixel_values[:, :1, :] == 200) and torch.all(out.pixel_values[:, 1:, :] == 0)
+
+
 def test_truck_1800x1200(sample_image_path):
     image = np.array(Image.open(sample_image_path("truck.jpg")).convert("RGB"))
     assert image.shape == (1200, 1800, 3)

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.decoding import DECODING_MODES
 from model.sam_compile import compile_image_encoder
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
+from utils.data.io import to_rgb
 from utils.grounding import answer_objects
 from model.constants import SEG_TOKEN
 from utils.masks import overlay_masks
@@ -132,7 +133,7 @@ def load_image(
     except Exception as err:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
         logger.warning("%s: cannot apply its EXIF orientation (%s); using the image as stored", label, err)
         upright = (width, height)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     resized_from = None
     if max_side and max(upright) > max_side:
         scale = max_side / max(upright)

@@ -203,9 +203,10 @@ class HybridDataset(torch.utils.data.Dataset):
             item = int(rng.integers(len(dataset)))
             try:
                 sample = self._build(dataset, item, rng)
-                sample.meta["num_skipped"] = len(errors)
-                sample.meta["skipped_errors"] = list(errors)
-                sample.meta["source"] = self.source_names[source]
+                if isinstance(sample, RawSample):  # a plain dataset's items carry no meta
+                    sample.meta["num_skipped"] = len(errors)
+                    sample.meta["skipped_errors"] = list(errors)
+                    sample.meta["source"] = self.source_names[source]
                 return self.transform(sample) if self.transform is not None else sample
             except Exception as error:  # a corrupt sample must never stop training
                 self.num_skipped += 1

@@ -21,16 +21,33 @@ JSON_FALLBACK_ENCODINGS = ("utf-8", "utf-8-sig", "cp1252", "latin-1")
 """Encodings tried in order when reading annotation JSON (some ReasonSeg files are cp1252)."""
 
 
-def load_image_rgb(path: PathLike) -> np.ndarray:
-    """Read an image as an ``H x W x 3`` uint8 RGB array with its EXIF orientation applied.
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB. 16- and 32-bit grayscale (``I;16``, ``I``) is scaled to 8 bits: PIL's
+    own conversion clips it at 255, which turns a 16-bit photograph white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.uint32)
+        if values.max(initial=0) > 255:  # 16-bit values (an 8-bit range in mode I is left as it is)
+            values = np.minimum(values, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_image_rgb(path: PathLike, exif_orientation: bool = True) -> np.ndarray:
+    """Read an image as an ``H x W x 3`` uint8 RGB array.
+
+    ``exif_orientation``: turn it upright as its EXIF orientation says (what a viewer shows, and
+    what labelme annotates: ReasonSeg). False: the pixels as stored, which COCO-style polygons,
+    RLE masks and label maps index (refCOCO and the other COCO-based sources, semantic label
+    maps, LLaVA's VQA, all of which were made on the stored pixels).
 
     Raises:
         CorruptSampleError: the file is missing or cannot be decoded (the message names it).
     """
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            return np.asarray(to_rgb(image), dtype=np.uint8).copy()
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
         raise CorruptSampleError(f"cannot read image {os.fspath(path)}: {error}") from error
 

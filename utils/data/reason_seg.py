@@ -65,12 +65,13 @@ def _polygon(points: Any) -> np.ndarray:
 def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
     """Fill ReasonSeg polygons into one mask, exactly as the reference evaluation does.
 
-    ``flag`` shapes are skipped; the others are filled largest area first (ties keep file
-    order), each with its outline (1 px) and interior: ``ignore`` shapes with 255, all other
-    shapes (``target``) with 1. A smaller shape drawn later overwrites a larger one.
+    ``flag`` shapes are skipped; the others are filled largest area first, in the order of the
+    reference's ``np.argsort(areas)[::-1]`` (so shapes of equal area go in reverse file order),
+    each with its outline (1 px) and interior: ``ignore`` shapes with 255, all other shapes
+    (``target``) with 1. A smaller shape drawn later overwrites a larger one.
     """
-    drawable: list[tuple[int, int, np.ndarray, int]] = []
-    for order, shape in enumerate(shapes):
+    drawable: list[tuple[int, np.ndarray, int]] = []
+    for shape in shapes:
         label = str(shape.get("label", "")).lower()
         if label == "flag":
             continue
@@ -82,9 +83,10 @@ def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> n
         area_mask = np.zeros((height, width), dtype=np.uint8)
         cv2.polylines(area_mask, polygon, True, 1, 1)
         cv2.fillPoly(area_mask, polygon, 1)
-        drawable.append((-int(area_mask.sum()), order, polygon, value))
+        drawable.append((int(area_mask.sum()), polygon, value))
     mask = np.zeros((height, width), dtype=np.uint8)
-    for _, _, polygon, value in sorted(drawable, key=lambda item: (item[0], item[1])):
+    for index in np.argsort([area for area, _, _ in drawable])[::-1]:
+        _, polygon, value = drawable[index]
         cv2.polylines(mask, polygon, True, value, 1)
         cv2.fillPoly(mask, polygon, value)
     return mask
@@ -181,7 +183,14 @@ class ReasonSegDataset(RawDataset):
         self.val_items: list[tuple[int, int]] = []
         if not self.is_train:
             for image_index, image_path in enumerate(self.image_paths):
-                count = count_queries(_json_path(image_path))
+                try:
+                    count = count_queries(_json_path(image_path))
+                except CorruptSampleError as error:
+                    # One item whose sample cannot be read: evaluation counts it as unreadable.
+                    logger.warning("%s: %s (counted as one unreadable item)", self.name, error)
+                    count = 1
+                if count == 0:
+                    logger.warning("%s: %s has no query; left out", self.name, _json_path(image_path))
                 count = min(count, 1) if val_queries == "first" else count
                 self.val_items.extend((image_index, query) for query in range(count))
         logger.info("%s %s (%s): %d images, %d items", self.name, split, mode, len(self.image_paths), len(self))

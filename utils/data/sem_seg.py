@@ -123,7 +123,7 @@ class LabelMapDataset(RawDataset):
 
     def get_sample(self, index: int, rng: np.random.Generator) -> RawSample:
         image_path, label_path = self.image_paths[index], self.label_paths[index]
-        image = load_image_rgb(image_path)
+        image = load_image_rgb(image_path, exif_orientation=False)  # as the label map
         class_map = self.class_map(load_label_map(label_path), label_path)
         if class_map.shape != image.shape[:2]:
             raise CorruptSampleError(

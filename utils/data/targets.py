@@ -48,7 +48,7 @@ class ImageRecord:
 
     def load(self) -> np.ndarray:
         """The image as HxWx3 uint8 RGB, checked against the annotated size."""
-        image = load_image_rgb(self.path)
+        image = load_image_rgb(self.path, exif_orientation=False)  # COCO annotates the stored pixels
         height, width = image.shape[:2]
         if (height, width) != (self.height, self.width):
             raise CorruptSampleError(

@@ -104,7 +104,7 @@ class LlavaVqaDataset(RawDataset):
         if not turns:
             raise EmptySampleError(f"{image_path}: record {record_id} has no turn")
         return RawSample(
-            image=load_image_rgb(image_path),
+            image=load_image_rgb(image_path, exif_orientation=False),  # as LLaVA saw it
             image_path=image_path,
             dataset=self.name,
             turns=list(turns),
