@@ -104,7 +104,8 @@ def encode_conversation(processor, image: np.ndarray, turns: list[tuple[str, str
     text = processor.apply_chat_template(
         build_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    encoded = processor(text=[text], images=[image], return_tensors="pt")
+    # channels_last: an image 1 or 3 pixels high would otherwise be taken for channels-first.
+    encoded = processor(text=[text], images=[image], return_tensors="pt", input_data_format="channels_last")
     sample = {}
     for key, value in encoded.items():
         # Per-token fields lose their batch dimension; the image fields are already per-image.
@@ -112,5 +113,15 @@ def encode_conversation(processor, image: np.ndarray, turns: list[tuple[str, str
     labels = assistant_labels(sample["input_ids"], template_markers(processor))
     if add_generation_prompt:
         labels[:] = IGNORE_INDEX
+    else:
+        labelled = labels != IGNORE_INDEX
+        replies = int(labelled[0]) + int((labelled[1:] & ~labelled[:-1]).sum())
+        if replies != len(turns):
+            # E.g. a "Thinking" template, whose replies open with a <think> block the generation
+            # prompt does not end like: no label at all would be a NaN loss and no [SEG] to train.
+            raise ValueError(
+                f"the chat template's replies could not be found: {len(turns)} answers, {replies} labelled "
+                "(a reasoning 'Thinking' checkpoint? train from an Instruct one)"
+            )
     sample["labels"] = labels
     return sample

@@ -108,6 +108,10 @@ def ensure_seg_token(model: nn.Module, tokenizer) -> int:
     return seg_id
 
 
+#: The linear layers of a Qwen-VL language-model block (Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike).
+LANGUAGE_MODEL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class LoraSettings:
     """LoRA on the language model's linear layers (never the vision tower)."""
@@ -118,7 +122,12 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def target_regex(self) -> str:
-        names = "|".join(sorted(set(self.target_modules)))
+        """The language model's layers of ``target_modules``; ``all-linear`` (peft's name) is every
+        linear layer of its blocks, never the vision tower's nor ``lm_head``."""
+        modules = set(self.target_modules)
+        if "all-linear" in modules:
+            modules = (modules - {"all-linear"}) | set(LANGUAGE_MODEL_LINEARS)
+        names = "|".join(sorted(modules))
         return rf".*language_model.*\.({names})$"
 
 

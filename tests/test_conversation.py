@@ -114,3 +114,29 @@ def test_masks_must_match_the_image(tiny_vlm_dir, dog):
     processor = load_processor(tiny_vlm_dir("qwen2_5_vl"), "qwen2_5_vl")
     with pytest.raises(ValueError, match="mask 0 has shape"):
         encode_sample(processor, SamTransform(256), dog, [("Dog?", "[SEG].")], [np.zeros((5, 5), np.uint8)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_image_three_pixels_high_is_read_channels_last(tiny_vlm_dir, family):
+    """HxWx3 with H == 3 looks channels-first to transformers' guess: the grid must be (h, w)."""
+    processor = load_processor(tiny_vlm_dir(family), family)
+    tall = encode_conversation(processor, np.zeros((300, 3, 3), np.uint8), TURNS[:1])["image_grid_thw"][0]
+    wide = encode_conversation(processor, np.zeros((3, 300, 3), np.uint8), TURNS[:1])["image_grid_thw"][0]
+    assert tall[1] > tall[2] and wide[1] < wide[2] and tall[1:].tolist() == wide[1:].flip(0).tolist()
+
+
+def test_a_template_whose_replies_cannot_be_found_is_refused(tiny_vlm_dir, dog):
+    """A "Thinking" template opens each reply with a <think> block its generation prompt does not
+    end like: no reply would get labels (a NaN loss, no [SEG] to train), so it is an error."""
+    processor = load_processor(tiny_vlm_dir("qwen3_vl"), "qwen3_vl")
+    # As Qwen3-VL-Thinking's: the generation prompt opens a <think> block, and only the last reply
+    # keeps its (empty) one; earlier replies are rendered without.
+    template = processor.chat_template.replace(
+        "<|im_start|>{{ message['role'] }}\n",
+        "<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' and loop.last %}"
+        "<think>\n\n</think>\n\n{% endif %}",
+    ).replace("{% if add_generation_prompt %}<|im_start|>assistant\n", "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n")
+    assert template.count("<think>") == 2, "the tiny template changed: update this test"
+    processor.chat_template = processor.tokenizer.chat_template = template
+    with pytest.raises(ValueError, match="replies could not be found: 2 answers, 1 labelled"):
+        encode_conversation(processor, dog, TURNS)

@@ -11,7 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from conftest import REPO, load_photo
 from model.losses import mask_bce_loss, mask_dice_loss
 from model.segmenter import ReasonSegmenter
-from model.vlm import LoraSettings, ensure_seg_token, load_vlm, vlm_family
+from model.vlm import LANGUAGE_MODEL_LINEARS, LoraSettings, ensure_seg_token, load_vlm, vlm_family
 from utils.masks import mask_to_box
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -328,6 +328,19 @@ def test_lora_targets_are_configurable_and_stay_out_of_the_vision_tower(tiny_vlm
     assert lora_names and not any("visual" in n for n in lora_names)
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora_names} == {"q_proj", "k_proj", "gate_proj", "down_proj"}
     assert all(p.shape[0] == 4 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_all_linear_is_every_linear_layer_of_the_language_model(tiny_vlm_dir, family):
+    """peft's "all-linear" as --lora_target_modules: the language model's seven, not the vision
+    tower's MLP (same names in Qwen2.5-VL) nor lm_head."""
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    model = ReasonSegmenter.from_components(tiny_vlm_dir(family), "tiny", lora=settings)
+    lora_names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora_names} == set(LANGUAGE_MODEL_LINEARS)
+    layers = model.vlm.get_base_model().config.text_config.num_hidden_layers
+    assert len(lora_names) == layers * len(LANGUAGE_MODEL_LINEARS)
 
 
 def test_whole_language_model_option(tiny_vlm_dir):

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora_r", type=int, default=8)
     model.add_argument("--lora_alpha", type=int, default=16)
     model.add_argument("--lora_dropout", type=float, default=0.05)
-    model.add_argument("--lora_target_modules", default="q_proj,v_proj", help="comma-separated language-model linear layers")
+    model.add_argument("--lora_target_modules", default="q_proj,v_proj", help="comma-separated language-model linear layers (all-linear: all of them, q_proj ... down_proj)")
     model.add_argument("--train_language_model", action=BOOL, default=False, help="train the whole language model instead of LoRA (small models)")
     model.add_argument("--gradient_checkpointing", action=BOOL, default=False, help="recompute the VLM's activations in backward")
     model.add_argument("--compile_sam", action=BOOL, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
