@@ -87,7 +87,6 @@ def test_ddp_backend_accumulates_clips_skips_and_saves_its_state(tmp_path):
     assert fresh.optimizer.state_dict()["state"][0]["step"] == backend.optimizer.state_dict()["state"][0]["step"]
 
 
-
 def five_steps(deepspeed: str | None) -> dict:
     """Five optimizer steps of two micro-batches on a linear layer, warmup of four steps, under
     DDP or the DeepSpeed config file ``deepspeed``. Step 2's loss is NaN with finite gradients (a
