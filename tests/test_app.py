@@ -107,6 +107,19 @@ def test_bad_input_is_a_message_in_the_page(client, tmp_path):
     check_result(segment(client, DATA / "truck.jpg", "Where is the wheel?"), (1200, 1800, 3))
 
 
+def test_a_path_that_was_not_uploaded_is_refused(server):
+    """A payload naming a server file directly (no upload, no file metadata for Gradio to check)
+    must not be read: the app would show any image of the server, and say which paths exist."""
+    import httpx
+
+    for path in (str(DATA / "dog.jpg"), "/etc/passwd", "/etc/nonexistent.jpg"):
+        call = httpx.post(server[0] + "gradio_api/call/segment", json={"data": [{"path": path}, "Where?"]}, timeout=30)
+        event_id = call.json()["event_id"]
+        events = httpx.get(server[0] + f"gradio_api/call/segment/{event_id}", timeout=120).text
+        assert "event: error" in events and "event: complete" not in events, events
+        assert "was not uploaded" in events and "does not exist" not in events, events
+
+
 def test_uploads_over_the_size_limit_are_refused(server, tmp_path):
     import httpx
 

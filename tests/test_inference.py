@@ -28,6 +28,7 @@ from utils.inference import (
     InferenceSession,
     InputError,
     describe,
+    describe_box,
     load_image,
     one_shot,
     run_batch,
@@ -298,6 +299,38 @@ def test_cache_looks_up_each_image_of_a_batch(model):
 # ------------------------------------------------------------------------------- loading
 
 
+def test_an_image_over_200_to_1_is_refused_with_a_message(tmp_path):
+    Image.new("RGB", (3000, 10)).save(tmp_path / "strip.png")
+    with pytest.raises(InputError, match=r"strip\.png is 3000x10: Qwen-VL takes images up to 200:1"):
+        load_image(tmp_path / "strip.png")
+    Image.new("RGB", (2000, 10)).save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").array.shape == (10, 2000, 3)
+
+
+def test_a_downscaled_image_gets_its_boxes_and_mask_files_in_its_own_pixels(session, monkeypatch, tmp_path):
+    """--max_image_side: the model sees a copy; what the person reads and saves is in the original frame."""
+    always_answer(monkeypatch, session, TWO_MASKS)
+    session.max_image_side = 400
+    answer = session.ask(DOG, "Where is the dog?")
+    assert answer.image.resized_from == (534, 800) and answer.image.array.shape[:2] == (267, 400)
+    assert answer.boxes == [tuple(obj["bbox_2d"]) if obj["bbox_2d"] else None for obj in answer.objects()]
+    saved = save_visuals(answer, tmp_path, "dog")
+    assert [Image.open(mask).size for mask, _ in saved] == [(800, 534)] * 2
+    text = describe(answer, saved)
+    assert "image: 800x534 (seen downscaled to 400x267)" in text
+    assert all(describe_box(box) in text for box in answer.boxes)
+
+
+def test_saving_an_answer_removes_the_files_of_an_earlier_one_with_the_same_name(session, tmp_path):
+    def answer(text):
+        return session.ask(DOG, "Where?", logits_processor=scripted(session.model, text))
+
+    first = save_visuals(answer(TWO_MASKS), tmp_path, "photo")
+    second = save_visuals(answer("It is [SEG]."), tmp_path, "photo")
+    assert len(first) == 2 and len(second) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo_mask_0.png", "photo_overlay_0.png"]
+
+
 def test_missing_model_directory_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=f"model directory {tmp_path / 'nowhere'} does not exist"):
         load_segmenter(tmp_path / "nowhere")
@@ -318,6 +351,25 @@ def test_quantisation_without_bitsandbytes_or_cuda_is_a_clear_error(monkeypatch)
 
 
 # ------------------------------------------------------------------------------- batch (library)
+
+
+def test_batch_lines_are_split_on_newlines_only_and_decoded_one_by_one(session, monkeypatch, tmp_path):
+    """A prompt holding U+2028 (json.dumps writes it raw) is one line; a line that is not UTF-8
+    is that line's error; a byte-order mark is not part of line 1."""
+    always_answer(monkeypatch, session, "It is [SEG].")
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    lines = [
+        json.dumps({"image": "dog.jpg", "prompt": "Where is the dog?\u2028Or the grass?"}, ensure_ascii=False).encode(),
+        '{"image": "dog.jpg", "prompt": "caf\xe9 table?"}'.encode("latin-1"),
+        json.dumps({"image": "dog.jpg", "prompt": "And the sky?"}).encode(),
+    ]
+    (tmp_path / "requests.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\n")
+    summary = run_batch(session, tmp_path / "requests.jsonl", tmp_path / "out.jsonl", progress=False)
+    written = (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")
+    records = [json.loads(line) for line in written if line]
+    assert (summary.total, summary.succeeded, summary.failed) == (3, 2, 1)
+    assert [r["line"] for r in records] == [1, 2, 3] and records[0]["prompt"] == "Where is the dog?\u2028Or the grass?"
+    assert records[1]["error"].startswith("line 2 is not UTF-8 text") and records[2]["error"] is None
 
 
 def test_batch_writes_rle_masks_and_keeps_going_past_bad_lines(session, monkeypatch, tmp_path):

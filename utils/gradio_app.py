@@ -17,7 +17,7 @@ import logging
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from utils.inference import NO_MASK_MESSAGE, InferenceSession, InputError, render_overlay
 
@@ -49,8 +49,13 @@ def examples_in(directory: str | Path) -> list[list[str]]:
     return pairs
 
 
-def _image_path(image: Any) -> tuple[str, str]:
-    """(path on the server, name the person knows) of the uploaded image payload."""
+def _image_path(image: Any, allowed_dirs: Sequence[Path] | None = None) -> tuple[str, str]:
+    """(path on the server, name the person knows) of the uploaded image payload.
+
+    ``allowed_dirs``: the folders a payload's path may lie in (the uploads, the examples).
+    Gradio checks only payloads that say they are files, and the handler reads the path itself
+    (``preprocess=False``): without this any file of the server could be asked for.
+    """
     if isinstance(image, dict):
         path = image.get("path")
         name = image.get("orig_name") or (Path(path).name if path else "the image")
@@ -59,6 +64,10 @@ def _image_path(image: Any) -> tuple[str, str]:
         name = Path(image).name if image else "the image"
     if not path:
         raise InputError("no image: upload a photograph first")
+    if allowed_dirs is not None:
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(Path(folder).resolve()) for folder in allowed_dirs):
+            raise InputError(f"{name} was not uploaded: upload the photograph")
     return str(path), str(name)
 
 
@@ -75,8 +84,10 @@ def _json_file(record: dict, name: str) -> str:
     return str(path)
 
 
-def handle_request(session: InferenceSession, image: Any, prompt: Any):
+def handle_request(session: InferenceSession, image: Any, prompt: Any, allowed_dirs: Sequence[Path] | None = None):
     """The demo's handler, without Gradio: returns (overlay, text, boxes, status, json_path).
+
+    ``allowed_dirs``: where an image payload's path may lie (see :func:`_image_path`); None: anywhere.
 
     ``boxes`` lists per ``[SEG]`` its ``bbox_2d``, ``label``, ``score`` and ``area`` (the JSON
     objects without their RLE masks); ``json_path`` is a file with the whole answer as JSON.
@@ -86,7 +97,7 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any):
     """
     if image is None:
         raise InputError("no image: upload a photograph first")
-    path, name = _image_path(image)
+    path, name = _image_path(image, allowed_dirs)
     try:
         answer = session.ask(path, prompt)
     except InputError as err:
@@ -118,10 +129,14 @@ def _limits_line(session: InferenceSession) -> str:
 def build_demo(session: InferenceSession, model_name: str, examples: list[list[str]], queue_size: int = 16):
     """The Gradio Blocks page, with its queue (one request at a time, ``queue_size`` waiting)."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    # Uploads (and the examples Gradio copies) live in its upload folder; the examples themselves too.
+    allowed_dirs = [Path(get_upload_folder()), *{Path(path).parent for path, _ in examples}]
 
     def segment(image, prompt):
         try:
-            return handle_request(session, image, prompt)
+            return handle_request(session, image, prompt, allowed_dirs)
         except InputError as err:
             raise gr.Error(str(err), title="Cannot answer this request") from None
         except Exception as err:  # noqa: BLE001 - the person gets a message, the log the traceback

@@ -100,7 +100,8 @@ def seg_labels(text: str) -> list[str | None]:
     return labels
 
 
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A boolean mask brought to ``height`` x ``width`` (nearest neighbour)."""
     import cv2
 
     return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
@@ -124,7 +125,7 @@ def answer_objects(
     for index, mask in enumerate(masks):
         mask = np.asarray(mask, dtype=bool)
         if original_size is not None and tuple(mask.shape) != tuple(original_size):
-            mask = _resize_mask(mask, *original_size)
+            mask = resize_mask(mask, *original_size)
         box = mask_to_box(mask)
         score = scores[index] if index < len(scores) else None
         objects.append(

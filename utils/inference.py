@@ -11,6 +11,7 @@ meant for the person (the file it names and what is wrong), which the caller sho
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import logging
@@ -29,9 +30,9 @@ from model.decoding import DECODING_MODES
 from model.sam_compile import compile_image_encoder
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments
 from utils.data.io import to_rgb
-from utils.grounding import answer_objects
+from utils.grounding import answer_objects, resize_mask
 from model.constants import SEG_TOKEN
-from utils.masks import overlay_masks
+from utils.masks import mask_to_box, overlay_masks
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ class LoadedImage:
     name: str = "image"
     source: str = "image"
     resized_from: tuple[int, int] | None = None
+
+
+MAX_ASPECT_RATIO = 200
+"""Qwen-VL's image processors refuse a longer side more than this many times the shorter."""
 
 
 def load_image(
@@ -146,6 +151,9 @@ def load_image(
             label, upright[0], upright[1], image.width, image.height, max_side,
         )
     array = np.asarray(image, dtype=np.uint8)
+    height, width = array.shape[:2]
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise InputError(f"{label} is {upright[0]}x{upright[1]}: Qwen-VL takes images up to {MAX_ASPECT_RATIO}:1; crop it")
     return LoadedImage(np.ascontiguousarray(array), name=name, source=label, resized_from=resized_from)
 
 
@@ -196,7 +204,17 @@ class Answer:
 
     @property
     def boxes(self) -> list[tuple[int, int, int, int] | None]:
-        return self.result.boxes
+        """Per mask, its box in pixels of the original image."""
+        if not self.image.resized_from:
+            return self.result.boxes
+        return [mask_to_box(mask) for mask in self.original_masks()]
+
+    def original_masks(self) -> list[np.ndarray]:
+        """The masks in pixels of the original image (the model's own are of the copy it saw
+        when the image was downscaled, ``--max_image_side``)."""
+        if not self.image.resized_from:
+            return list(self.masks)
+        return [resize_mask(np.asarray(mask, dtype=bool), *self.image.resized_from) for mask in self.masks]
 
     @property
     def scores(self) -> list[float | None]:
@@ -235,10 +253,14 @@ def describe_box(box) -> str:
 
 
 def describe_image(answer: Answer) -> str:
-    """One line: the image's size and the image tokens it became."""
-    height, width = answer.image.array.shape[:2]
+    """One line: the image's size (and the size the model saw, when downscaled) and the image
+    tokens it became."""
+    height, width = answer.image.resized_from or answer.image.array.shape[:2]
+    seen = ""
+    if answer.image.resized_from:
+        seen = f" (seen downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
     tokens = answer.image_tokens
-    return f"image: {width}x{height}, " + (f"{tokens:,} image tokens" if tokens is not None else "image tokens unknown")
+    return f"image: {width}x{height}{seen}, " + (f"{tokens:,} image tokens" if tokens is not None else "image tokens unknown")
 
 
 def describe(answer: Answer, saved: list[tuple[Path, Path]] | None = None) -> str:
@@ -271,18 +293,22 @@ def render_overlay(answer: Answer) -> np.ndarray:
 
 
 def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> list[tuple[Path, Path]]:
-    """Per ``[SEG]``: ``{prefix}_mask_{i}.png`` (0/255) and ``{prefix}_overlay_{i}.png``.
+    """Per ``[SEG]``: ``{prefix}_mask_{i}.png`` (0/255, the original image's size) and
+    ``{prefix}_overlay_{i}.png`` (on the image as the model saw it). Files of an earlier answer
+    under the same prefix are removed first, so that none is taken for part of this one.
 
     Returns:
         the (mask, overlay) paths, in the order of the ``[SEG]`` tokens.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(f"{glob.escape(prefix)}_mask_*.png"), *out_dir.glob(f"{glob.escape(prefix)}_overlay_*.png")]:
+        stale.unlink()
     saved = []
-    for index, mask in enumerate(answer.masks):
+    for index, (mask, full) in enumerate(zip(answer.masks, answer.original_masks())):
         mask_path = out_dir / f"{prefix}_mask_{index}.png"
         overlay_path = out_dir / f"{prefix}_overlay_{index}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        Image.fromarray(full.astype(np.uint8) * 255).save(mask_path)
         Image.fromarray(overlay_masks(answer.image.array, [mask], colors=[_colour(index)])).save(overlay_path)
         saved.append((mask_path, overlay_path))
     return saved
@@ -555,8 +581,10 @@ def run_batch(
     if not input_jsonl.is_file():
         raise InputError(f"input file {input_jsonl} does not exist")
     root = Path(image_root) if image_root else input_jsonl.parent
-    lines = input_jsonl.read_text(encoding="utf-8").splitlines()
-    requests = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    # Split on "\n" alone (str.splitlines would also split inside a prompt holding U+2028), and
+    # decode each line apart: one line that is not UTF-8 is that line's error, not the batch's.
+    lines = input_jsonl.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    requests = [(number, line.rstrip(b"\r")) for number, line in enumerate(lines, 1) if line.strip()]
     output_jsonl.parent.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(requests))
     with output_jsonl.open("w", encoding="utf-8") as out, tqdm(
@@ -586,9 +614,11 @@ def run_batch(
     return summary
 
 
-def _parse_request(line: str, number: int) -> dict:
+def _parse_request(line: bytes, number: int) -> dict:
     try:
-        request = json.loads(line)
+        request = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"line {number} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise InputError(f"line {number} is not valid JSON ({err.msg})") from err
     if not isinstance(request, dict) or not isinstance(request.get("image"), str):
