@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -150,12 +151,13 @@ def merge_checkpoint(
     out = Path(out)
     if out.resolve() == directory.resolve():
         raise MergeError(f"the output directory {out} is the checkpoint itself; choose another")
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"{out} is a file; --out names a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise MergeError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        if not SegmenterConfig.is_segmenter_directory(out):
-            raise MergeError(f"{out} exists and is not a segmenter directory; refusing to overwrite it")
-        shutil.rmtree(out)
+        if not SegmenterConfig.is_segmenter_directory(out) or (out / "trainer_state.json").is_file():
+            raise MergeError(f"{out} exists and is not a merged segmenter directory; refusing to overwrite it")
     config = SegmenterConfig.from_pretrained(directory)
     settings = lora_settings_from(directory, config) if config.adapter_path else {}
     to_apply = check_lora_overrides(settings, lora_overrides or {}) if config.adapter_path else {}
@@ -181,8 +183,24 @@ def merge_checkpoint(
         model.config.lora = {}  # no LoRA left; the trained settings go to merged_from
         _check_no_peft_left(model.vlm)
     model.cast_for_run(dtype, trainable_dtype=dtype)  # everything in dtype, as it is written
-    model.save_pretrained(out, include_sam=True)
-    _record_provenance(out, directory, base_model or (config.vlm_path if config.adapter_path else None), settings, to_apply, dtype)
+    # Written beside ``out`` and swapped in only when whole: a failure (a full disk) leaves no
+    # half-written directory, and an --overwrite'd model is replaced only by a complete one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging, include_sam=True)
+        _record_provenance(staging, directory, base_model or (config.vlm_path if config.adapter_path else None),
+                           settings, to_apply, dtype)
+        if out.exists():
+            replaced = out.with_name(f".{out.name}.replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(out, replaced)
+            os.rename(staging, out)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the standalone model to %s", out)
     return out
 

@@ -203,9 +203,41 @@ def test_clear_errors_for_what_cannot_be_merged(run, tmp_path):
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(MergeError, match="pass --overwrite"):
         merge_checkpoint(run[0] / "run", tmp_path / "busy")
-    with pytest.raises(MergeError, match="not a segmenter directory; refusing"):
+    with pytest.raises(MergeError, match="not a merged segmenter directory; refusing"):
         merge_checkpoint(run[0] / "run", tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "keep.txt").is_file()
+
+
+def test_a_failed_merge_leaves_the_output_as_it_was(run, tmp_path, monkeypatch):
+    """--overwrite replaces a merged model only by a whole new one: a refused flag, a base model
+    that cannot load or a save that fails (a full disk) leave the old one, and no half-written
+    directory; a training checkpoint or a file is never the output."""
+    out = merge_checkpoint(run[0] / "run", tmp_path / "merged", dtype=torch.float32)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(MergeError, match="differs"):
+        merge_checkpoint(run[0] / "run", out, overwrite=True, lora_overrides={"r": 4})
+    with pytest.raises(MergeError, match="cannot load"):
+        merge_checkpoint(run[0] / "run", out, overwrite=True, base_model=tmp_path / "nowhere")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ReasonSegmenter, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge_checkpoint(run[0] / "run", out, overwrite=True, dtype=torch.float32)
+    with pytest.raises(OSError, match="No space left"):
+        merge_checkpoint(run[0] / "run", tmp_path / "fresh", dtype=torch.float32)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging or half-written directory left
+    monkeypatch.undo()
+    with pytest.raises(MergeError, match="not a merged segmenter directory"):
+        merge_checkpoint(run[0] / "run", run[0] / "run" / checkpoint_name(1), overwrite=True)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(MergeError, match="is a file"):
+        merge_checkpoint(run[0] / "run", tmp_path / "a_file")
+    # And a real --overwrite replaces it whole.
+    assert merge_checkpoint(run[0] / "run", out, overwrite=True, dtype=torch.float32) == out
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_a_base_model_without_the_adapters_layers_is_refused(run, tmp_path):
