@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -321,10 +322,26 @@ def test_checkpoint_problems_are_named(tiny_segmenter_dir, tiny_vlm_dir, synthet
     # With its own base model it loads and scores (a partial run, flagged as such).
     from utils.eval_cli import main
 
-    assert main(["--version", str(adapter), "--base_model", str(tiny_vlm_dir("qwen2_5_vl")), *base,
-                 "--report", str(tmp_path / "r.json")]) == 0
+    argv = ["--version", str(adapter), "--base_model", str(tiny_vlm_dir("qwen2_5_vl")), *base,
+            "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["kind"] == "adapter" and report["model"]["base_model"] == str(tiny_vlm_dir("qwen2_5_vl"))
     entry = report["results"][0]
     assert entry["protocol"] == "teacher_forced" and not entry["complete"]
     assert entry["counts"]["evaluated_items"] == 2 and entry["counts"]["split_items"] == 12
+    assert (tmp_path / "results.txt").is_file()  # the table goes beside --report
+    assert shlex.split(report["run"]["command"]) == ["test.py", *argv]  # pastes back into a shell as run
+
+
+def test_unreadable_items_make_a_split_incomplete_and_are_named_under_the_table():
+    from utils.eval_report import format_table, result_entry
+
+    scores = {"count": 5, "giou": 0.5, "ciou": 0.5, "unreadable": 1, "questions": 5, "no_target_questions": 0,
+              "excluded_no_target": 0}
+    entry = result_entry("ReasonSeg|val", "teacher_forced", scores, split_items=6, evaluated_items=6)
+    assert not entry["complete"]  # every item was read for, but one could not be: not the whole split
+    row = [line for line in format_table([entry]).splitlines() if line.startswith("teacher_forced")][0]
+    assert " 5/6 " in row
+    whole = result_entry("ReasonSeg|val", "teacher_forced", {**scores, "unreadable": 0}, 6, 6)
+    assert whole["complete"]

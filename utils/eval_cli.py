@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "All give the same answers")
     run.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
     out = p.add_argument_group("output")
-    out.add_argument("--log_dir", default=DEFAULT_LOG_DIR, help=f"where {REPORT_NAME} and {TABLE_NAME} go")
+    out.add_argument("--log_dir", default=DEFAULT_LOG_DIR,
+                     help=f"where {REPORT_NAME} and {TABLE_NAME} go ({TABLE_NAME} goes beside --report when that is given)")
     out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
     out.add_argument("--save_predictions", help="JSONL of every prediction (COCO RLE masks, boxes, answers, targets)")
     out.add_argument("--save_detections",
@@ -141,10 +143,16 @@ def build_splits(names: str, dataset_dir: str, reason_seg_queries: str, answer_s
     return splits
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where the table (and the default detections file) go: beside ``--report`` when it is
+    given, else ``--log_dir``."""
+    return Path(args.report).parent if args.report else Path(args.log_dir)
+
+
 def detections_paths(args: argparse.Namespace, names: list[str]) -> dict[str, Path]:
     """Split name -> its detections file, for the COCO-format splits among ``names``."""
     coco = [name for name in names if split_kind(name) == "coco"]
-    base = Path(args.save_detections) if args.save_detections else Path(args.log_dir) / DETECTIONS_NAME
+    base = Path(args.save_detections) if args.save_detections else output_dir(args) / DETECTIONS_NAME
     if len(coco) == 1:
         return {coco[0]: base}
     return {name: base.with_name(f"{base.stem}_{k}{base.suffix or '.json'}") for k, name in enumerate(coco, 1)}
@@ -340,7 +348,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] = logger.info
     """test.py: parse, evaluate, write the report; the results table goes to ``say``
     (test.py passes ``print``)."""
     args = parse_args(argv)
-    args.command = "test.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join(["test.py", *(sys.argv[1:] if argv is None else argv)])  # pastes back into a shell
     dist_info = init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist_info.is_main else logging.WARNING,
@@ -353,7 +361,7 @@ def main(argv: list[str] | None = None, say: Callable[[str], None] = logger.info
             say(summary)
             report_path = Path(args.report) if args.report else Path(args.log_dir) / REPORT_NAME
             write_json(report_path, report)
-            table_path = Path(args.log_dir) / TABLE_NAME
+            table_path = output_dir(args) / TABLE_NAME
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table_path.write_text(summary + "\n", encoding="utf-8")
             say(f"report: {report_path}")

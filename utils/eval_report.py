@@ -90,7 +90,8 @@ def result_entry(split: str, protocol: str, scores: dict, split_items: int, eval
     entry: dict[str, Any] = {
         "split": split,
         "protocol": protocol,
-        "complete": evaluated_items == split_items,
+        # Unreadable items are left out of the scores: such a split is not complete either.
+        "complete": evaluated_items == split_items and not scores.get("unreadable", 0),
         "counts": {
             "split_items": split_items,
             "evaluated_items": evaluated_items,
@@ -154,9 +155,10 @@ def format_table(results: Iterable[dict]) -> str:
     header = ["protocol", "split", "queries", "items", "masks", *(name for name, _ in _COLUMNS), "[SEG] ok"]
     rows = []
     for entry in results:
-        items = str(entry["counts"]["evaluated_items"])
+        counts = entry["counts"]
+        items = str(counts["evaluated_items"] - counts.get("unreadable", 0))  # the items scored
         if not entry["complete"]:
-            items += f"/{entry['counts']['split_items']}"
+            items += f"/{counts['split_items']}"
         seg_ok = _percent(entry["answers"]["seg_format_rate"]) if "answers" in entry else "-"
         excluded = entry["counts"].get("excluded_no_target", 0)
         subsets = [("overall", entry["metrics"])] + list(entry.get("groups", {}).items())
@@ -242,9 +244,15 @@ def format_summary(report: dict) -> str:
                 )
     for name, text in report["protocols"].items():
         lines.append(f"protocol {name}: {text}")
-    partial = [f"{e['split']} ({e['protocol']})" for e in results if not e["complete"]]
+    partial = [f"{e['split']} ({e['protocol']})" for e in results
+               if e["counts"]["evaluated_items"] != e["counts"]["split_items"]]
     if partial:
         lines.append("PARTIAL (--max_samples): not comparable with published numbers: " + ", ".join(partial))
+    unreadable = [f"{e['split']} ({e['protocol']}): {e['counts']['unreadable']}" for e in results
+                  if e["counts"].get("unreadable")]
+    if unreadable:
+        lines.append("UNREADABLE items left out of the scores (the log names them; not comparable with "
+                     "published numbers): " + ", ".join(unreadable))
     return "\n".join(lines)
 
 
