@@ -1,7 +1,7 @@
 """Score the reasoning segmenter on benchmark splits, as the published tables do.
 
     python test.py --version MODEL_DIR --dataset_dir dataset --val_dataset "ReasonSeg|val"
-    python test.py --version runs/exp/checkpoint-5000 --base_model BASE_QWEN_VL --vision_pretrained SAM.pth \\
+    python test.py --version runs/exp/checkpoint-0005000 --base_model BASE_QWEN_VL --vision_pretrained SAM.pth \\
         --val_dataset "ReasonSeg|test||refcoco|unc|testA||grefcoco|unc|val" --protocol both
     torchrun --nproc_per_node=8 test.py ...      (each split sharded over ranks, reduced exactly)
 

@@ -1,6 +1,6 @@
 """Merge a training checkpoint into one standalone model directory.
 
-    python transform_weight.py --ckpt runs/exp/checkpoint-5000 --out work_dirs/merged
+    python transform_weight.py --ckpt runs/exp/checkpoint-0005000 --out work_dirs/merged
     python transform_weight.py --ckpt runs/exp --out work_dirs/merged          # its latest checkpoint
     python transform_weight.py --ckpt runs/exp --pick best --out work_dirs/merged
 

@@ -3,9 +3,9 @@
 Why our own loop
 ----------------
 On a GPU, eager decoding of a 7B Qwen-VL is bound by kernel launches, not by the GPU: one token
-takes 20-23 ms on an H200 where reading its 16.6 GB of weights takes 3.5-3.9 ms
-(``../shared/gpu.md``). A static KV cache gives every decoding step the same shapes, so the step
-can be compiled once and replayed as a CUDA graph (``torch.compile(mode="reduce-overhead")``). A
+takes 20-23 ms on an H200 where reading its 16.6 GB of weights takes 3.5-3.9 ms (measured
+2026-11-29; README, Performance). A static KV cache gives every decoding step the same shapes, so
+the step can be compiled once and replayed as a CUDA graph (``torch.compile(mode="reduce-overhead")``). A
 replay overwrites the tensors the previous replay returned, so the ``[SEG]`` state of each step
 must be copied out before the next one: a loop we own does that explicitly (transformers'
 ``generate`` collects per-step outputs without copying them).

@@ -41,7 +41,7 @@ class GpuRow:
     what: str
     unit: str
     goal: Goal
-    #: the figure measured on 2026-11-29 on an H200 at 2a7d9a6, before the fast paths (../shared/gpu.md)
+    #: the figure measured on 2026-11-29 on an H200 at 2a7d9a6, before the fast paths (README, Performance)
     before: str
 
 
@@ -70,7 +70,7 @@ GPU_ROWS: tuple[GpuRow, ...] = (
 GPU_ROW_KEYS: tuple[str, ...] = tuple(row.key for row in GPU_ROWS)
 INFERENCE_KEYS = tuple(row.key for row in GPU_ROWS if row.issue == 11)
 TRAINING_KEYS = tuple(row.key for row in GPU_ROWS if row.issue == 12)
-BEFORE = "measured 2026-11-29 on one NVIDIA H200 at 2a7d9a6, before the fast paths (../shared/gpu.md)"
+BEFORE = "measured 2026-11-29 on one NVIDIA H200 at 2a7d9a6, before the fast paths (README, Performance)"
 NOT_MEASURED = "not measured"
 
 
