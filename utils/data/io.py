@@ -28,7 +28,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.uint32)
         if values.max(initial=0) > 255:  # 16-bit values (an 8-bit range in mode I is left as it is)
             values = np.minimum(values, 65535) >> 8
-        image = Image.fromarray(values.astype(np.uint8), mode="L")
+        image = Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
     return image.convert("RGB")
 
 
