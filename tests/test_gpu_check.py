@@ -123,17 +123,17 @@ def test_gpu_check_tiny_train_rows_run_train_ddp(tmp_path):
     result = subprocess.run(
         [sys.executable, "tools/gpu_check.py", "--tiny", "--train_rows", "--train_rows_steps", "3",
          "--train_rows_warmup", "1", "--workers", "0", "--num_train", "4", "--work", str(tmp_path / "work"),
-         "--out", str(summary_file)],
+         "--train_rows_max_batch", "4", "--out", str(summary_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
     assert [stage["name"] for stage in summary["stages"]] == [
-        "write_inputs", "train_rows_b2", "train_rows_b2_ckpt", "train_rows_b4", "train_rows_b8", "train_rows_b16",
-        "train_rows_b2_compile_sam"]
+        "write_inputs", "train_rows_b2", "train_rows_b2_ckpt", "train_rows_b4", "train_rows_b2_compile_sam"]
     assert summary["ok"] and "gpu_rows" not in summary  # tiny models on a CPU are not GPU rows
     check = summary["train_rows_code_path_check"]
-    assert set(check["runs"]["measured"]) == {"b2", "b2_ckpt", "b4", "b8", "b16", "b2_compile_sam"}
+    assert set(check["runs"]["measured"]) == {"b2", "b2_ckpt", "b4", "b2_compile_sam"}
+    assert check["runs"]["not_measured"] == {name: "skipped: above --train_rows_max_batch 4" for name in ("b8", "b16")}
     assert all(figures["samples_per_step"] == int(name[1:].split("_")[0])
                for name, figures in check["runs"]["measured"].items())
     assert set(check["values"]) == {"gpu_train_step_b2_s", "gpu_train_samples_per_s_best"}  # no peak without CUDA

@@ -411,7 +411,8 @@ def check(args: argparse.Namespace, work: Path) -> dict:
                 "--steps_per_epoch", str(args.train_rows_steps), "--max_steps", str(args.train_rows_steps),
                 "--save_steps", str(args.train_rows_steps), "--warmup_steps", "1", "--workers", str(args.workers),
                 "--precision", precision, "--log_base_dir", str(runs), *pixels]
-        measured = measure_train_rows(stage, base, runs, logs, warmup=args.train_rows_warmup)
+        measured = measure_train_rows(stage, base, runs, logs, warmup=args.train_rows_warmup,
+                                      max_batch=args.train_rows_max_batch)
         return summarise(args, spec, stages, work, train_rows=measured)
 
     # Loading alone: what a rank holds before the first step, and what inference holds.
@@ -493,13 +494,15 @@ def train_step_figures(metrics: Path, warmup: int) -> dict:
             "image_tokens_mean": statistics.mean(r.get("image_tokens_mean", 0) for r in timed)}
 
 
-def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: int, compile_sam: bool = True) -> dict:
+def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: int, compile_sam: bool = True,
+                       max_batch: int = 16) -> dict:
     """Issue 12's training rows through ``train_ddp.py``: one run per :data:`TRAIN_ROW_RUNS`
     entry (``stage(name, command)`` runs it), larger batches while the peak is expected to fit
     :data:`TRAIN_ROW_MEMORY_LIMIT_GB`. Returns ``{"values", "details", "counts", "errors"}`` as
     :func:`tools.bench.gpu_rows.gpu_rows` takes them, and ``"runs"``: each run's figures, or why
     it has none (out of memory, skipped, failed). ``compile_sam``: one more run at batch 2 with
-    ``--compile_sam`` (in ``"runs"`` and the step row's details, not a row of its own)."""
+    ``--compile_sam`` (in ``"runs"`` and the step row's details, not a row of its own).
+    ``max_batch``: larger batch sizes are not run (a card that cannot hold them)."""
     figures: dict[str, dict] = {}
     errors: dict[str, str] = {}
 
@@ -525,6 +528,9 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
 
     larger_plain_skipped = ""  # why larger batches without checkpointing are not run
     for name, batch_size, checkpointing in TRAIN_ROW_RUNS:
+        if batch_size > max_batch:
+            errors[name] = f"skipped: above --train_rows_max_batch {max_batch}"
+            continue
         if not checkpointing:
             plain = sorted((b, figures[n]["peak_gb"]) for n, b, c in TRAIN_ROW_RUNS if n in figures and not c)
             if not larger_plain_skipped and len(plain) >= 2 and None not in (plain[-1][1], plain[-2][1]):
@@ -679,6 +685,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_rows_steps", type=int, default=10, help="--train_rows: optimizer steps per run")
     p.add_argument("--train_rows_warmup", type=int, default=3, help="--train_rows: first steps left out of the timing")
     p.add_argument("--workers", type=int, default=8, help="--train_rows: data-loader workers per run")
+    p.add_argument("--train_rows_max_batch", type=int, default=16,
+                   help="--train_rows: the largest batch size to run (2 for batch 2 with and without checkpointing)")
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     p.add_argument("--out", default="runs/gpu_check/summary.json", help="the JSON summary")
