@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic_files import fsync_tree, move_into_place
+
 from .config import CONFIG_NAME, SegmenterConfig
 from .loading import ModelLoadError, resolve_checkpoint
 
@@ -191,14 +193,8 @@ def merge_checkpoint(
         model.save_pretrained(staging, include_sam=True)
         _record_provenance(staging, directory, base_model or (config.vlm_path if config.adapter_path else None),
                            settings, to_apply, dtype)
-        if out.exists():
-            replaced = out.with_name(f".{out.name}.replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(out, replaced)
-            os.rename(staging, out)
-            shutil.rmtree(replaced)
-        else:
-            os.rename(staging, out)
+        fsync_tree(staging)  # 16 GB that a power cut must not leave half-written under the final name
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote the standalone model to %s", out)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic_files import fsync_path, fsync_tree, move_into_place, write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
@@ -32,40 +34,6 @@ BEST_FILE = "best"
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file, or a directory's entries) to disk. Some file systems cannot sync a
-    directory; the rename is then as durable as they make it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not Path(path).is_dir():
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file below ``directory`` and then the directories themselves: a rename that
-    follows cannot reach the disk before the data it names (a power cut would otherwise leave a
-    checkpoint that looks complete with empty or truncated files)."""
-    directories = []
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            _fsync(Path(root) / name)
-        directories.append(Path(root))
-    for path in reversed(directories):
-        _fsync(path)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def temporary_path(run_dir: Path, step: int) -> Path:
@@ -88,19 +56,12 @@ def finish_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
     tmp = temporary_path(run_dir, step)
     final = run_dir / checkpoint_name(step)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
-    if final.exists():
-        # A checkpoint of this step from before (a run resumed from an earlier one): set aside, not
-        # deleted, until the new one is in place, so that a crash in between loses neither.
-        replaced = run_dir / f".{final.name}.replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-        os.rename(tmp, final)
-        shutil.rmtree(replaced)
-    else:
-        os.rename(tmp, final)
-    _fsync(run_dir)
-    _write_text_atomically(run_dir / LATEST_FILE, final.name + "\n")
+    fsync_tree(tmp)
+    # A checkpoint of this step from before (a run resumed from an earlier one) is replaced, not
+    # deleted first: a crash in between loses neither.
+    move_into_place(tmp, final)
+    fsync_path(run_dir)
+    write_text_atomically(run_dir / LATEST_FILE, final.name + "\n", durable=True)
     return final
 
 
@@ -150,7 +111,7 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def mark_best(run_dir: Path, checkpoint: Path) -> None:
-    _write_text_atomically(Path(run_dir) / BEST_FILE, Path(checkpoint).name + "\n")
+    write_text_atomically(Path(run_dir) / BEST_FILE, Path(checkpoint).name + "\n", durable=True)
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

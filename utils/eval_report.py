@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from utils.atomic_files import write_text_atomically
 from utils.evaluation import GENERATE, TEACHER_FORCED, detection_targets, scored_pairs
 from utils.masks import IGNORE_LABEL, decode_rle, mask_to_box
 from utils.metrics import DetectionMeter, SegmentationMeter
@@ -129,12 +130,7 @@ def build_report(model: dict, checkpoint: str, run: dict, results: list[dict]) -
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- the table
@@ -300,11 +296,7 @@ class PredictionWriter:
         order = {name: i for i, name in enumerate(self.split_order)}
         protocols = {TEACHER_FORCED: 0, GENERATE: 1}
         records.sort(key=lambda r: (order.get(r["split"], len(order)), protocols[r["protocol"]], r["index"], r["turn"]))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records))
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)
         return len(records)
