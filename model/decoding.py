@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -54,6 +53,7 @@ import torch
 from torch import nn
 
 from .image_cache import tensor_key
+from .lru import LRU
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,10 @@ class Decoded:
             that consumed ``tokens[:, j]``. A ``[SEG]`` at j is stood for by ``states[:, j + 1 +
             offset]`` (:data:`model.constants.SEG_STATES`). Zero where not computed (after the last
             step).
-        prefix_reused: the image prefix's keys and values came from a :class:`PrefixCache`.
     """
 
     tokens: torch.Tensor
     states: torch.Tensor
-    prefix_reused: bool = False
 
 
 @dataclass
@@ -109,12 +107,13 @@ class _Prefix:
     rope_delta: torch.Tensor  # [1, 1]
 
 
-class PrefixCache:
+class PrefixCache(LRU[str, _Prefix]):
     """LRU store of image prefixes' keys and values, for follow-up questions (see the module doc).
 
     Only single-request batches use it. Memory per entry: layers x 2 x kv_heads x head_dim x
     prefix tokens x bytes; for Qwen2.5-VL-7B in bf16 (28 x 2 x 4 x 128 x 2 bytes = 57 KB a token)
     and a 640x480 image (about 420 prefix tokens) that is 24 MB. Use one store per model.
+    ``stats`` counts the lookups that found a prefix (``"hits"``) and those that did not.
 
     Args:
         max_items: prefixes kept (0 disables storing).
@@ -123,30 +122,13 @@ class PrefixCache:
     def __init__(self, max_items: int = 4) -> None:
         if max_items < 0:
             raise ValueError(f"max_items must be >= 0, got {max_items}")
-        self.max_items = max_items
-        self._items: OrderedDict[str, _Prefix] = OrderedDict()
+        super().__init__(max_items)
         self.stats = {"hits": 0, "misses": 0}
 
     def get(self, key: str) -> _Prefix | None:
-        prefix = self._items.get(key)
+        prefix = super().get(key)
         self.stats["hits" if prefix is not None else "misses"] += 1
-        if prefix is not None:
-            self._items.move_to_end(key)
         return prefix
-
-    def put(self, key: str, prefix: _Prefix) -> None:
-        if not self.max_items:
-            return
-        self._items[key] = prefix
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def image_prefix_length(inputs: dict) -> int:
@@ -179,7 +161,7 @@ class GreedyDecoder:
         self.sync_every = sync_every
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self.eager_shapes: set[tuple[int, int]] = set()  # met beyond MAX_COMPILED_SHAPES
-        self._caches: OrderedDict[tuple, object] = OrderedDict()
+        self._caches: LRU[tuple[int, int], object] = LRU(max_caches)
         self._compiled_step: Callable | None = None
 
     @torch.no_grad()
@@ -213,7 +195,7 @@ class GreedyDecoder:
         full_mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_length] = attention_mask
 
-        hidden, rope_delta, reused = self._prefill(inputs, attention_mask, cache, prefix_cache)
+        hidden, rope_delta = self._prefill(inputs, attention_mask, cache, prefix_cache)
         logits = self.lm.lm_head(hidden).float()
         first_positions = attention_mask.sum(dim=1) + rope_delta.view(-1).to(device)
 
@@ -235,12 +217,12 @@ class GreedyDecoder:
             logits, hidden = self._decode_step(token[:, None], positions, full_mask, cache)
             # Copy out before the next step: under CUDA graphs the next replay reuses this memory.
             states[:, step + 1] = hidden
-        return Decoded(tokens[:, :steps], states[:, : steps + 1], reused)
+        return Decoded(tokens[:, :steps], states[:, : steps + 1])
 
     # ------------------------------------------------------------------ the prompt
 
     def _prefill(self, inputs, attention_mask, cache, prefix_cache):
-        """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas, reused)."""
+        """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas)."""
         # A sliding-window layer keeps only its last tokens: its prefix cannot be copied back.
         reusable = prefix_cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
         prefix_length = image_prefix_length(inputs) if reusable else 0
@@ -251,7 +233,7 @@ class GreedyDecoder:
             key += f"|{self.lm.dtype}|{inputs['input_ids'].device}"
             prefix = prefix_cache.get(key)
             if prefix is not None and prefix.length < inputs["input_ids"].shape[1]:
-                return self._prefill_after(prefix, inputs, attention_mask, cache), prefix.rope_delta, True
+                return self._prefill_after(prefix, inputs, attention_mask, cache), prefix.rope_delta
         output = self.lm.model(**inputs, cache=cache, use_cache=True)
         rope_delta = getattr(self.lm.model, "rope_deltas", None)
         if rope_delta is None or inputs.get("image_grid_thw") is None:
@@ -264,7 +246,7 @@ class GreedyDecoder:
                 values=[layer.values[:, :, :prefix_length].clone() for layer in layers],
                 rope_delta=rope_delta.clone(),
             ))
-        return output.last_hidden_state[:, -1], rope_delta, False
+        return output.last_hidden_state[:, -1], rope_delta
 
     def _prefill_after(self, prefix: _Prefix, inputs, attention_mask, cache) -> torch.Tensor:
         """Load ``prefix`` into ``cache`` and run only the tokens after it (text: no vision)."""
@@ -352,12 +334,11 @@ class GreedyDecoder:
         cache = self._caches.get(key)
         if cache is None:
             cache = StaticCache(config=self.lm.config, max_cache_len=length)
-            self._caches[key] = cache
-            while len(self._caches) > (self.max_caches if self.compiled else 1):
-                self._caches.popitem(last=False)
+            # Read at each new cache, not once: a failed compile turns ``compiled`` off for good.
+            self._caches.max_items = self.max_caches if self.compiled else 1
+            self._caches.put(key, cache)
         else:
             cache.reset()
-        self._caches.move_to_end(key)
         return cache
 
 

@@ -1,6 +1,12 @@
-"""Reuse of image features when the same image is asked about again.
+"""Running the vision encoders once per image, across requests and within a batch.
 
-Each request re-runs two vision encoders: SAM's image encoder (the segmenter's
+This module holds two independent tools:
+
+* :class:`FeatureCache` keeps the encoders' outputs between requests about the same image (below);
+* :func:`shared_images` makes a batch whose rows share images run Qwen-VL's vision tower once per
+  distinct image and repeat its output row by row (see its docstring).
+
+For the cache: each request re-runs two vision encoders: SAM's image encoder (the segmenter's
 :meth:`~model.segmenter.ReasonSegmenter.encode_images`) and Qwen-VL's vision tower (its
 ``visual`` module, during the prompt's forward pass). For a follow-up question about the same
 image both give the same output, so :class:`FeatureCache` memoises them:
@@ -33,12 +39,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from .lru import LRU
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +66,6 @@ def tensor_key(*tensors: torch.Tensor | None) -> str:
         digest.update(f"{data.dtype}{tuple(tensor.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-class _LRU:
-    def __init__(self, max_items: int) -> None:
-        self.max_items = max_items
-        self.items: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, key: str) -> Any:
-        value = self.items.get(key, _MISSING)
-        if value is not _MISSING:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: Any) -> None:
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.max_items:
-            self.items.popitem(last=False)
 
 
 def _fresh(output: Any) -> Any:
@@ -115,8 +104,8 @@ class FeatureCache:
             raise ValueError(f"max_items must be >= 0, got {max_items}")
         self.max_items = max_items
         self.training = training
-        self._sam = _LRU(max_items)
-        self._vision = _LRU(max_items)
+        self._sam: LRU[str, torch.Tensor] = LRU(max_items)
+        self._vision: LRU[str, Any] = LRU(max_items)
         self._lock = threading.RLock()
         self._model: nn.Module | None = None
         self._visual: nn.Module | None = None
@@ -173,11 +162,11 @@ class FeatureCache:
 
     def clear(self) -> None:
         with self._lock:
-            self._sam.items.clear()
-            self._vision.items.clear()
+            self._sam.clear()
+            self._vision.clear()
 
     def __len__(self) -> int:
-        return len(self._sam.items) + len(self._vision.items)
+        return len(self._sam) + len(self._vision)
 
     # ------------------------------------------------------------------ the wrappers
 
@@ -187,7 +176,7 @@ class FeatureCache:
                 return encode(sam_pixel_values, input_sizes)
             with self._lock:
                 keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
-                found = {key: self._sam.get(key) for key in dict.fromkeys(keys)}
+                found = {key: self._sam.get(key, _MISSING) for key in dict.fromkeys(keys)}
                 missing = [key for key, value in found.items() if value is _MISSING]
                 self.stats["sam_hits"] += len(keys) - len(missing)
                 self.stats["sam_misses"] += len(missing)
@@ -213,7 +202,7 @@ class FeatureCache:
             others += [f"{k}={kwargs[k]!r}" for k in sorted(kwargs) if not isinstance(kwargs[k], torch.Tensor)]
             key = tensor_key(*tensors) + "|" + ",".join(others)
             with self._lock:
-                output = self._vision.get(key)
+                output = self._vision.get(key, _MISSING)
                 if output is not _MISSING:
                     self.stats["vision_hits"] += 1
                     return _fresh(output)
@@ -276,6 +265,8 @@ def shared_images(vlm: nn.Module, batch: dict) -> Iterator[dict]:
     Yields:
         the keyword arguments for the VLM (without ``labels``).
     """
+    # Not at the top: model.batch imports transformers (through model.conversation), and
+    # model.decoding, which the inference CLI imports before parsing its arguments, imports this module.
     from .batch import row_images, shares_images, vlm_inputs
 
     inputs = vlm_inputs(batch)

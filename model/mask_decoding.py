@@ -6,9 +6,10 @@ the official call runs B times per step with the same operators each time, and a
 for operator launches more than for arithmetic (on the CPU demo, batch 4, one pass instead of four
 cut the decoder's forward from 79 to 60 ms a step).
 :func:`decode_low_res_masks` pairs every prompt with its own image's embedding instead and runs
-the official submodules (``transformer``, ``output_upscaling``, the hypernetwork MLPs, the IoU
-head) once for all N prompts. Each mask equals the official per-image call's (tested to 1e-5 in
-float32, gradients included); the module and its parameter names are untouched.
+the official submodules (``transformer``, ``output_upscaling``, the hypernetwork MLPs) once for
+all N prompts. The IoU head is not run: nothing in the project reads its mask-quality scores.
+Each mask equals the official per-image call's (tested to 1e-5 in float32, gradients included);
+the module and its parameter names are untouched.
 
 Shapes: B images, N prompts, P prompt width, h x w the image embedding grid.
 """

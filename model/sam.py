@@ -18,22 +18,16 @@ This module is the project's single entry point to SAM. It provides:
 * :func:`freeze_for_segmentation` -- the LISA training setup (frozen image and prompt encoders,
   trainable mask decoder).
 
-How the pieces fit together for one image and ``n`` [SEG] tokens::
+How the pieces fit together for one image and ``n`` [SEG] tokens (the mask decoder runs through
+:func:`model.mask_decoding.decode_low_res_masks`, which takes the prompts of several images at once)::
 
     sam = build_sam("vit_h", "weights/sam_vit_h_4b8939.pth")
     transform = SamTransform.from_sam(sam)
     sam_input = transform.preprocess(image)                      # image: HxWx3 uint8 RGB
     pixels = transform.normalize(sam_input.pixel_values[None], [sam_input.input_size])
-    emb = sam.image_encoder(pixels)                              # [1, C, S/16, S/16]
-    sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-    # sparse: [1, 0, C] (unused); dense: [1, C, S/16, S/16] (the no-mask embedding)
-    low_res, iou = sam.mask_decoder(
-        image_embeddings=emb,                                    # one image at a time: the
-        image_pe=sam.prompt_encoder.get_dense_pe(),              # decoder repeats it per prompt
-        sparse_prompt_embeddings=seg_prompts,                    # [n, 1, C]
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-    )                                                            # low_res: [n, 1, S/4, S/4]
+    emb = sam.image_encoder(pixels)                              # [1, C, h, w], h = w = S/patch
+    low_res = decode_low_res_masks(sam, emb, torch.zeros(n, dtype=torch.long), seg_prompts)
+    # seg_prompts: [n, 1, C], all on image 0; low_res: [n, 1, 4h, 4w] (S/4 x S/4 for ViT-B/L/H)
     masks = postprocess_masks(low_res, sam_input.input_size, sam_input.original_size,
                               transform.image_size)              # [n, 1, H, W] logits
 
@@ -82,6 +76,7 @@ __all__ = [
     "get_preprocess_shape",
     "infer_variant_from_checkpoint",
     "postprocess_masks",
+    "sam_blocks",
     "sam_image_size",
     "sam_modeling",
     "sam_prompt_embed_dim",
@@ -99,6 +94,9 @@ SAM_CHECKPOINT_URLS: dict[str, str] = {
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
 }
+
+#: Image-encoder attentions :func:`build_sam` offers (see its ``attention`` argument).
+SAM_ATTENTIONS = ("sdpa", "official")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +208,6 @@ class SamVariantSpec:
     def image_embedding_size(self) -> int:
         """Side of the image embedding grid, S / patch_size (64 for the official variants)."""
         return self.image_size // self.patch_size
-
-    @property
-    def low_res_mask_size(self) -> int:
-        """Side of the mask decoder's low-resolution masks, S / 4 (256 for the official variants)."""
-        return 4 * self.image_embedding_size
 
 
 SAM_VARIANTS: dict[str, SamVariantSpec] = {
@@ -581,15 +574,20 @@ def build_sam(
     return _with_attention(sam, attention)
 
 
-SAM_ATTENTIONS = ("sdpa", "official")
-
-
 def _with_attention(sam: "Sam", attention: str) -> "Sam":
     if attention == "sdpa":
         from .sam_attention import use_fast_attention
 
         use_fast_attention(sam.image_encoder)
     return sam
+
+
+def sam_blocks(image_encoder: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ViT blocks (window and global) of a SAM image encoder (``sam.image_encoder``)."""
+    blocks = getattr(image_encoder, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"expected a SAM ImageEncoderViT (with .blocks), got {type(image_encoder).__name__}")
+    return blocks
 
 
 def sam_image_size(sam: "Sam") -> int:
@@ -671,7 +669,8 @@ def postprocess_masks(
     original_size (align_corners=False). Differentiable.
 
     Arguments:
-      low_res_masks (torch.Tensor): [N, C, h, w] mask logits from the mask decoder (h = w = S/4).
+      low_res_masks (torch.Tensor): [N, C, h, w] mask logits from the mask decoder (h = w =
+        4 S/patch: S/4 for ViT-B/L/H).
       input_size (tuple(int, int)): (h, w) of the resized image before padding (SamInput.input_size).
       original_size (tuple(int, int)): (H, W) of the original image (SamInput.original_size).
       image_size (int): S, the model input side (see sam_image_size).
@@ -726,10 +725,6 @@ class SamTransform:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size})"
 
-    def get_preprocess_shape(self, oldh: int, oldw: int) -> tuple[int, int]:
-        """(h, w) after resizing an (oldh, oldw) image so its longest side is S."""
-        return get_preprocess_shape(oldh, oldw, self.image_size)
-
     def resize(self, image: np.ndarray) -> np.ndarray:
         """
         Arguments:
@@ -739,7 +734,7 @@ class SamTransform:
           (np.ndarray): h x w x 3 uint8 RGB with max(h, w) == S.
         """
         image = _as_rgb_uint8(image)
-        new_h, new_w = self.get_preprocess_shape(image.shape[0], image.shape[1])
+        new_h, new_w = get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)
         if (new_h, new_w) == image.shape[:2]:
             return image
         return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
@@ -781,12 +776,6 @@ class SamTransform:
         side = torch.arange(self.image_size, device=device)
         inside = (side.view(1, -1, 1) < sizes[:, 0]) & (side.view(1, 1, -1) < sizes[:, 1])  # [B, S, S]
         return torch.where(inside[:, None], x, 0.0)
-
-    def postprocess_masks(
-        self, low_res_masks: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int]
-    ) -> torch.Tensor:
-        """[N, C, h, w] low-res logits -> [N, C, H, W] logits; see the module-level postprocess_masks."""
-        return postprocess_masks(low_res_masks, input_size, original_size, self.image_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,28 +49,30 @@ TFLOP); ``tools/bench_sam_encoder.py`` times all three, with each SDPA backend, 
 ViT-H, and prints which one won. ``"mask"`` is the default because it adds no FLOPs, is the
 approach with a published record (segment-anything-fast) and does not depend on a kernel
 accepting unequal or large head sizes; change :data:`DEFAULT_REL_POS_MODE` if the benchmark on
-the target GPU says otherwise. All modes compute the same function as the official module (fp32
-differences are rounding only, ~1e-6); in bf16 they are at least as accurate as the official
-path, whose attention scores are rounded to bf16 before the softmax.
+the target GPU says otherwise. Nothing in the model asks for ``"fold"`` or ``"fold_flash"``: they
+exist for that benchmark, the measurement that chooses :data:`DEFAULT_REL_POS_MODE`. All modes
+compute the same function as the official module (fp32 differences are rounding only, ~1e-6); in
+bf16 they are at least as accurate as the official path, whose attention scores are rounded to
+bf16 before the softmax.
 
 When it is used: :func:`use_fast_attention` swaps it into a built image encoder (every block,
 window and global), in place, keeping the very same parameter tensors; :func:`use_official_attention`
-swaps the official module back. Nothing here runs unless one of them is called: wiring it into
-``build_sam`` / the segmenter (on by default, official path behind a switch) is the caller's
-decision. It is meant for the frozen encoder (inference and training both) on any device; autograd
+swaps the official module back. :func:`model.sam.build_sam` calls :func:`use_fast_attention` on
+every SAM it builds unless given ``attention="official"``, so the segmenter runs this module by
+default. It is meant for the frozen encoder (inference and training both) on any device; autograd
 works through it too (the memory-efficient and math kernels have backward passes with a mask
 that requires grad). ``torch.compile`` traces it without graph breaks.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.sam import sam_modeling
+from model.sam import sam_blocks, sam_modeling
 
 if TYPE_CHECKING:  # pragma: no cover
     from segment_anything.modeling import ImageEncoderViT
@@ -170,23 +172,13 @@ def _bias_mask(rel_h: torch.Tensor, rel_w: torch.Tensor, batch: int, heads: int)
 class SdpaAttention(OfficialAttention):
     """
     The official SAM ``Attention`` (window and global blocks alike) computed with
-    ``F.scaled_dot_product_attention``. Same constructor as the official class plus
-    ``rel_pos_mode`` ("mask", "fold" or "fold_flash"; see the module docstring), same parameters,
-    same state-dict keys. Input [B, H, W, C], output [B, H, W, C].
-    """
+    ``F.scaled_dot_product_attention``, in the way ``rel_pos_mode`` says ("mask", "fold" or
+    "fold_flash"; see the module docstring). Same parameters, same state-dict keys. Input
+    [B, H, W, C], output [B, H, W, C].
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = True,
-        use_rel_pos: bool = False,
-        rel_pos_zero_init: bool = True,
-        input_size: Optional[tuple[int, int]] = None,
-        rel_pos_mode: str = DEFAULT_REL_POS_MODE,
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, use_rel_pos, rel_pos_zero_init, input_size)
-        self.rel_pos_mode = _check_mode(rel_pos_mode)
+    Made from a built official module with :meth:`from_official` (as :func:`use_fast_attention`
+    does), which shares its parameters instead of allocating new ones.
+    """
 
     @classmethod
     def from_official(cls, attn: nn.Module, rel_pos_mode: str = DEFAULT_REL_POS_MODE) -> "SdpaAttention":
@@ -277,14 +269,6 @@ def _share(src: nn.Module, dst: nn.Module) -> None:
         dst.rel_pos_w = src.rel_pos_w
 
 
-def _attention_modules(image_encoder: nn.Module):
-    blocks = getattr(image_encoder, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"expected a SAM ImageEncoderViT (with .blocks), got {type(image_encoder).__name__}")
-    for block in blocks:
-        yield block
-
-
 def use_fast_attention(image_encoder: "ImageEncoderViT", rel_pos_mode: str = DEFAULT_REL_POS_MODE) -> int:
     """
     Makes every block of a SAM image encoder (window and global) compute attention with
@@ -304,7 +288,7 @@ def use_fast_attention(image_encoder: "ImageEncoderViT", rel_pos_mode: str = DEF
     """
     _check_mode(rel_pos_mode)
     swapped = 0
-    for block in _attention_modules(image_encoder):
+    for block in sam_blocks(image_encoder):
         attn = block.attn
         if isinstance(attn, SdpaAttention):
             if attn.rel_pos_mode != rel_pos_mode:
@@ -324,7 +308,7 @@ def use_official_attention(image_encoder: "ImageEncoderViT") -> int:
     block (same parameter tensors). Returns the number of modules swapped back.
     """
     swapped = 0
-    for block in _attention_modules(image_encoder):
+    for block in sam_blocks(image_encoder):
         if isinstance(block.attn, SdpaAttention):
             block.attn = block.attn.to_official()
             swapped += 1
@@ -335,6 +319,6 @@ def attention_implementation(image_encoder: "ImageEncoderViT") -> str:
     """"official", "sdpa:<mode>" or "mixed" -- what the encoder's blocks use now."""
     kinds = {
         f"sdpa:{b.attn.rel_pos_mode}" if isinstance(b.attn, SdpaAttention) else "official"
-        for b in _attention_modules(image_encoder)
+        for b in sam_blocks(image_encoder)
     }
     return kinds.pop() if len(kinds) == 1 else "mixed"

@@ -22,6 +22,8 @@ import logging
 import torch
 from torch import nn
 
+from .sam import sam_blocks
+
 logger = logging.getLogger(__name__)
 
 MAX_COMPILED_VARIANTS = 64
@@ -30,17 +32,10 @@ a new batch size runs eagerly. torch's own limit (``recompile_limit``, 8) would 
 batch size, which a training run's or an evaluation's last partial batch easily is."""
 
 
-def _blocks(image_encoder: nn.Module) -> nn.ModuleList:
-    blocks = getattr(image_encoder, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"expected a SAM ImageEncoderViT (with .blocks), got {type(image_encoder).__name__}")
-    return blocks
-
-
 def compile_image_encoder(image_encoder: nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
     """Compile every block of ``image_encoder`` (``sam.image_encoder``) in place; see the module
     docstring. ``backend`` and ``mode`` go to ``torch.compile``."""
-    blocks = _blocks(image_encoder)
+    blocks = sam_blocks(image_encoder)
     for block in blocks:
         eager_forward = type(block).forward.__get__(block)
         block.forward = torch.compile(eager_forward, backend=backend, mode=mode, fullgraph=True, dynamic=False)
@@ -50,18 +45,18 @@ def compile_image_encoder(image_encoder: nn.Module, backend: str = "inductor", m
 
 def uncompile_image_encoder(image_encoder: nn.Module) -> None:
     """Give every block its eager ``forward`` back."""
-    for block in _blocks(image_encoder):
+    for block in sam_blocks(image_encoder):
         block.__dict__.pop("forward", None)
 
 
 def image_encoder_is_compiled(image_encoder: nn.Module) -> bool:
     """Whether :func:`compile_image_encoder` is in effect."""
-    return any("forward" in block.__dict__ for block in _blocks(image_encoder))
+    return any("forward" in block.__dict__ for block in sam_blocks(image_encoder))
 
 
 def run_image_encoder(image_encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """``image_encoder(pixels)``: [B, 3, S, S] -> [B, P, S/16, S/16]. A compiled encoder that cannot
-    be compiled warns once and runs eagerly from then on; a batch size past
+    """``image_encoder(pixels)``: [B, 3, S, S] -> [B, P, S/patch, S/patch]. A compiled encoder that
+    cannot be compiled warns once and runs eagerly from then on; a batch size past
     :data:`MAX_COMPILED_VARIANTS` runs eagerly, the sizes compiled before stay compiled."""
     if not image_encoder_is_compiled(image_encoder):
         return image_encoder(pixels)

@@ -79,7 +79,7 @@ Real size (Qwen2.5-VL-7B vision: 32 layers, 28 windowed, H=16, D=80, H*D=1280; b
   1,564 to 5,120: 23.8 M wasted pairs = 122 GFLOP per full layer (~0.5 TFLOP over the 4 full
   layers, about 1 ms), far more than one extra call (~10-20 us). So chunks (sorted by length,
   longest first) are added to the current group while its wasted work stays within
-  :data:`MIN_SPLIT_FLOPS` (8 GFLOP, about 20 us at 400 TFLOP/s: the price of one more call);
+  :data:`MAX_PADDING_FLOPS` (8 GFLOP, about 20 us at 400 TFLOP/s: the price of one more call);
   otherwise a new group, i.e. one more SDPA call, starts. Window layers never come near it (a
   640x480 image wastes 30 K pairs = 0.16 GFLOP), nor do batches of similar images (1,564 vs
   1,204 patches: 1.0 M pairs, 5.1 GFLOP): they take one call per layer; only full-attention
@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -105,10 +104,12 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.utils.generic import is_flash_attention_requested
 
+from .lru import LRU
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MIN_SPLIT_FLOPS",
+    "MAX_PADDING_FLOPS",
     "PACKED_VISION_ATTENTION",
     "packed_vision_attention_forward",
     "use_packed_vision_attention",
@@ -120,7 +121,7 @@ PACKED_VISION_ATTENTION = "packed_sdpa_flash_varlen"
 
 #: Largest wasted padded work (FLOPs: 4 * H * D per padded query-key pair) a group may carry
 #: before the next chunk starts a new group, i.e. one more SDPA call. See the module docstring.
-MIN_SPLIT_FLOPS = 8e9
+MAX_PADDING_FLOPS = 8e9
 
 # The vision attention classes whose dispatch (varlen branch when "flash" is in the name) this
 # relies on, by module of definition.
@@ -177,7 +178,7 @@ def _build_plan(cu_seqlens: list[int], total: int, flops_per_pair: int, device: 
             group = members[-1]
             longest = lengths[group[0]]
             wasted = (len(group) + 1) * longest**2 - exact - lengths[i] ** 2
-            if wasted * flops_per_pair <= MIN_SPLIT_FLOPS:
+            if wasted * flops_per_pair <= MAX_PADDING_FLOPS:
                 group.append(i)
                 exact += lengths[i] ** 2
                 continue
@@ -211,8 +212,8 @@ def _build_plan(cu_seqlens: list[int], total: int, flops_per_pair: int, device: 
     return _Plan(groups=groups, inverse=inverse.to(device))
 
 
-_PLAN_CACHE: OrderedDict[int, tuple] = OrderedDict()
-_PLAN_CACHE_SIZE = 8
+# id(cu_seqlens) -> (weakref to it, its version, the plan's parameters, the plan)
+_PLANS: LRU[int, tuple] = LRU(8)
 
 
 def _tensor_version(t: torch.Tensor):
@@ -227,21 +228,17 @@ def _cached_plan(cu_seqlens: torch.Tensor, total: int, flops_per_pair: int, devi
     """The plan for ``cu_seqlens``; reused across the layers of one forward (same tensor object)."""
     key = id(cu_seqlens)
     # Index/mask tensors made under inference_mode cannot be saved for a later backward.
-    params = (total, flops_per_pair, MIN_SPLIT_FLOPS, device, torch.is_inference_mode_enabled())
-    entry = _PLAN_CACHE.get(key)
+    params = (total, flops_per_pair, MAX_PADDING_FLOPS, device, torch.is_inference_mode_enabled())
+    entry = _PLANS.get(key)
     if (
         entry is not None
         and entry[0]() is cu_seqlens
         and entry[1] == _tensor_version(cu_seqlens)
         and entry[2] == params
     ):
-        _PLAN_CACHE.move_to_end(key)
         return entry[3]
     plan = _build_plan([int(x) for x in cu_seqlens.tolist()], total, flops_per_pair, device)
-    _PLAN_CACHE[key] = (weakref.ref(cu_seqlens), _tensor_version(cu_seqlens), params, plan)
-    _PLAN_CACHE.move_to_end(key)
-    while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
+    _PLANS.put(key, (weakref.ref(cu_seqlens), _tensor_version(cu_seqlens), params, plan))
     return plan
 
 

@@ -215,7 +215,8 @@ def test_eager_decoding_keeps_one_static_cache(tiny_vlm_dir, photos):
     single = model.collate([model.prepare(photos[0], [("Where is the dog?", None)])], "left")
     for batch, max_new_tokens in ((single, 4), (left_padded_batch(model, photos), 4), (single, CACHE_LENGTH_STEP + 1)):
         model.generate(batch, max_new_tokens, decoding="eager")
-    assert [shape for shape, _ in model._decoders["eager"]._caches.items()] == [(1, 2 * CACHE_LENGTH_STEP)]
+    caches = model._decoders["eager"]._caches
+    assert len(caches) == 1 and caches.get((1, 2 * CACHE_LENGTH_STEP)) is not None
 
 
 def test_decoding_modes_resolve_by_device():

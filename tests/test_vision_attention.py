@@ -170,7 +170,7 @@ def test_inference_mode_and_repeat(family):
 
 
 def test_split_into_groups_when_padding_is_expensive(monkeypatch):
-    """With MIN_SPLIT_FLOPS = 0 every length gets its own group (one call per distinct chunk
+    """With MAX_PADDING_FLOPS = 0 every length gets its own group (one call per distinct chunk
     length): still exact. At the default the tiny batch is one call per layer (see above)."""
     model, processor = tiny("qwen2_5_vl")
     pixels, grid = vision_inputs(processor)
@@ -178,7 +178,7 @@ def test_split_into_groups_when_padding_is_expensive(monkeypatch):
     set_vision_backend(model, "sdpa")
     with torch.no_grad():
         reference = model.model.visual(pixels, grid_thw=grid).pooler_output
-    monkeypatch.setattr(va, "MIN_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(va, "MAX_PADDING_FLOPS", 0)
     use_packed_vision_attention(model)
     with torch.no_grad(), count_sdpa_calls() as calls:
         packed = model.model.visual(pixels, grid_thw=grid).pooler_output
