@@ -17,12 +17,13 @@ A batch has one token row per conversation and one entry per sample (image) ever
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .conversation import IGNORE_INDEX, encode_conversation
+from .conversation import IGNORE_INDEX, encode_conversation, encode_image
 from .sam import SamTransform
 
 SINGLE_TURN = "single_turn"
@@ -66,13 +67,16 @@ def encode_sample(
     if not turns:
         raise ValueError("a sample needs at least one turn")
     groups = [[turn] for turn in turns] if conversation_mode == SINGLE_TURN else [list(turns)]
-    sample: dict[str, Any] = {"conversations": []}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # SAM's resize runs beside Qwen's image processor: both spend their time in PIL and numpy,
+        # which release the GIL.
+        sam_future = pool.submit(sam_transform.preprocess, image)
+        image_fields = encode_image(processor, image)
+        sam_input = sam_future.result()
+    sample: dict[str, Any] = {"conversations": [], **image_fields}
     for group in groups:
-        encoded = encode_conversation(processor, image, group)
-        sample["conversations"].append({k: encoded.pop(k) for k in _TOKEN_FIELDS if k in encoded})
-        for key, value in encoded.items():  # the image fields: the same for every conversation
-            sample.setdefault(key, value)
-    sam_input = sam_transform.preprocess(image)
+        encoded = encode_conversation(processor, image, group, image_fields)
+        sample["conversations"].append({k: encoded[k] for k in _TOKEN_FIELDS if k in encoded})
     sample["sam_pixel_values"] = sam_input.pixel_values
     sample["sam_input_size"] = sam_input.input_size
     sample["original_size"] = sam_input.original_size

@@ -1,10 +1,11 @@
 """Conversations in the checkpoint's own chat template, and their training labels.
 
 One image per conversation, in the first user turn; any number of (question, answer) turns.
-Training asks the questions of a sample either as one conversation of several turns or, by
-default, as several single-turn conversations (``model.batch.encode_sample``'s
-``conversation_mode``); either way a batch holds the image once and the encoders run once per
-image (``model.image_cache.shared_images``).
+Training asks the questions of a sample either as one conversation of several turns (the
+default, ``multi_turn``) or as several single-turn conversations (``single_turn``, LISA's way;
+``model.batch.encode_sample``'s ``conversation_mode``); either way the image is processed once
+(:func:`encode_image`, then each conversation through the processor with those fields), a batch
+holds it once and the encoders run once per image (``model.image_cache.shared_images``).
 
 Labels are -100 everywhere except the assistant replies. The reply spans are found from the chat
 template itself: the token sequence that opens an assistant turn (the template's generation prompt)
@@ -14,11 +15,13 @@ is hard-coded and any Qwen template (with or without a default system prompt) wo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+from transformers import BatchFeature
 
 IGNORE_INDEX = -100
 
@@ -93,18 +96,49 @@ def assistant_labels(input_ids: torch.Tensor, markers: TemplateMarkers) -> torch
     return torch.tensor(labels, dtype=torch.long)
 
 
-def encode_conversation(processor, image: np.ndarray, turns: list[tuple[str, str | None]]) -> dict:
+def encode_image(processor, image: np.ndarray) -> dict:
+    """The image fields of one HxWx3 uint8 image, as the processor's own call computes them:
+    ``pixel_values`` [patches, D] and ``image_grid_thw`` [1, 3]."""
+    # channels_last: an image 1 or 3 pixels high would otherwise be taken for channels-first.
+    return dict(processor.image_processor(images=[image], return_tensors="pt", input_data_format="channels_last"))
+
+
+class _EncodedImage:
+    """Stands in for a processor's image processor, answering with the fields of an image encoded
+    before (:func:`encode_image`): the processor's own call then builds the text around them (the
+    image-token count included) without processing the image again. Any other attribute is the
+    real image processor's."""
+
+    def __init__(self, image_processor, image_fields: dict) -> None:
+        self._image_processor = image_processor
+        self._image_fields = image_fields
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return BatchFeature(dict(self._image_fields))
+
+    def __getattr__(self, name: str):
+        return getattr(self._image_processor, name)
+
+
+def encode_conversation(
+    processor, image: np.ndarray, turns: list[tuple[str, str | None]], image_fields: dict | None = None
+) -> dict:
     """Tokenise one image and its turns with the processor; add ``labels`` for training.
 
     Returns the processor's outputs whole (1-D ``input_ids``, ``attention_mask``,
     ``mm_token_type_ids``; ``pixel_values`` [patches, D]; ``image_grid_thw`` [1, 3]) plus
     ``labels``. An open last turn (answer None) gets the generation prompt and no labels there.
+    ``image_fields``: the image's :func:`encode_image`, when already computed (several
+    conversations about one image process it once).
     """
+    if image_fields is not None:
+        processor = copy.copy(processor)  # the caller's processor is left as it is (threads share it)
+        processor.image_processor = _EncodedImage(processor.image_processor, image_fields)
     add_generation_prompt = turns[-1][1] is None
     text = processor.apply_chat_template(
         build_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    # channels_last: an image 1 or 3 pixels high would otherwise be taken for channels-first.
+    # channels_last: as in encode_image.
     encoded = processor(text=[text], images=[image], return_tensors="pt", input_data_format="channels_last")
     sample = {}
     for key, value in encoded.items():

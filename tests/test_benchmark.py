@@ -16,7 +16,12 @@ from tools.bench.common import request_batch, scene
 from tools.bench.generation import bench_batched, bench_repeated_image, published_generate
 from tools.bench.gpu_rows import GPU_ROW_KEYS, GPU_ROWS, Goal, floors, goal_met, gpu_rows, gpu_slug
 from tools.bench.report import format_table
-from tools.bench.training import apply_published_training_recipe, bench_data_loading, bench_training_step
+from tools.bench.training import (
+    apply_published_training_recipe,
+    bench_data_loading,
+    bench_preprocessing,
+    bench_training_step,
+)
 from transformers import LogitsProcessorList
 
 #: The keys of the GPU tables of issues 11 and 12, in their order.
@@ -231,6 +236,14 @@ def test_data_loading_row_uses_sam_1024_and_qwen_default_pixels(smoke, tmp_path)
     assert "(391 image tokens)" in row.check  # 640x480 at Qwen2.5-VL's default limits: 34 x 46 patches
     assert row.details["sam_image_size"] == 1024
     assert len(list((tmp_path / "jpeg_640x480" / "reason_seg" / "ReasonSeg" / "train").glob("*.jpg"))) == 4
+
+
+def test_preprocessing_rows_check_that_both_ways_give_the_same_inputs(smoke):
+    rows = bench_preprocessing(smoke)
+    assert [row.details["conversations"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row.check_passed, row.check
+        assert row.ours > 0 and row.baseline > 0 and row.unit == "ms"
 
 
 def test_decode_floor_counts_the_weights_one_token_reads():

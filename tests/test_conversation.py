@@ -110,6 +110,21 @@ def test_single_turn_mode_asks_each_question_as_its_own_conversation(tiny_vlm_di
         encode_sample(processor, SamTransform(256), dog, turns, [mask] * 3, conversation_mode="several")
 
 
+def test_a_sample_processes_its_image_once_however_many_conversations(tiny_vlm_dir, dog, monkeypatch):
+    processor = load_processor(tiny_vlm_dir("qwen2_5_vl"), "qwen2_5_vl")
+    image_processor = processor.image_processor
+    calls = []
+    real_call = type(image_processor).__call__
+    monkeypatch.setattr(type(image_processor), "__call__", lambda self, *a, **k: (calls.append(1), real_call(self, *a, **k))[1])
+    turns = [*TURNS, ("How many dogs?", "One.")]
+    masks = [np.zeros(dog.shape[:2], np.uint8)] * 3
+    sample = encode_sample(processor, SamTransform(256), dog, turns, masks, conversation_mode="single_turn")
+    assert len(sample["conversations"]) == 3 and len(calls) == 1
+    assert processor.image_processor is image_processor  # the caller's processor is untouched
+    encode_conversation(processor, dog, TURNS)
+    assert len(calls) == 2
+
+
 def test_masks_must_match_the_image(tiny_vlm_dir, dog):
     processor = load_processor(tiny_vlm_dir("qwen2_5_vl"), "qwen2_5_vl")
     with pytest.raises(ValueError, match="mask 0 has shape"):

@@ -41,8 +41,8 @@ MB = 1e6
 
 #: Rows, in table order, by the name ``--only`` accepts. The last two fill the keyed GPU rows
 #: (issues 11 and 12) at real size; ``real_size`` names both.
-BENCHMARKS = ("generation", "repeated_image", "batched", "training_step", "params", "ddp", "data_loading",
-              "real_size_inference", "real_size_training")
+BENCHMARKS = ("generation", "repeated_image", "batched", "training_step", "params", "ddp", "preprocessing",
+              "data_loading", "real_size_inference", "real_size_training")
 BENCHMARK_GROUPS = {"real_size": ("real_size_inference", "real_size_training")}
 
 #: The training log train_ddp.py writes in its run directory (utils.trainer.METRICS_FILE; not

@@ -22,7 +22,7 @@ import torch
 from .common import BENCHMARK_GROUPS, BENCHMARKS, BenchRow, BenchSettings, build_segmenter, free_memory
 from .generation import bench_batched, bench_generation, bench_repeated_image
 from .gpu_rows import gpu_rows, gpu_slug, measure_peaks
-from .training import bench_data_loading, bench_ddp, bench_params, bench_training_step
+from .training import bench_data_loading, bench_ddp, bench_params, bench_preprocessing, bench_training_step
 
 REAL_SIZE = BENCHMARK_GROUPS["real_size"]
 
@@ -155,6 +155,8 @@ def run_benchmarks(
                 new = bench_params(settings)
             elif name == "ddp":
                 new = bench_ddp(settings, scratch)
+            elif name == "preprocessing":
+                new = bench_preprocessing(settings)
             elif name == "data_loading":
                 new = bench_data_loading(settings, scratch)
             else:

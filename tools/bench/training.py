@@ -5,6 +5,8 @@
   time and its trainable state, on the tiny model with a 7B-sized vocabulary.
 * trainable parameters and AdamW state at real size (counted on the meta device).
 * ``train_ddp.py`` under ``torchrun``: 2 processes against 1 (CPU).
+* making a 640x480 image and its questions model-ready (a request, a 3-question training sample):
+  the image processed once and SAM's resize beside Qwen's, against the same steps in series.
 * what one data-loader worker does per second on 640x480 JPEGs.
 """
 
@@ -375,3 +377,64 @@ def bench_data_loading(settings: BenchSettings, scratch: Path) -> list[BenchRow]
         )
     ]
 
+
+
+def bench_preprocessing(settings: BenchSettings) -> list[BenchRow]:
+    """CPU time of :func:`model.batch.encode_sample` on a 640x480 photo-like image, at the real
+    processors (Qwen2.5-VL's image processor at the project's default limits, SAM at 1024; these
+    are independent of the model's size), for a request (1 question) and a training sample (3
+    questions asked as 3 conversations, ``--conversation_mode single_turn``).
+
+    Against the same steps in series, as the project did before 2026-11-30: each conversation
+    through the processor with its image, then SAM's transform. Checked: the same tokens, labels,
+    Qwen pixels and SAM input.
+    """
+    from model.batch import MULTI_TURN, SINGLE_TURN, encode_sample
+    from model.conversation import encode_conversation
+    from model.sam import SamTransform
+
+    processor, transform = default_qwen25_processor(), SamTransform(1024)
+    image, _, masks = scene(settings.seed + 30)
+    repeats = 3 if settings.smoke else 10 if settings.quick else 30
+    cases = (
+        ("a request, 1 question", [(QUESTIONS[0], None)], MULTI_TURN, []),
+        ("a training sample, 3 questions (single_turn)", [(q, "It is [SEG].") for q in QUESTIONS[:3]], SINGLE_TURN,
+         [masks[0]] * 3),
+    )
+    rows = []
+    for label, turns, mode, sample_masks in cases:
+        groups = [[turn] for turn in turns] if mode == SINGLE_TURN else [turns]
+
+        def ours():
+            return encode_sample(processor, transform, image, turns, sample_masks, conversation_mode=mode)
+
+        def in_series():
+            return [encode_conversation(processor, image, group) for group in groups], transform.preprocess(image)
+
+        times, last = interleaved({"ours": ours, "baseline": in_series}, repeats, torch.device("cpu"))
+        sample, (conversations, sam_input) = last["ours"], last["baseline"]
+        same = torch.equal(sample["sam_pixel_values"], sam_input.pixel_values) and all(
+            torch.equal(sample[key], conversations[0][key]) for key in ("pixel_values", "image_grid_thw")
+        ) and all(
+            torch.equal(mine[key], theirs[key]) for mine, theirs in zip(sample["conversations"], conversations)
+            for key in mine
+        )
+        ours_ms, baseline_ms = median(times["ours"]) * 1e3, median(times["baseline"]) * 1e3
+        rows.append(
+            BenchRow(
+                name=f"preprocessing of {label}, 640x480",
+                ours=ours_ms,
+                baseline=baseline_ms,
+                unit="ms",
+                goal="faster than in series",
+                met=ours_ms < baseline_ms,
+                check=("same tokens, labels, Qwen pixels and SAM input" if same else "inputs DIFFER"),
+                check_passed=same,
+                ours_is="encode_sample: the image processed once, SAM's resize in a thread beside Qwen's",
+                baseline_is="each conversation through the processor with its image, then SAM's transform",
+                details={"ms_ours": [t * 1e3 for t in times["ours"]], "ms_baseline": [t * 1e3 for t in times["baseline"]],
+                         "conversations": len(groups), "qwen_pixels": [QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS],
+                         "sam_image_size": 1024},
+            )
+        )
+    return rows
