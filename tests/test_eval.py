@@ -294,6 +294,23 @@ def test_empty_split_is_an_error(tiny_segmenter_dir, tmp_path):
     assert "'ReasonSeg|val'" in message and "is empty" in message
 
 
+def test_an_inconsistent_index_file_is_named_not_a_traceback(tiny_segmenter_dir, synthetic_root, tmp_path):
+    """gRefCOCO refs naming an image that instances.json lacks: the split and the file are named."""
+    source = synthetic_root / "refer_seg"
+    (tmp_path / "data" / "refer_seg" / "grefcoco").mkdir(parents=True)
+    (tmp_path / "data" / "refer_seg" / "images").symlink_to(source / "images")
+    shutil.copy(source / "grefcoco" / "grefs(unc).json", tmp_path / "data" / "refer_seg" / "grefcoco")
+    instances = json.loads((source / "grefcoco" / "instances.json").read_text())
+    refs = json.loads((source / "grefcoco" / "grefs(unc).json").read_text())
+    missing = next(ref["image_id"] for ref in refs if ref["split"] == "val")
+    instances["images"] = [image for image in instances["images"] if image["id"] != missing]
+    (tmp_path / "data" / "refer_seg" / "grefcoco" / "instances.json").write_text(json.dumps(instances))
+    message = main_error(["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(tmp_path / "data"),
+                          "--val_dataset", "grefcoco|unc|val", "--log_dir", str(tmp_path)])
+    assert message.startswith("error: split 'grefcoco|unc|val'") and "instances.json" in message
+    assert "1 images named by refs are missing" in message
+
+
 def test_checkpoint_problems_are_named(tiny_segmenter_dir, tiny_vlm_dir, synthetic_root, tmp_path):
     from model.segmenter import ReasonSegmenter
     from model.vlm import LoraSettings
@@ -345,3 +362,129 @@ def test_unreadable_items_make_a_split_incomplete_and_are_named_under_the_table(
     assert " 5/6 " in row
     whole = result_entry("ReasonSeg|val", "teacher_forced", {**scores, "unreadable": 0}, 6, 6)
     assert whole["complete"]
+
+
+# --------------------------------------------------------------------------- no-target expressions
+
+
+def no_target_indices(data):
+    flags = [bool(data[i].meta["no_target"][0]) for i in range(len(data))]
+    return [i for i, flag in enumerate(flags) if flag], [i for i, flag in enumerate(flags) if not flag]
+
+
+def test_teacher_forcing_runs_no_forward_for_no_target_expressions(tiny_model, synthetic_root, monkeypatch):
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import evaluate_teacher_forced
+
+    data = build_val_dataset("synthetic|grefer_val", str(synthetic_root))
+    absent, present = no_target_indices(data)
+    # Batches of 4: the first has no-target expressions only (no batch left to run), the second is mixed.
+    order = absent[:4] + present[:2] + absent[4:6] + present[2:6]
+    forwarded = []
+    forward = tiny_model.forward
+
+    def counting_forward(batch):
+        forwarded.append([extra["meta"]["no_target"] for extra in batch["extra"]])
+        return forward(batch)
+
+    monkeypatch.setattr(tiny_model, "forward", counting_forward)
+    scores = evaluate_teacher_forced(tiny_model, torch.utils.data.Subset(data, order), batch_size=4, show_progress=False)
+    assert len(forwarded) == 2  # the batch of no-target expressions only never reached the model
+    assert sorted(flags for batch in forwarded for flags in batch) == [[False]] * 6
+    # Counted as before: every item and question, the no-target ones left out of the scores.
+    assert (scores["items"], scores["questions"], scores["unreadable"]) == (12, 12, 0)
+    assert scores["no_target_questions"] == scores["excluded_no_target"] == 6
+    assert scores["count"] == 6 and scores["no_target_count"] == 0 and scores["n_acc"] is None
+    # The scores are those of the items with a target alone (one item per batch: the same forwards).
+    forwarded.clear()
+    mixed = evaluate_teacher_forced(tiny_model, torch.utils.data.Subset(data, order), show_progress=False)
+    alone = evaluate_teacher_forced(tiny_model, torch.utils.data.Subset(data, present[:6]), show_progress=False)
+    assert len(forwarded) == 12
+    for key in ("count", "sum_intersection", "sum_union", "giou", "ciou", "box_iou", "precision@0.5", "t_acc"):
+        assert mixed[key] == alone[key], key
+    assert {k: mixed[k] for k in ("items", "questions", "excluded_no_target")} == {
+        k: scores[k] for k in ("items", "questions", "excluded_no_target")}
+
+
+def test_a_split_teacher_forcing_cannot_score_is_an_error_alone(tiny_model, synthetic_root):
+    from utils.data.builders import build_val_dataset
+    from utils.evaluation import NothingScoredError, evaluate_teacher_forced
+
+    data = build_val_dataset("synthetic|grefer_val", str(synthetic_root))
+    absent, _ = no_target_indices(data)
+    with pytest.raises(NothingScoredError) as raised:
+        evaluate_teacher_forced(tiny_model, torch.utils.data.Subset(data, absent[:3]), show_progress=False)
+    assert "3 no-target expressions left out" in str(raised.value) and "generate" in str(raised.value)
+    counts = raised.value.counts
+    assert (counts["items"], counts["questions"], counts["excluded_no_target"], counts["unreadable"]) == (3, 3, 3, 0)
+
+
+@pytest.fixture(scope="module")
+def no_target_split_root(synthetic_root, tmp_path_factory):
+    """A dataset directory whose gRefCOCO split ``absent`` has no-target expressions only (those of
+    the synthetic val split); ``val`` is the synthetic val split."""
+    root = tmp_path_factory.mktemp("no_target_split")
+    source = synthetic_root / "refer_seg"
+    (root / "refer_seg" / "grefcoco").mkdir(parents=True)
+    (root / "refer_seg" / "images").symlink_to(source / "images")
+    (root / "refer_seg" / "grefcoco" / "instances.json").symlink_to(source / "grefcoco" / "instances.json")
+    refs = json.loads((source / "grefcoco" / "grefs(unc).json").read_text())
+    copies = [{**ref, "split": "absent", "ref_id": len(refs) + k}
+              for k, ref in enumerate(r for r in refs if r["split"] == "val" and r["no_target"])]
+    assert len(copies) == 12
+    (root / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs + copies))
+    return root
+
+
+def no_target_argv(model_dir, data_dir, out_dir, protocol="both"):
+    return ["--version", str(model_dir), "--dataset_dir", str(data_dir), "--val_dataset",
+            "grefcoco|unc|absent||grefcoco|unc|val", "--protocol", protocol, "--max_samples", "6",
+            "--max_new_tokens", "4", "--workers", "0", "--no_progress", "--report", str(out_dir / "report.json")]
+
+
+def test_both_protocols_report_a_split_teacher_forcing_cannot_score(tiny_segmenter_dir, no_target_split_root, tmp_path):
+    from utils.eval_cli import main
+
+    said = []
+    assert main(no_target_argv(tiny_segmenter_dir(), no_target_split_root, tmp_path), say=said.append) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    results = results_by_key(report)
+    assert list(results) == [(s, p) for s in ("grefcoco|unc|absent", "grefcoco|unc|val") for p in PROTOCOLS]
+    unscored = results[("grefcoco|unc|absent", "teacher_forced")]
+    assert unscored["metrics"] == {} and "6 of 6 questions are no-target" in unscored["not_scored"]
+    assert unscored["counts"]["excluded_no_target"] == unscored["counts"]["questions"] == 6
+    assert unscored["counts"]["masks"] == 0 and unscored["counts"]["evaluated_items"] == 6
+    # Generation scores the same split (N-acc), and the run went on to the next split.
+    generated = results[("grefcoco|unc|absent", "generate")]
+    assert "not_scored" not in generated and generated["metrics"]["no_target_count"] == 6
+    assert generated["metrics"]["n_acc"] is not None
+    assert all("not_scored" not in results[("grefcoco|unc|val", p)] for p in PROTOCOLS)
+    assert results[("grefcoco|unc|val", "teacher_forced")]["metrics"]["count"] > 0
+    # The table says it, with no score on the row (6 of the 12 items read, 0 masks), and why under it.
+    table = said[0]
+    rows = [line.split() for line in table.splitlines() if line.startswith("teacher_forced  grefcoco|unc|absent")]
+    assert rows == [["teacher_forced", "grefcoco|unc|absent", "NOT", "SCORED*", "6/12", "0", *["-"] * 12]]
+    assert "* teacher_forced grefcoco|unc|absent: NOT SCORED, nothing to score: 6 of 6 questions" in table
+    # One protocol alone: nothing to score is an error, as before.
+    message = main_error(no_target_argv(tiny_segmenter_dir(), no_target_split_root, tmp_path, "teacher_forced"))
+    assert "grefcoco|unc|absent" in message and "no mask was scored" in message and "6 no-target" in message
+
+
+def test_both_protocols_on_two_processes_report_the_unscored_split_alike(
+    tiny_segmenter_dir, no_target_split_root, tmp_path
+):
+    from utils.eval_cli import main
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    assert main(no_target_argv(tiny_segmenter_dir(), no_target_split_root, single), say=lambda _: None) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "test.py", *no_target_argv(tiny_segmenter_dir(), no_target_split_root, double)]
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = results_by_key(json.loads((single / "report.json").read_text()))
+    b = results_by_key(json.loads((double / "report.json").read_text()))
+    assert a.keys() == b.keys() and a[("grefcoco|unc|absent", "teacher_forced")]["not_scored"]
+    for key in a:
+        for field in ("not_scored", "counts", "metrics", "answers", "detection"):
+            assert a[key].get(field) == b[key].get(field), (key, field)

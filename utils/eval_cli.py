@@ -24,6 +24,7 @@ from model.decoding import DECODING_MODES, resolve_decoding
 from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
 from model.sam_compile import compile_image_encoder
 from utils.data.builders import build_val_dataset, split_names, val_split_kind
+from utils.data.sample import CorruptSampleError
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from utils.eval_report import PredictionWriter, build_report, format_summary, result_entry, write_json
 from utils.evaluation import (
@@ -31,6 +32,7 @@ from utils.evaluation import (
     PROTOCOLS,
     QUERY_LENGTH_GROUPS,
     TEACHER_FORCED,
+    NothingScoredError,
     evaluate,
     query_length_group,
 )
@@ -135,7 +137,7 @@ def build_splits(names: str, dataset_dir: str, reason_seg_queries: str, answer_s
             dataset = build_val_dataset(
                 name, dataset_dir, reason_seg_queries=reason_seg_queries, answer_style=answer_style
             )
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError, CorruptSampleError) as error:  # the last: an inconsistent index file
             raise SystemExit(f"error: split {name!r}: {error}") from None
         if len(dataset) == 0:
             raise SystemExit(f"error: split {name!r} in {dataset_dir} is empty (0 items): there is nothing to score")
@@ -193,6 +195,20 @@ def coco_ap_of_split(raw_dataset, evaluated: int, detections: list, path: Path) 
         "detections_file": str(path.resolve()),
         "annotation_file": str(Path(raw_dataset.annotation_file).resolve()),
     }
+
+
+def teacher_forcing_left_nothing(counts: dict) -> str | None:
+    """Why teacher forcing scored nothing on a split, when the reason is its no-target expressions
+    (which the generate protocol scores, with N-acc); None for any other reason (e.g. every item
+    unreadable), which is an error under every protocol."""
+    if not counts.get("excluded_no_target"):
+        return None
+    unreadable = f", {counts['unreadable']} unreadable items" if counts.get("unreadable") else ""
+    return (
+        f"nothing to score: {counts['excluded_no_target']} of {counts['questions']} questions are no-target "
+        f"expressions{unreadable}; teacher forcing cannot score those (their given answer has no [SEG]), the "
+        "generate protocol does (N-acc)"
+    )
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, SegmenterConfig]:
@@ -303,6 +319,20 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                         generate_kwargs={"decoding": args.decoding},
                         on_detections=detections.extend if detections is not None else None,
                     )
+                except NothingScoredError as error:
+                    # Under both protocols a split that only generation can score (no-target
+                    # expressions) is reported as such and the run goes on. The error comes after
+                    # the all-reduce, with the same counts on every rank: all ranks branch alike.
+                    reason = None
+                    if protocol == TEACHER_FORCED and GENERATE in protocols:
+                        reason = teacher_forcing_left_nothing(error.counts)
+                    if reason is None:
+                        raise SystemExit(f"error: {error}") from None
+                    if dist_info.is_main:
+                        logger.warning("%s: not scored under %s, %s", name, protocol, reason)
+                    counts = {**error.counts, "count": 0}
+                    results.append(result_entry(name, protocol, counts, split_items, len(dataset), not_scored=reason))
+                    continue
                 except ValueError as error:
                     raise SystemExit(f"error: {error}") from None
                 entry = result_entry(name, protocol, scores, split_items, len(dataset))

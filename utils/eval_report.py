@@ -86,8 +86,14 @@ def _metrics(scores: dict) -> dict:
     return ordered
 
 
-def result_entry(split: str, protocol: str, scores: dict, split_items: int, evaluated_items: int) -> dict:
-    """One (split, protocol) result of the report from the scores of ``utils.evaluation.evaluate``."""
+def result_entry(
+    split: str, protocol: str, scores: dict, split_items: int, evaluated_items: int, not_scored: str | None = None
+) -> dict:
+    """One (split, protocol) result of the report from the scores of ``utils.evaluation.evaluate``.
+
+    ``not_scored``: why the protocol scored nothing on the split (``scores`` then holds the counts
+    and ``count`` 0 only): the entry says so (``not_scored``) and has no metrics, rather than zeros.
+    """
     entry: dict[str, Any] = {
         "split": split,
         "protocol": protocol,
@@ -99,8 +105,10 @@ def result_entry(split: str, protocol: str, scores: dict, split_items: int, eval
             **{key: scores.get(key, 0) for key in _REPORTED_COUNTS},
             "masks": scores["count"],
         },
-        "metrics": _metrics(scores),
     }
+    if not_scored is not None:
+        return {**entry, "not_scored": not_scored, "metrics": {}}
+    entry["metrics"] = _metrics(scores)
     if "groups" in scores:
         entry["groups"] = {name: _metrics(group) for name, group in scores["groups"].items()}
     if protocol == GENERATE:
@@ -155,6 +163,9 @@ def format_table(results: Iterable[dict]) -> str:
         items = str(counts["evaluated_items"] - counts.get("unreadable", 0))  # the items scored
         if not entry["complete"]:
             items += f"/{counts['split_items']}"
+        if "not_scored" in entry:  # the note under the table says why
+            rows.append([entry["protocol"], entry["split"], "NOT SCORED*", items, "0", *("-" for _ in _COLUMNS), "-"])
+            continue
         seg_ok = _percent(entry["answers"]["seg_format_rate"]) if "answers" in entry else "-"
         excluded = entry["counts"].get("excluded_no_target", 0)
         subsets = [("overall", entry["metrics"])] + list(entry.get("groups", {}).items())
@@ -218,7 +229,9 @@ def format_summary(report: dict) -> str:
     ]
     for entry in results:
         excluded = entry["counts"].get("excluded_no_target", 0)
-        if excluded:
+        if "not_scored" in entry:
+            lines.append(f"* {entry['protocol']} {entry['split']}: NOT SCORED, {entry['not_scored']}")
+        elif excluded:
             lines.append(
                 f"* {entry['protocol']} {entry['split']}: {excluded} no-target expressions left out (their given "
                 "answer has no [SEG]: teacher forcing cannot score them); N-acc and no-target items: --protocol generate"

@@ -8,8 +8,8 @@ Two protocols, scored by the same code (:class:`SplitScorer`) with the same metr
   ground truth. A no-target expression (gRefCOCO) has a reference answer without ``[SEG]``: fed
   that answer, any model would "predict" no mask (IoU 1, N-acc 1 by construction), so this
   protocol cannot score it. No-target expressions are left out of its scores and counted
-  (``excluded_no_target``); gRefCOCO's N-acc and no-target items are scored under ``generate``
-  only.
+  (``excluded_no_target``), and an item whose given answers have no ``[SEG]`` is neither encoded
+  nor run through the model; gRefCOCO's N-acc and no-target items are scored under ``generate`` only.
 * ``generate``: every question is asked on its own (a left-padded batch of open turns) and the
   model answers freely (greedy, KV cache). The k-th ``[SEG]`` of the answer is scored against the
   k-th target of the question; a missing ``[SEG]`` counts as an empty mask, extra ones are not
@@ -152,6 +152,20 @@ def _box(box) -> list[int] | None:
     return None if box is None else [int(v) for v in box]
 
 
+class NothingScoredError(ValueError):
+    """No mask of a split was scored under a protocol (an empty evaluation has no score).
+
+    Raised by :meth:`SplitScorer.result` after the all-reduce, so on every rank alike.
+    ``counts``: the split's counters summed over the ranks (``items``, ``questions``,
+    ``no_target_questions``, ``excluded_no_target``, ``unreadable`` ...), so that a caller can
+    record why, e.g. a split of no-target expressions only under teacher forcing.
+    """
+
+    def __init__(self, message: str, counts: dict) -> None:
+        super().__init__(message)
+        self.counts = dict(counts)
+
+
 class SplitScorer:
     """Accumulates the metrics and counters of one split under one protocol (one per rank).
 
@@ -275,6 +289,9 @@ class SplitScorer:
         or ``{"count": 0}``) when groups are declared; for ``generate`` also
         ``answers_with_expected_seg``, ``seg_format_rate`` and ``detection`` (the scores of
         :func:`utils.metrics.detection_scores_from_state`).
+
+        Raises:
+            NothingScoredError: no mask was scored on any rank (on every rank alike).
         """
         reduce_device = device if device is not None and device.type == "cuda" else None
         state = reduce_state_across_ranks(self.meter.state(), device=reduce_device)
@@ -286,9 +303,10 @@ class SplitScorer:
                 f", {counters['excluded_no_target']} no-target expressions left out (teacher forcing cannot "
                 "score them: use the generate protocol)" if counters["excluded_no_target"] else ""
             )
-            raise ValueError(
+            raise NothingScoredError(
                 f"{description}: no mask was scored ({counters['items']} samples read, "
-                f"{counters['unreadable']} unreadable{excluded}): an empty evaluation has no score"
+                f"{counters['unreadable']} unreadable{excluded}): an empty evaluation has no score",
+                counters,
             )
         scores = scores_from_state(state)
         scores.update(
@@ -344,12 +362,30 @@ class EncodedDataset(Dataset):
             raw = self.raw[index]
             if self.open_prompts:
                 return [self._open_prompts_sample(raw, index)]
+            if not raw.num_seg_tokens:
+                return [self._without_forward_sample(raw, index)]
             sample = self.encoder(raw)
             sample["extra"].update(index=index, turns=list(raw.turns))
             return [sample]
         except CorruptSampleError as error:
             logger.warning("evaluation sample %d unreadable, not scored: %s", index, error)
             return []
+
+    @staticmethod
+    def _without_forward_sample(raw, index: int) -> dict:
+        """A teacher-forced item whose given answers have no ``[SEG]`` (e.g. a no-target
+        expression): the forward predicts the masks of the given ``[SEG]`` only, so it would
+        predict none. Not encoded, and kept out of the model's batch (``without_forward``); its
+        questions are still counted (``excluded_no_target`` ...), with what scoring reads."""
+        extra = {
+            "index": index,
+            "turns": list(raw.turns),
+            "requests": list(raw.requests),
+            "meta": {k: v for k, v in raw.meta.items() if k != "skipped_errors"},
+            "image_path": raw.image_path,
+            "dataset": raw.dataset,
+        }
+        return {"without_forward": True, "extra": extra, "original_size": tuple(raw.image.shape[:2])}
 
     def _open_prompts_sample(self, raw, index: int) -> dict:
         meta = {k: v for k, v in raw.meta.items() if k not in ("skipped_errors", "no_target_gt")}
@@ -398,13 +434,21 @@ def merge_same_images(samples: list[dict]) -> list[dict]:
 
 
 def _collate_present(model, items: list[list[dict]], padding_side: str, merge_images: bool = False) -> dict:
-    """One batch of every sample of the readable items (an unreadable item is an empty list)."""
-    present = [sample for samples in items for sample in samples]
+    """One batch of every sample of the readable items (an unreadable item is an empty list).
+
+    The samples that need no forward (see :meth:`EncodedDataset._without_forward_sample`) are
+    listed apart, in ``without_forward``; ``batch`` is None when no other sample is left.
+    """
+    read = [sample for samples in items for sample in samples]
     readable = sum(1 for samples in items if samples)
+    # A gRefCOCO split (or a COCO-format one, which asks about absent categories too) would
+    # otherwise pay a forward of the model per no-target expression.
+    without_forward = [sample for sample in read if sample.get("without_forward")]
+    present = [sample for sample in read if not sample.get("without_forward")]
     if merge_images:
         present = merge_same_images(present)
     batch = model.collate(present, padding_side=padding_side) if present else None
-    return {"batch": batch, "unreadable": len(items) - readable, "items": readable}
+    return {"batch": batch, "without_forward": without_forward, "unreadable": len(items) - readable, "items": readable}
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -417,24 +461,35 @@ def autocast_context(device: torch.device, precision: str):
 # --------------------------------------------------------------------------- the protocols
 
 
+def _add_teacher_forced_sample(
+    scorer: SplitScorer, extra: dict, predictions: Sequence[np.ndarray], targets: Sequence[np.ndarray], image_size
+) -> None:
+    """Score the questions of one teacher-forced sample: the masks of its given ``[SEG]``, in
+    order, against its targets (a question without ``[SEG]`` gets none)."""
+    offset = 0
+    for info in question_infos(extra["turns"], extra.get("requests") or [], extra.get("meta") or {}):
+        count = info["expected_seg"]
+        scorer.add_question(
+            extra,
+            info,
+            list(predictions[offset : offset + count]),
+            list(targets[offset : offset + count]),
+            answer=info["reference_answer"],
+            image_size=image_size,
+        )
+        offset += count
+
+
 def _score_teacher_forced(model, batch: dict, scorer: SplitScorer, **_unused) -> None:
     output = model(batch)
     for index, logits in enumerate(output.mask_logits):
-        extra = batch["extra"][index]
-        predictions = (logits > 0).cpu().numpy()
-        targets = batch["masks"][index].cpu().numpy()
-        offset = 0
-        for info in question_infos(extra["turns"], extra.get("requests") or [], extra.get("meta") or {}):
-            count = info["expected_seg"]
-            scorer.add_question(
-                extra,
-                info,
-                list(predictions[offset : offset + count]),
-                list(targets[offset : offset + count]),
-                answer=info["reference_answer"],
-                image_size=batch["original_size"][index],
-            )
-            offset += count
+        _add_teacher_forced_sample(
+            scorer,
+            batch["extra"][index],
+            (logits > 0).cpu().numpy(),
+            batch["masks"][index].cpu().numpy(),
+            batch["original_size"][index],
+        )
 
 
 def _score_generated(model, batch: dict, scorer: SplitScorer, max_new_tokens: int = 64, generate_kwargs=None) -> None:
@@ -493,7 +548,8 @@ def evaluate(
     Returns:
         see :meth:`SplitScorer.result`.
     Raises:
-        ValueError: an empty split, or no mask scored (every sample unreadable).
+        ValueError: an empty split; :class:`NothingScoredError` (a ValueError): no mask scored
+            (every sample unreadable, or under teacher forcing every question a no-target one).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -526,6 +582,8 @@ def evaluate(
                 break
             scorer.counters["unreadable"] += item["unreadable"]
             scorer.counters["items"] += item["items"]
+            for sample in item["without_forward"]:  # no given [SEG]: no mask predicted, none to score
+                _add_teacher_forced_sample(scorer, sample["extra"], [], [], sample["original_size"])
             if item["batch"] is None:
                 continue
             image_tokens += model.image_token_counts(item["batch"])
