@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from utils.distributed import cleanup_distributed, init_distributed  # noqa: E402
-from utils.train_args import accumulation_for, parse_args  # noqa: E402
+from utils.train_args import parse_args  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,28 +24,10 @@ def main(argv=None) -> int:
         level=logging.INFO if dist_info.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {dist_info.rank}] %(levelname)s %(name)s: %(message)s",
     )
-    from utils.data.builders import build_train_dataset, build_val_dataset
-    from utils.trainer import Trainer
+    from utils.trainer import Trainer, build_datasets
 
-    try:
-        accumulation = accumulation_for(args, dist_info.world_size)
-        per_rank_samples = args.steps_per_epoch * args.batch_size * accumulation
-        train_data = None
-        if not args.eval_only:
-            train_data = build_train_dataset(
-                args, samples_per_epoch=per_rank_samples, seed=args.seed, rank=dist_info.rank
-            )
-        val_data = None
-        if not args.no_eval:
-            val_data = build_val_dataset(
-                args.val_dataset, args.dataset_dir, reason_seg_queries=args.reason_seg_queries,
-                answer_style=args.answer_style,
-            )
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"data configuration error: {error}") from None
+    train_data, val_data = build_datasets(args, dist_info)  # before the model: a data error stops the run at once
     trainer = Trainer(args, dist_info, train_data, val_data)
-    if dist_info.is_main:
-        print(trainer.describe(), flush=True)
     try:
         if args.eval_only:
             scores = trainer.validate()

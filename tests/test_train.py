@@ -81,7 +81,8 @@ def test_single_process_run_writes_checkpoints_logs_and_validates(tiny_segmenter
         "--grad_accumulation_steps", "2", "--eval_steps", "3", "--save_steps", "2", "--save_total_limit", "1",
     ), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "effective batch 4 = batch_size 2 x accumulation 2 x 1 processes" in result.stdout
+    assert "effective batch 4 = batch_size 2 x accumulation 2 x 1 processes" in result.stderr
+    assert (result.stdout + result.stderr).count("effective batch") == 1
     assert "validation synthetic|val (teacher_forced): gIoU" in result.stdout
     run_dir = tmp_path / "single"
     names = sorted(p.name for p in ckpt.list_checkpoints(run_dir))
@@ -313,7 +314,7 @@ def test_deepspeed_zero2_trains_like_ddp_and_writes_the_same_checkpoints(tiny_se
     deepspeed = run(train_command(tiny_segmenter_dir(), synthetic_root, tmp_path, "ds", *common,
                                   "--deepspeed", str(REPO / "configs" / "ds_zero2.json"), nproc=2), timeout=600)
     assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]
-    assert "DeepSpeed" in deepspeed.stdout
+    assert "; DeepSpeed" in deepspeed.stderr  # the backend the run's first line names
     losses_ddp, losses_ds = train_records(tmp_path / "ddp"), train_records(tmp_path / "ds")
     for step in (1, 2, 3):
         assert losses_ds[step]["loss"] == pytest.approx(losses_ddp[step]["loss"], abs=1e-4)
@@ -368,11 +369,12 @@ def test_fp16_loss_scaling_in_the_training_step_and_on_resume(tiny_segmenter_dir
     No GPU here: a CPU GradScaler stands in for CUDA's and CPU autocast gives the fp16 compute.
     """
     import utils.trainer as trainer_module
+    from utils.backends import LOSS_SCALER_FILE
     from utils.data.builders import build_train_dataset
     from utils.distributed import DistInfo
     from utils.mixed_precision import DynamicLossScaling, NoLossScaling
     from utils.train_args import parse_args
-    from utils.trainer import LOSS_SCALER_FILE, Trainer
+    from utils.trainer import Trainer
 
     monkeypatch.setattr(trainer_module, "loss_scaling_for", lambda device, precision: DynamicLossScaling("cpu"))
     flags = ["--config", str(REPO / "configs" / "demo_tiny.json"), "--version", str(tiny_segmenter_dir()),
@@ -382,20 +384,20 @@ def test_fp16_loss_scaling_in_the_training_step_and_on_resume(tiny_segmenter_dir
     data = build_train_dataset(args, samples_per_epoch=16, seed=args.seed)
     cpu = DistInfo(0, 1, 0, torch.device("cpu"))
     trainer = Trainer(args, cpu, data, None)
-    scaling = trainer.loss_scaling
+    scaling = trainer.backend.loss_scaling
     assert isinstance(scaling, DynamicLossScaling) and scaling.scale == 2.0**16
     batch = trainer.model.collate([data[0], data[1]], padding_side="right")
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in params.items()}
     applied = []
-    trainer.optimizer.register_step_pre_hook(
+    trainer.backend.optimizer.register_step_pre_hook(
         lambda *_: applied.append(torch.cat([p.grad.flatten() for p in params.values() if p.grad is not None]))
     )
     real_forward = trainer.model.forward
 
     def step(loss_scaling, fp16: bool, factor: float) -> dict:
         """One optimizer step on the same batch with the loss times ``factor``; weights restored."""
-        trainer.loss_scaling = loss_scaling
+        trainer.backend.loss_scaling = loss_scaling
 
         def forward(batch):
             with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
@@ -440,7 +442,7 @@ def test_fp16_loss_scaling_in_the_training_step_and_on_resume(tiny_segmenter_dir
     assert (checkpoint / LOSS_SCALER_FILE).is_file()
     assert ckpt.read_state(checkpoint)["overflow_total"] == 1
     resumed = Trainer(parse_args(flags + ["--resume", str(checkpoint)]), cpu, build_train_dataset(args, samples_per_epoch=16, seed=args.seed), None)
-    assert resumed.loss_scaling.state_dict() == scaling.state_dict()
+    assert resumed.backend.loss_scaling.state_dict() == scaling.state_dict()
     assert resumed.overflow_total == 1 and resumed.nonfinite_total == 1 and resumed.global_step == 5
     assert resumed.skipped_by_source == {"sem_seg": 0, "refer_seg": 0, "vqa": 2, "reason_seg": 0}
     resumed.close()

@@ -8,6 +8,7 @@ The trainer's step is written once against :class:`TrainingBackend`::
             backend.backward(output.loss, num_micro, final)
     grad_norm, overflow = backend.step(skip)         # clip, optimizer step, zero, schedule
     backend.lr, backend.loss_scale                   # what the step logs
+    backend.name                                     # what the run's first log line names
     backend.save(directory), backend.load(directory) # optimizer, scheduler (and loss scale) state
 
 :class:`DDPBackend` holds the optimizer, the scheduler, the fp16 loss scaling
@@ -38,10 +39,12 @@ DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside ours (optimizer
 
 
 class TrainingBackend(Protocol):
-    """What the training step needs from DDP or DeepSpeed."""
+    """What the trainer uses of DDP or DeepSpeed: exactly these members."""
 
-    name: str  # for the log: "DDP", "single process" or "DeepSpeed"
-    optimizer: torch.optim.Optimizer  # the optimizer that is stepped (its param_groups hold the rate)
+    @property
+    def name(self) -> str:
+        """For the log: ``"DDP"``, ``"single process"`` (:class:`DDPBackend` without torch.distributed)
+        or ``"DeepSpeed"``."""
 
     def forward(self, batch: dict) -> Any:
         """The model's output for ``batch`` (through the DDP wrapper or the engine)."""

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The ``--precision`` values and the dtype each computes in on CUDA (the CPU trains in float32)."""
 
 
 def precision_problem(precision: str, device_type: str) -> str | None:

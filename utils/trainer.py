@@ -19,6 +19,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -34,16 +35,18 @@ from model.sam_compile import compile_image_encoder
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 from utils import checkpoint as ckpt
-from utils.backends import LOSS_SCALER_FILE, DDPBackend, DeepSpeedBackend, TrainingBackend, deepspeed_config
+from utils.backends import DDPBackend, DeepSpeedBackend, TrainingBackend, deepspeed_config
+from utils.data.builders import build_train_dataset, build_val_dataset
 from utils.distributed import DistInfo, all_reduce_sum, barrier, ignore_stop_signals
 from utils.evaluation import autocast_context, evaluate_teacher_forced
-from utils.mixed_precision import NoLossScaling, loss_scaling_for
+from utils.mixed_precision import PRECISIONS, NoLossScaling, loss_scaling_for
 from utils.optim import build_optimizer, build_scheduler
-from utils.train_args import STRUCTURE_FLAGS, accumulation_for, check_resume_compatible
+from utils.train_args import accumulation_for, check_resume_compatible
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+LOGGED_LOSSES = ("loss", "ce_loss", "bce_loss", "dice_loss")  # the model output's losses, in each step's record
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
@@ -58,7 +61,29 @@ def training_dtype(device: torch.device, precision: str) -> torch.dtype:
     """
     if device.type != "cuda":
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return PRECISIONS[precision]
+
+
+def build_datasets(args: argparse.Namespace, dist: DistInfo) -> tuple:
+    """The raw training data of this rank (None with ``--eval_only``) and the validation data
+    (None with ``--no_eval``), for :class:`Trainer`.
+
+    A rank's epoch holds exactly the samples its optimizer steps read (see the module docstring).
+    """
+    per_rank_samples = args.steps_per_epoch * args.batch_size * accumulation_for(args, dist.world_size)
+    try:
+        train_data = None
+        if not args.eval_only:
+            train_data = build_train_dataset(args, samples_per_epoch=per_rank_samples, seed=args.seed, rank=dist.rank)
+        val_data = None
+        if not args.no_eval:
+            val_data = build_val_dataset(
+                args.val_dataset, args.dataset_dir, reason_seg_queries=args.reason_seg_queries,
+                answer_style=args.answer_style,
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"data configuration error: {error}") from None
+    return train_data, val_data
 
 
 def build_model(
@@ -87,8 +112,6 @@ def build_model(
             resume_from, dtype=dtype, is_trainable=True, base_model=args.version if plain_version else None,
             sam_checkpoint=args.vision_pretrained, device=device, train_language_model=args.train_language_model,
         )
-        if args.train_language_model:
-            model.configure_training(None, train_language_model=True)
     elif SegmenterConfig.is_segmenter_directory(args.version):
         model = ReasonSegmenter.from_pretrained(
             args.version, dtype=dtype, is_trainable=True, sam_checkpoint=args.vision_pretrained, device=device,
@@ -132,6 +155,19 @@ class _StopRequest:
         self.signal_name = signal.Signals(signum).name
         logger.warning("%s received: saving a checkpoint after the current step (or at once during validation), "
                        "then exiting", self.signal_name)
+
+
+@dataclass
+class _StepTotals:
+    """What the micro-batches of one optimizer step add up to, on one rank or summed over all."""
+
+    skipped_by_source: dict[str, float]  # the unreadable samples of each training source
+    # Each the mean over the micro-batches (and, once summed, over the ranks).
+    losses: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOGGED_LOSSES, 0.0))
+    samples: float = 0
+    skipped: float = 0  # unreadable samples that others replaced
+    nonfinite: bool = False  # a non-finite loss: the step is skipped
+    stop: bool = False  # SIGTERM / SIGINT: save and exit after the step
 
 
 class Trainer:
@@ -209,20 +245,6 @@ class Trainer:
             f"{world} processes; {self.total_steps} optimizer steps; {trainable:,} trainable parameters; "
             f"device {self.device}; {self.backend.name}"
         )
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer the backend steps."""
-        return self.backend.optimizer
-
-    @property
-    def loss_scaling(self) -> NoLossScaling:
-        """The fp16 loss scaling of a DDP / single-process run (DeepSpeed scales its loss itself)."""
-        return self.backend.loss_scaling
-
-    @loss_scaling.setter
-    def loss_scaling(self, scaling: NoLossScaling) -> None:
-        self.backend.loss_scaling = scaling
 
     def _resume_checkpoint(self) -> Path | None:
         if self.args.resume:
@@ -319,50 +341,73 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns its log record."""
-        sums = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0}
-        nonfinite = False
-        samples = skipped = 0
-        image_tokens: list[int] = []
-        skipped_by_source = dict.fromkeys(self.source_names, 0)
-        for index, batch in enumerate(micro_batches):
-            final = index == len(micro_batches) - 1
-            samples += len(batch["masks"])
-            image_tokens += self.model.image_token_counts(batch)
-            for extra in batch["extra"]:
-                count = int(extra.get("num_skipped", 0))
-                skipped += count
-                source = (extra.get("meta") or {}).get("source")
-                if count and source in skipped_by_source:
-                    skipped_by_source[source] += count
-            batch = to_device(batch, self.device)
-            with self.backend.no_sync(final):  # gradients are all-reduced on the last micro-batch only
-                with autocast_context(self.device, self.args.precision):
-                    output = self.backend.forward(batch)
-                nonfinite |= not bool(torch.isfinite(output.loss))
-                self.backend.backward(output.loss, len(micro_batches), final)
-            for key in sums:
-                sums[key] += float(getattr(output, key).detach()) / len(micro_batches)
-        # One all-reduce carries the losses, the counters and the flags of every rank.
-        reduced = all_reduce_sum(
-            [*sums.values(), samples, skipped, float(nonfinite), float(self.stop.requested), *skipped_by_source.values()],
-            self.device,
-        )
-        world = self.dist.world_size
-        record = {key: value / world for key, value in zip(sums, reduced[:4])}
-        samples_all, skipped_all, nonfinite_any, stop_any = reduced[4:8]
+        on_this_rank, image_tokens = self._accumulate(micro_batches)
+        totals = self._sum_over_ranks(on_this_rank)
         lr = self.backend.lr  # the rate this step uses
         # Clip, step, zero the gradients, step the schedule. A non-finite loss (data, or a
         # diverging model) skips the step here; an fp16 gradient overflow is found by the loss
         # scaling, which skips the step and lowers its scale.
-        grad_norm, overflow = self.backend.step(skip=nonfinite_any > 0)
-        self.samples_seen += int(samples_all)
-        self.samples_skipped += int(skipped_all)
-        for name, count in zip(self.source_names, reduced[8:]):
+        grad_norm, overflow = self.backend.step(skip=totals.nonfinite)
+        self._update_counters(totals, overflow)
+        return self._step_record(totals, lr, grad_norm, image_tokens)
+
+    def _accumulate(self, micro_batches: list[dict]) -> tuple[_StepTotals, list[int]]:
+        """Forward and backward of each micro-batch; this rank's totals and image tokens per image."""
+        totals = _StepTotals(skipped_by_source=dict.fromkeys(self.source_names, 0))
+        image_tokens: list[int] = []
+        for index, batch in enumerate(micro_batches):
+            final = index == len(micro_batches) - 1
+            totals.samples += len(batch["masks"])
+            image_tokens += self.model.image_token_counts(batch)
+            for extra in batch["extra"]:
+                count = int(extra.get("num_skipped", 0))
+                totals.skipped += count
+                source = (extra.get("meta") or {}).get("source")
+                if count and source in totals.skipped_by_source:
+                    totals.skipped_by_source[source] += count
+            batch = to_device(batch, self.device)
+            with self.backend.no_sync(final):  # gradients are all-reduced on the last micro-batch only
+                with autocast_context(self.device, self.args.precision):
+                    output = self.backend.forward(batch)
+                totals.nonfinite |= not bool(torch.isfinite(output.loss))
+                self.backend.backward(output.loss, len(micro_batches), final)
+            for key in totals.losses:
+                totals.losses[key] += float(getattr(output, key).detach()) / len(micro_batches)
+        totals.stop = self.stop.requested
+        return totals, image_tokens
+
+    def _sum_over_ranks(self, local: _StepTotals) -> _StepTotals:
+        """The step's totals over every rank, its losses averaged: so every rank takes the same decisions.
+
+        One all-reduce carries the losses, the counters and the flags of every rank.
+        """
+        reduced = all_reduce_sum(
+            [*local.losses.values(), local.samples, local.skipped, float(local.nonfinite), float(local.stop),
+             *local.skipped_by_source.values()],
+            self.device,
+        )
+        n_losses = len(local.losses)
+        samples, skipped, nonfinite, stop = reduced[n_losses:n_losses + 4]
+        return _StepTotals(
+            losses={key: value / self.dist.world_size for key, value in zip(local.losses, reduced)},
+            samples=samples,
+            skipped=skipped,
+            skipped_by_source=dict(zip(local.skipped_by_source, reduced[n_losses + 4:])),
+            nonfinite=nonfinite > 0,
+            stop=stop > 0,
+        )
+
+    def _update_counters(self, totals: _StepTotals, overflow: bool) -> None:
+        """Add the step to the run's counters; stop the run on too many non-finite losses in a row,
+        or when too large a share of the samples could not be read."""
+        self.samples_seen += int(totals.samples)
+        self.samples_skipped += int(totals.skipped)
+        for name, count in totals.skipped_by_source.items():
             self.skipped_by_source[name] = self.skipped_by_source.get(name, 0) + int(count)
         if overflow:
             self.overflow_total += 1
             logger.info("fp16 gradient overflow at step %d: step skipped, loss scale lowered", self.global_step + 1)
-        if nonfinite_any:
+        if totals.nonfinite:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             logger.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step + 1, self.nonfinite_in_a_row)
@@ -381,16 +426,20 @@ class Trainer:
                 f"--max_skipped_share {self.args.max_skipped_share}: check --dataset_dir (tools/inspect_data.py "
                 "shows what is read)"
             )
+
+    def _step_record(self, totals: _StepTotals, lr: float, grad_norm: float, image_tokens: list[int]) -> dict:
+        """The step's line of metrics.jsonl (the loop adds its timing)."""
+        record = dict(totals.losses)
         record.update(
             step=self.global_step + 1,
             lr=lr,
             grad_norm=grad_norm,
-            samples=samples_all,
+            samples=totals.samples,
             skipped_samples=self.samples_skipped,
             skipped_by_source=dict(self.skipped_by_source),
             nonfinite_steps=self.nonfinite_total,
             overflow_steps=self.overflow_total,
-            stop=bool(stop_any),
+            stop=totals.stop,
         )
         if self.sam_features is not None:
             stats = self.sam_features.stats
@@ -411,14 +460,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging, validation, checkpoints
 
+    def _append_metrics(self, kind: str, record: dict) -> None:
+        """One line of metrics.jsonl (main process only): ``kind`` "train" or "val", then ``record``."""
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"kind": kind, **record}) + "\n")
+
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        clean = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"kind": "train", **clean}) + "\n")
+        self._append_metrics("train", {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()})
         if self.writer is not None and (record["step"] % max(1, self.args.log_steps) == 0 or record["step"] == 1):
-            for key in ("loss", "ce_loss", "bce_loss", "dice_loss", "lr", "grad_norm", "samples_per_second", "skipped_samples", "nonfinite_steps"):
+            for key in (*LOGGED_LOSSES, "lr", "grad_norm", "samples_per_second", "skipped_samples", "nonfinite_steps"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
             for name, count in record.get("skipped_by_source", {}).items():
                 self.writer.add_scalar(f"train/skipped_samples/{name}", count, record["step"])
@@ -464,9 +516,9 @@ class Trainer:
                 "step %d validation on %s (teacher_forced): gIoU %.4f cIoU %.4f over %d masks",
                 self.global_step, self.args.val_dataset, scores["giou"], scores["ciou"], scores["count"],
             )
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as log:
-                log.write(json.dumps({"kind": "val", "step": self.global_step, "protocol": "teacher_forced",
-                                      "split": self.args.val_dataset, **_plain(scores)}) + "\n")
+            self._append_metrics(
+                "val", {"step": self.global_step, "protocol": "teacher_forced", "split": self.args.val_dataset, **_plain(scores)}
+            )
             if self.writer is not None:
                 for key in ("giou", "ciou"):
                     self.writer.add_scalar(f"val/{key}", scores[key], self.global_step)
@@ -477,8 +529,8 @@ class Trainer:
         """Write the checkpoint of the current step (all ranks call this)."""
         step = self.global_step
         if self.dist.is_main:
-            tmp = ckpt.begin_checkpoint(self.run_dir, step)
-        barrier()
+            ckpt.begin_checkpoint(self.run_dir, step)
+        barrier()  # every rank writes into the directory the main process made
         tmp = ckpt.temporary_path(self.run_dir, step)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -571,4 +623,4 @@ def _plain(scores: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
 
 
-__all__ = ["LOSS_SCALER_FILE", "STRUCTURE_FLAGS", "Trainer", "build_model", "lora_settings", "training_backend"]
+__all__ = ["Trainer", "build_datasets", "build_model", "lora_settings", "training_backend"]
