@@ -20,9 +20,15 @@ tokens per image; batch lines carry "image_tokens"); the interactive and one-sho
 save one mask PNG and one overlay PNG per [SEG] into --vis_save_path. MODEL_DIR is a merged
 directory from transform_weight.py, a training checkpoint (with --base_model /
 --vision_pretrained to override the paths it records) or a run directory (its latest checkpoint).
+
+Exit status: 0 when every request was answered (the interactive loop: whenever it ends); 1 when a
+request failed (one-shot: its error is printed; batch: every other line is still answered and
+written, and each failed line carries its error in the "error" field of the output file) or the
+model could not be loaded; 2 for a command line that cannot work.
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -40,6 +46,8 @@ from utils.inference import (  # noqa: E402
     session_from_args,
     setup_logging,
 )
+
+logger = logging.getLogger("inference")
 
 
 def main() -> int:
@@ -63,12 +71,21 @@ def main() -> int:
         parser.error("a one-shot request needs both --image and --prompt")
     if one and args.input_jsonl:
         parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
+    # Paths that cannot work are refused here, before the model loads (minutes for a large one).
     if args.input_jsonl:
-        if not Path(args.input_jsonl).is_file():
+        if not Path(args.input_jsonl).exists():
             parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
+        if not Path(args.input_jsonl).is_file():
+            parser.error(f"--input_jsonl {args.input_jsonl} is not a file: name the JSONL file of requests")
         output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
         if Path(output).resolve() == Path(args.input_jsonl).resolve():
             parser.error("--output_jsonl must differ from --input_jsonl")
+        if Path(output).is_dir():
+            parser.error(f"--output_jsonl {output} is a directory: name a file, e.g. {Path(output) / 'answers.jsonl'}")
+        if args.image_root and not Path(args.image_root).is_dir():
+            parser.error(f"--image_root {args.image_root} is not a directory")
+    elif Path(args.vis_save_path).exists() and not Path(args.vis_save_path).is_dir():
+        parser.error(f"--vis_save_path {args.vis_save_path} is a file: name a directory for the mask PNGs")
     setup_logging(args.verbose)
 
     session = session_from_args(args, one_request=one)
@@ -82,6 +99,10 @@ def main() -> int:
     if args.input_jsonl:
         summary = run_batch(session, args.input_jsonl, output, args.image_root, progress=not args.no_progress)
         print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
+        if summary.failed:  # a script or a cluster job sees it in the exit status
+            logger.error('%d of %d requests failed; each one\'s error is in the "error" field of its line in %s',
+                         summary.failed, summary.total, output)
+            return 1
         return 0
     if one:
         return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)

@@ -29,6 +29,7 @@ from utils.inference import (
     InputError,
     describe,
     describe_box,
+    interactive_loop,
     load_image,
     one_shot,
     run_batch,
@@ -120,6 +121,16 @@ def test_too_many_pixels_is_refused(tmp_path):
     Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
     with pytest.raises(InputError, match=r"big\.png is 300x200 .*over the limit"):
         load_image(tmp_path / "big.png", max_pixels=50_000)
+
+
+def test_our_pixel_limit_decides_not_pils(tmp_path, monkeypatch):
+    """PIL refuses images over twice its MAX_IMAGE_PIXELS (~179 MP) at open: --max_image_pixels
+    300000000 must let a 200 MP image through (here scaled down: PIL's limit set to 1,000)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (100, 100), (0, 90, 200)).save(tmp_path / "large.png")
+    assert load_image(tmp_path / "large.png", max_pixels=50_000).array.shape == (100, 100, 3)
+    with pytest.raises(InputError, match=r"large\.png is 100x100 .*raise --max_image_pixels"):
+        load_image(tmp_path / "large.png", max_pixels=5_000)
 
 
 def test_unreadable_inputs_give_messages_naming_them(tmp_path):
@@ -331,6 +342,15 @@ def test_saving_an_answer_removes_the_files_of_an_earlier_one_with_the_same_name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo_mask_0.png", "photo_overlay_0.png"]
 
 
+def test_saving_an_answer_keeps_the_files_of_an_image_whose_name_starts_alike(session, tmp_path):
+    """"road.jpg" and "road_mask_v2.jpg" in one folder: saving road's answer keeps the other's files."""
+    answer = session.ask(DOG, "Where?", logits_processor=scripted(session.model, "It is [SEG]."))
+    save_visuals(answer, tmp_path, "road_mask_v2")
+    save_visuals(answer, tmp_path, "road")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "road_mask_0.png", "road_mask_v2_mask_0.png", "road_mask_v2_overlay_0.png", "road_overlay_0.png"]
+
+
 def test_missing_model_directory_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=f"model directory {tmp_path / 'nowhere'} does not exist"):
         load_segmenter(tmp_path / "nowhere")
@@ -422,8 +442,10 @@ sys.path[:0] = [".", "tests"]
 from model.segmenter import ReasonSegmenter
 from test_inference import scripted
 _generate = ReasonSegmenter.generate
-def generate(self, batch, max_new_tokens=64, **kwargs):
-    return _generate(self, batch, max_new_tokens=max_new_tokens, logits_processor=scripted(self, {answer!r}), **kwargs)
+def generate(self, batch, max_new_tokens=64, logits_processor=None, **kwargs):
+    forced = scripted(self, {answer!r})
+    forced.extend(logits_processor or [])  # the session's own, after it (as the session puts its own last)
+    return _generate(self, batch, max_new_tokens=max_new_tokens, logits_processor=forced, **kwargs)
 ReasonSegmenter.generate = generate
 """
 
@@ -488,6 +510,8 @@ def assert_masks_reported(stdout: str, vis_dir, prefix="dog"):
 
 
 def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
+    """Failed lines do not stop the batch, but they make the exit status 1 (a script or a cluster
+    job must be able to tell), with a last line counting them and naming where their errors are."""
     shutil.copy(DOG, tmp_path / "dog.jpg")
     (tmp_path / "corrupt.jpg").write_bytes(DOG.read_bytes()[:300])
     (tmp_path / "in.jsonl").write_text(
@@ -501,8 +525,10 @@ def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
         ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
          "--output_jsonl", tmp_path / "out.jsonl", "--max_new_tokens", "8"]
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "1 of 3 requests answered, 2 failed" in result.stdout
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f'ERROR inference: 2 of 3 requests failed; each one\'s error is in the "error" field of its line in {tmp_path / "out.jsonl"}')
     assert "segmenting" in result.stderr and "3/3" in result.stderr  # the progress bar
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == 3
@@ -513,6 +539,27 @@ def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
     assert all(decode_rle(obj["mask"]).shape == (534, 800) for obj in good["objects"])
     assert "corrupt.jpg" in corrupt["error"] and "gone.jpg does not exist" in gone["error"]
     assert "Traceback" not in result.stderr
+
+
+def test_batch_exit_status_is_0_when_every_request_is_answered(tiny_segmenter_dir, tmp_path):
+    """Paths with spaces and non-ASCII characters, relative (to the input file) and absolute."""
+    (tmp_path / "fotos und Bilder").mkdir()
+    shutil.copy(DOG, tmp_path / "fotos und Bilder" / "der Hund é.jpg")
+    (tmp_path / "in.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in [
+            {"image": "fotos und Bilder/der Hund é.jpg", "prompt": "Wo ist der Hund?"},
+            {"image": str(DOG), "prompt": "Where is the dog?"},
+        ]) + "\n", encoding="utf-8",
+    )
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
+         "--max_new_tokens", "4", "--no_progress"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 requests answered, 0 failed" in result.stdout and "ERROR" not in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "in.out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["image"], r["error"], r["width"]) for r in records] == [
+        ("fotos und Bilder/der Hund é.jpg", None, 800), (str(DOG), None, 800)]
 
 
 def test_interactive_loop_reuses_the_image_and_survives_bad_paths(tiny_segmenter_dir, tmp_path):
@@ -535,6 +582,24 @@ def test_interactive_loop_reuses_the_image_and_survives_bad_paths(tiny_segmenter
     assert_masks_reported(result.stdout, tmp_path / "vis")
 
 
+def test_interactive_loop_takes_paths_as_terminals_paste_them(session, monkeypatch, tmp_path):
+    r"""Dragged into a terminal, a path comes quoted (GNOME: '/a b.jpg', '/it'\''s.jpg') or
+    backslash-escaped (macOS: /a\ b.jpg); a name that itself holds a backslash is taken as typed."""
+    always_answer(monkeypatch, session, "It is [SEG].")
+    for name in ("my dog.jpg", "it's a dog.jpg", "back\\slash.jpg"):
+        shutil.copy(DOG, tmp_path / name)
+    typed = [
+        str(tmp_path / "my dog.jpg").replace(" ", "\\ ") + " ",  # macOS adds a space too
+        "'" + str(tmp_path / "it's a dog.jpg").replace("'", "'\\''") + "'",
+        str(tmp_path / "back\\slash.jpg"),
+    ]
+    inputs = iter([text for path in typed for text in ("Where is the dog?", path)])
+    said = []
+    assert interactive_loop(session, tmp_path / "vis", said.append, lambda question: next(inputs, "")) == 3, said
+    assert sorted(p.name for p in (tmp_path / "vis").glob("*_mask_0.png")) == [
+        "back\\slash_3_mask_0.png", "it's a dog_2_mask_0.png", "my dog_1_mask_0.png"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -551,6 +616,31 @@ def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, monkeypatch, e
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "inference.py"), run_name="__main__")
     assert str(exit_info.value.code).startswith(message)  # printed to stderr by Python, exit status 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--input_jsonl", "{tmp}"], "--input_jsonl {tmp} is not a file"),
+        (["--input_jsonl", "{tmp}/in.jsonl", "--output_jsonl", "{tmp}"], "--output_jsonl {tmp} is a directory"),
+        (["--input_jsonl", "{tmp}/in.jsonl", "--image_root", "{tmp}/nowhere"], "--image_root {tmp}/nowhere is not a directory"),
+        (["--image", str(DOG), "--prompt", "Where?", "--vis_save_path", "{tmp}/in.jsonl"], "--vis_save_path {tmp}/in.jsonl is a file"),
+        (["--max_image_side", "-1"], "--max_image_side must be at least 0 (0: no downscale), got -1"),
+        (["--cache_size", "-1"], "--cache_size must be at least 0 (0: no reuse), got -1"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+    ],
+)
+def test_unusable_paths_and_values_are_refused_before_the_model_loads(tiny_segmenter_dir, tmp_path, monkeypatch, capsys, extra, message):
+    """Each would otherwise fail after the model loaded (a traceback), or, a negative
+    --max_image_side, shrink every image to one pixel."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"image": str(DOG), "prompt": "Where?"}) + "\n")
+    monkeypatch.setattr("model.loading.load_segmenter", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["inference.py", "--version", str(tiny_segmenter_dir("qwen2_5_vl")), *(a.format(tmp=tmp_path) for a in extra)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "inference.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert f"error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err
 
 
 def test_requests_from_many_threads_run_the_model_on_one(session, monkeypatch):
@@ -571,6 +661,41 @@ def test_requests_from_many_threads_run_the_model_on_one(session, monkeypatch):
         answers = list(callers.map(lambda q: session.ask(DOG, q), ["Where?", "What?", "Which?", "Why?"]))
     assert len(answers) == 4 and len(model_threads) == 4
     assert len(set(model_threads)) == 1 and model_threads[0] != threading.get_ident()
+
+
+def test_ctrl_c_ends_the_answer_being_written(session):
+    """Ctrl-C reaches the asking thread; the worker must stop at its next token, not write the rest
+    of the answer (minutes on a CPU) while the process waits for it at exit."""
+    import signal
+    import threading
+    import time
+
+    calls, writing, sent = [], threading.Event(), threading.Event()
+    a_token = session.model.processor.tokenizer.convert_tokens_to_ids("a")
+
+    def slow_endless(input_ids, scores):  # "a a a ...", a tenth of a second a token
+        calls.append(1)
+        if len(calls) == 3:  # still writing when Ctrl-C comes
+            writing.set()
+            sent.wait(30)
+        time.sleep(0.1)
+        scores = torch.full_like(scores, -1e9)
+        scores[:, a_token] = 0
+        return scores
+
+    def ctrl_c():
+        writing.wait(30)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        sent.set()
+
+    threading.Thread(target=ctrl_c).start()
+    with pytest.raises(KeyboardInterrupt):
+        session.ask(DOG, "Where is the dog?", max_new_tokens=60, logits_processor=slow_endless)
+    session._worker.submit(lambda: None).result()  # the worker is done with the interrupted request
+    assert len(calls) < 10  # 60 without the stop
+    # The next request is not ended early.
+    answer = session.ask(DOG, "Where is the dog?", logits_processor=scripted(session.model, TWO_MASKS))
+    assert answer.text == TWO_MASKS
 
 
 def test_warm_up_compiles_the_step_a_first_request_then_reuses(tiny_segmenter_dir):

@@ -16,6 +16,9 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -107,13 +110,18 @@ def load_image(
             if not path.is_file():
                 raise InputError(f"{path} is not a file")
             stream = path
+        # PIL refuses images over twice its own MAX_IMAGE_PIXELS (~179 MP) at open, so a
+        # --max_image_pixels above that could never be used; ours is checked right below. Only
+        # ever raised, never lowered: concurrent calls (the app's threads) cannot undo each other.
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
         try:
             with warnings.catch_warnings():
                 # The pixel limit is checked below; PIL's own bomb warning is redundant.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(stream)
         except Image.DecompressionBombError as err:
-            raise InputError(f"{label} is too large to decode safely ({err})") from err
+            raise InputError(f"{label} is too large to decode safely ({err}); downscale it first (or raise --max_image_pixels)") from err
         except UnidentifiedImageError as err:
             raise InputError(f"{label} is not an image file that can be read (unknown or corrupt format)") from err
         except OSError as err:
@@ -302,8 +310,11 @@ def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> lis
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob(f"{glob.escape(prefix)}_mask_*.png"), *out_dir.glob(f"{glob.escape(prefix)}_overlay_*.png")]:
-        stale.unlink()
+    # Exactly this prefix's files: "road" must not take "road_mask_v2.jpg"'s "road_mask_v2_mask_0.png".
+    ours = re.compile(re.escape(prefix) + r"_(mask|overlay)_\d+\.png")
+    for stale in out_dir.glob(f"{glob.escape(prefix)}_*.png"):
+        if ours.fullmatch(stale.name):
+            stale.unlink()
     saved = []
     for index, (mask, full) in enumerate(zip(answer.masks, answer.original_masks())):
         mask_path = out_dir / f"{prefix}_mask_{index}.png"
@@ -330,23 +341,27 @@ WARM_UP_TOKENS = 2
 
 
 class EndTurnAfter:
-    """A logits processor ending the answer after ``tokens`` freely chosen tokens (one generation).
+    """A logits processor ending the answer after ``tokens`` freely chosen tokens, or at the next
+    token once ``stop`` is set (one generation).
 
     Args:
-        tokens: answer tokens chosen as the model likes.
+        tokens: answer tokens chosen as the model likes (None: as many as the request allows).
         end_id: the token then forced (end of turn).
+        stop: set by another thread to end the answer early.
     """
 
-    def __init__(self, tokens: int, end_id: int) -> None:
+    def __init__(self, tokens: int | None, end_id: int, stop: threading.Event | None = None) -> None:
         self.tokens = tokens
         self.end_id = end_id
+        self.stop = stop
         self.prompt_length: int | None = None
 
     def __call__(self, input_ids, scores):
         """``input_ids`` [B, t] (prompt and answer so far), ``scores`` [B, V] -> scores."""
         if self.prompt_length is None:  # the first call sees the prompt alone
             self.prompt_length = input_ids.shape[1]
-        if input_ids.shape[1] - self.prompt_length < self.tokens:
+        free = self.tokens is None or input_ids.shape[1] - self.prompt_length < self.tokens
+        if free and not (self.stop is not None and self.stop.is_set()):
             return scores
         forced = scores.new_full(scores.shape, float("-inf"))
         forced[:, self.end_id] = 0
@@ -406,10 +421,18 @@ class InferenceSession:
         the session's ``max_new_tokens``, ``decoding`` and ``prefix_cache``.
         Raises:
             InputError: an empty prompt or an unusable image.
+            KeyboardInterrupt: Ctrl-C while the answer was written; the worker ends it at its next token.
         """
         prompt = check_prompt(prompt)
         loaded = self.load(image)
-        result, reused = self._worker.submit(self._answer, loaded, prompt, generate_kwargs).result()
+        stop = threading.Event()
+        try:
+            result, reused = self._worker.submit(self._answer, loaded, prompt, generate_kwargs, stop).result()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches this thread, not the worker, which would write the answer to its end
+            # (minutes on a CPU) and hold the process at exit: end it at its next token.
+            stop.set()
+            raise
         if reused:
             logger.info("reused the cached image features of %s (no re-encoding)", loaded.source)
         return Answer(prompt=prompt, image=loaded, result=result, features_reused=reused)
@@ -436,11 +459,18 @@ class InferenceSession:
         ).result()
         return time.perf_counter() - start
 
-    def _answer(self, loaded: LoadedImage, prompt: str, generate_kwargs: dict) -> tuple:
-        """(the model's result, whether the image's features were reused); on the worker thread."""
+    def _answer(self, loaded: LoadedImage, prompt: str, generate_kwargs: dict, stop: threading.Event) -> tuple:
+        """(the model's result, whether the image's features were reused); on the worker thread.
+        Setting ``stop`` ends the answer at its next token."""
+        from transformers import LogitsProcessorList
+
         before = dict(self.cache.stats, prefix_hits=self.prefixes.stats["hits"])
         options = {"max_new_tokens": self.max_new_tokens, "decoding": self.decoding, "prefix_cache": self.prefixes}
-        [result] = self.model.predict([loaded.array], [prompt], **{**options, **generate_kwargs})
+        given = generate_kwargs.get("logits_processor") or []
+        # Last, so that the end of turn it forces is what is chosen whatever the others did.
+        processors = LogitsProcessorList([*(given if isinstance(given, list) else [given]),
+                                          EndTurnAfter(None, self.model.processor.tokenizer.eos_token_id, stop)])
+        [result] = self.model.predict([loaded.array], [prompt], **{**options, **generate_kwargs, "logits_processor": processors})
         stats = self.cache.stats
         vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
         return result, stats["sam_hits"] > before["sam_hits"] and vision_reused
@@ -546,10 +576,16 @@ def interactive_loop(
 
 
 def _unquote(text: str) -> str:
-    """Paths dragged into a terminal come quoted."""
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
+    r"""The path a person typed or dragged into a terminal, which quotes it ('/my photo.jpg',
+    '/it'\''s.jpg') or escapes it (/my\ photo.jpg, macOS): read as a shell would, unless the
+    text as typed names a file (a name may hold quotes or backslashes)."""
+    if not text or Path(text).expanduser().exists():
+        return text
+    try:
+        words = shlex.split(text)
+    except ValueError:  # unbalanced quotes: not shell syntax, keep it as typed
+        return text
+    return words[0] if len(words) == 1 else text
 
 
 @dataclass
@@ -662,6 +698,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def check_model_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """``parser.error`` naming the flag for values that cannot work (before the model loads)."""
     check_pixel_arguments(args, parser)
+    # A negative --max_image_side would shrink every image to 1x1 pixel without a word.
+    for flag, least, meaning in [
+        ("max_new_tokens", 1, ""),
+        ("max_image_side", 0, " (0: no downscale)"),
+        ("max_image_pixels", 1, ""),
+        ("cache_size", 0, " (0: no reuse)"),
+    ]:
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be at least {least}{meaning}, got {getattr(args, flag)}")
 
 
 def session_from_args(args: argparse.Namespace, one_request: bool = False) -> InferenceSession:
