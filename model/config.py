@@ -7,10 +7,16 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .constants import SEG_STATES, SEG_TOKEN
+from .constants import SEG_STATES
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "qwen_vl_sam_segmenter"
+# The rest of a segmenter directory (see :meth:`model.segmenter.ReasonSegmenter.save_pretrained`),
+# named here so that model.loading checks a directory without importing the model (transformers).
+VLM_DIR = "vlm"
+ADAPTER_DIR = "adapter"
+HEAD_WEIGHTS = "head.safetensors"
+SAM_WEIGHTS = "sam.safetensors"
 
 
 @dataclass
@@ -42,8 +48,7 @@ class SegmenterConfig:
     sam_variant: str
     hidden_size: int
     prompt_dim: int
-    seg_token: str = SEG_TOKEN
-    vlm_path: str = "vlm"
+    vlm_path: str = VLM_DIR
     adapter_path: str | None = None
     sam_checkpoint: str | None = None
     lora: dict = field(default_factory=dict)
@@ -66,6 +71,8 @@ class SegmenterConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "SegmenterConfig":
+        """The config of a segmenter directory. Keys it does not know are ignored: e.g.
+        ``seg_token``, which older versions wrote (the token is always :data:`constants.SEG_TOKEN`)."""
         file = Path(directory) / CONFIG_NAME
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: {directory} is not a segmenter directory")

@@ -7,8 +7,9 @@
   checkpoint (``adapter/`` referring to the base Qwen-VL, and the official SAM file by path;
   ``--base_model`` / ``--vision_pretrained`` override those two paths), or
 * a training run directory holding ``checkpoint-*/`` sub-directories: the one named by its
-  ``latest`` file (else the highest step) is used, or the ``best`` link with ``pick="best"``,
-  and the choice is logged.
+  ``latest`` file (else the highest complete step, as the trainer resumes) is used, or the one
+  its ``best`` file or link names with ``pick="best"``, and the choice is logged (see
+  :mod:`utils.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from .config import SegmenterConfig
+from utils import checkpoint as ckpt
+from utils.mixed_precision import PRECISIONS
+
+from .config import MODEL_TYPE, SAM_WEIGHTS, SegmenterConfig
 from .image_tokens import apply_pixel_limits
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Files of raw (not gathered) DeepSpeed ZeRO checkpoints.
 _DEEPSPEED_PATTERNS = ("global_step*", "*zero_pp_rank_*", "mp_rank_*_model_states.pt", "zero_to_fp32.py")
 
@@ -42,10 +42,12 @@ def resolve_checkpoint(path: str | os.PathLike, pick: str = "latest") -> Path:
 
     Args:
         path: a segmenter directory or a run directory with ``checkpoint-*/`` sub-directories.
-        pick: in a run directory, "latest" (its ``latest`` file, else the highest step) or
-            "best" (its ``best`` link or file).
+        pick: in a run directory, "latest" (what its ``latest`` file names, else the highest
+            complete checkpoint, as :func:`utils.checkpoint.latest_checkpoint`) or "best" (what
+            its ``best`` file or link names).
     Raises:
-        ModelLoadError: the path does not exist or holds no segmenter checkpoint.
+        ModelLoadError: the path does not exist or holds no segmenter checkpoint, or its
+            ``latest`` / ``best`` names something that is not one.
     """
     if pick not in ("latest", "best"):
         raise ValueError(f"pick must be 'latest' or 'best', got {pick!r}")
@@ -56,52 +58,31 @@ def resolve_checkpoint(path: str | os.PathLike, pick: str = "latest") -> Path:
         raise ModelLoadError(f"{path} is a file, not a model directory")
     if SegmenterConfig.is_segmenter_directory(path):
         return path
-    checkpoints = {
-        int(match.group(1)): child
-        for child in path.iterdir()
-        if (match := _CHECKPOINT_RE.match(child.name)) and SegmenterConfig.is_segmenter_directory(child)
-    }
-    if pick == "best":
-        chosen = _named_checkpoint(path, "best")
-        if chosen is None:
-            raise ModelLoadError(f"{path} has no 'best' link or file naming a checkpoint")
-        logger.info("%s is a run directory: using its best checkpoint %s", path, chosen)
-        return chosen
-    chosen = _named_checkpoint(path, "latest")
+    pointer = ckpt.BEST_FILE if pick == "best" else ckpt.LATEST_FILE
+    # What the entry names is taken even where the trainer would not resume from it (no
+    # trainer_state.json): loading needs a segmenter directory, nothing more, and says if it is not.
+    chosen = ckpt.named_checkpoint(path, pointer)
     if chosen is not None:
-        logger.info("%s is a run directory: using %s (named by its 'latest' file)", path, chosen)
-        return chosen
-    if checkpoints:
-        step = max(checkpoints)
-        logger.info(
-            "%s is a run directory: using %s, the highest of %d checkpoints (no 'latest' file)",
-            path, checkpoints[step], len(checkpoints),
-        )
-        return checkpoints[step]
-    raise ModelLoadError(_not_a_checkpoint_message(path))
-
-
-def _named_checkpoint(run_dir: Path, name: str) -> Path | None:
-    """The checkpoint a ``latest``/``best`` entry names: a link to it, or a file holding its name."""
-    entry = run_dir / name
-    if entry.is_dir():  # a symlink to the checkpoint (or a copy of it)
-        target = entry.resolve()
-    elif entry.is_file():
-        text = entry.read_text(encoding="utf-8").strip()
-        if not text:
-            return None
-        target = Path(text) if Path(text).is_absolute() else run_dir / text
+        how = f" (named by its '{pointer}' {'file' if (path / pointer).is_file() else 'link'})"
+        if not SegmenterConfig.is_segmenter_directory(chosen):
+            raise ModelLoadError(f"{path / pointer} names {chosen}, which is not a segmenter checkpoint directory")
+    elif pick == "best":
+        raise ModelLoadError(f"{path} has no 'best' link or file naming a checkpoint")
     else:
-        return None
-    if not SegmenterConfig.is_segmenter_directory(target):
-        raise ModelLoadError(f"{entry} names {target}, which is not a segmenter checkpoint directory")
-    return target
+        checkpoints = ckpt.list_checkpoints(path)
+        if not checkpoints:
+            raise ModelLoadError(_not_a_checkpoint_message(path))
+        chosen, how = checkpoints[-1], f", the highest of {len(checkpoints)} checkpoints (no 'latest' file)"
+        if not SegmenterConfig.is_segmenter_directory(chosen):
+            raise ModelLoadError(f"{chosen}, the highest checkpoint of {path}, is not a segmenter checkpoint directory")
+    logger.info("%s is a run directory: using %s%s", path, chosen, how)
+    return chosen
 
 
 def _not_a_checkpoint_message(path: Path) -> str:
     message = (
         f"{path} is not a segmenter directory (no config.json with model_type "
-        f"'qwen_vl_sam_segmenter') and holds no checkpoint-*/ directories"
+        f"'{MODEL_TYPE}') and holds no complete checkpoint-*/ directories (with {ckpt.STATE_FILE})"
     )
     if any(next(path.glob(pattern), None) for pattern in _DEEPSPEED_PATTERNS):
         message += (
@@ -210,7 +191,7 @@ def load_segmenter(
     config = SegmenterConfig.from_pretrained(directory)
     if not config.adapter_path and base_model:
         logger.warning("--base_model is ignored: %s carries its whole VLM", directory)
-    if (directory / "sam.safetensors").is_file() and vision_pretrained:
+    if (directory / SAM_WEIGHTS).is_file() and vision_pretrained:
         logger.warning("--vision_pretrained is ignored: %s carries its SAM weights", directory)
     vlm_kwargs = {}
     if quantization is not None:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from utils.atomic_files import fsync_tree, move_into_place
+from utils.checkpoint import STATE_FILE
 
 from .config import CONFIG_NAME, SegmenterConfig
 from .loading import ModelLoadError, resolve_checkpoint
@@ -158,7 +159,7 @@ def merge_checkpoint(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise MergeError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        if not SegmenterConfig.is_segmenter_directory(out) or (out / "trainer_state.json").is_file():
+        if not SegmenterConfig.is_segmenter_directory(out) or (out / STATE_FILE).is_file():
             raise MergeError(f"{out} exists and is not a merged segmenter directory; refusing to overwrite it")
     config = SegmenterConfig.from_pretrained(directory)
     settings = lora_settings_from(directory, config) if config.adapter_path else {}

@@ -79,7 +79,7 @@ def _read_chat_template(path: Path) -> str | None:
     return None
 
 
-def load_processor(path: str | os.PathLike, family: str, **tokenizer_kwargs):
+def load_processor(path: str | os.PathLike, family: str):
     """Load an image-only processor for ``family`` from a Qwen-VL checkpoint directory.
 
     Args:
@@ -89,7 +89,7 @@ def load_processor(path: str | os.PathLike, family: str, **tokenizer_kwargs):
     if family not in PROCESSOR_CLASSES:
         raise ValueError(f"unsupported model family {family!r}; supported: {sorted(PROCESSOR_CLASSES)}")
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     chat_template = _read_chat_template(path) or getattr(tokenizer, "chat_template", None)
     if chat_template is None:

@@ -2,14 +2,19 @@
 
 Which hidden state stands for a ``[SEG]``
 -----------------------------------------
-The language model's final hidden state (after its last norm) *at the position of the* ``[SEG]``
-*token itself*, i.e. in the forward pass where ``[SEG]`` is the input token. Training and
-teacher-forced evaluation read it from the full forward pass (a hook on the final norm,
-:class:`FinalHiddenStates`); generation reads it from the KV-cache decoding step that consumes the
-``[SEG]`` just produced (:mod:`model.decoding` takes the language model's post-norm output of that
-step; transformers' ``generate`` goes through the same hook, and after a beam search one forward
-over the answers kept does). Tests check that all give the same vectors. Generation runs one
-decoding step past the last kept token so that a ``[SEG]`` produced last still has its state.
+A final hidden state of the language model (after its last norm), at the position the model's
+``config.seg_state`` chooses (:data:`model.constants.SEG_STATES`): the ``[SEG]`` token's own
+(``"seg_token"``, the default: the position where ``[SEG]`` is the input token) or that of the
+token before it (``"preceding_token"``, LISA's: the position whose next-token prediction is the
+``[SEG]``). :attr:`ReasonSegmenter.seg_state_offset` is that choice as an offset (0 or -1), which
+:func:`state_positions` applies to a teacher-forced batch and :meth:`ReasonSegmenter.generate` to
+the decoding steps. Training and teacher-forced evaluation read the states from the full forward
+pass (a hook on the final norm, :class:`FinalHiddenStates`); generation from the KV-cache decoding
+steps (:mod:`model.decoding` takes the language model's post-norm output of each step, the state
+of the token it consumes; transformers' ``generate`` goes through the same hook, and after a beam
+search one forward over the answers kept does). Tests check that all give the same vectors.
+Generation runs one decoding step past the last kept token so that a ``[SEG]`` produced last still
+has its own state.
 
 Shapes: B images, T tokens, H text hidden size, P SAM prompt size, S SAM input side,
 n_i masks for image i, N masks in the batch.
@@ -33,8 +38,8 @@ from torch.nn import functional as F
 from utils.masks import mask_score, mask_to_box
 
 from .batch import collate, encode_sample, row_images, to_device
-from .config import SegmenterConfig
-from .constants import SEG_STATES
+from .config import ADAPTER_DIR, HEAD_WEIGHTS, SAM_WEIGHTS, VLM_DIR, SegmenterConfig
+from .constants import SEG_STATES, SEG_TOKEN
 from .conversation import IGNORE_INDEX
 from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
 from .image_cache import shared_images
@@ -45,27 +50,17 @@ from .processor import load_processor, save_processor
 from .projection import SegProjection
 from .sam import SamTransform, build_sam, freeze_for_segmentation, sam_prompt_embed_dim
 from .sam_compile import run_image_encoder
-from .vlm import (
-    LoraSettings,
-    SEG_TOKEN,
-    apply_lora,
-    ensure_seg_token,
-    load_vlm,
-    make_language_model_trainable,
-    text_hidden_size,
-    vlm_family,
-)
+from .vlm import LoraSettings, ensure_seg_token, is_hub_id, load_vlm, make_trainable, text_hidden_size, vlm_family
 
 logger = logging.getLogger(__name__)
 
-SAM_WEIGHTS = "sam.safetensors"
-HEAD_WEIGHTS = "head.safetensors"
-VLM_DIR = "vlm"
-ADAPTER_DIR = "adapter"
-# SAM parts read in float32 when the model is built to train: the prompt encoder (always float32)
-# and the mask decoder (trained). The decoder's frozen IoU head stays float32 with it: the decoder
-# runs as one float32 block, with or without autocast (it is 0.2 M parameters).
-TRAINED_SAM_FP32 = ("prompt_encoder", "mask_decoder")
+# SAM parts kept in float32 whatever the run dtype. Always the prompt encoder: its positional
+# encoding multiplies a float32 coordinate grid.
+SAM_FP32 = ("prompt_encoder",)
+# In training the mask decoder too: its trained weights are float32 master weights, and its frozen
+# IoU head stays float32 with them, so that the decoder runs as one float32 block with or without
+# autocast (it is 0.2 M parameters).
+TRAINED_SAM_FP32 = (*SAM_FP32, "mask_decoder")
 
 
 @dataclass
@@ -151,12 +146,16 @@ class ReasonSegmenter(nn.Module):
         self.vlm = vlm
         self.processor = processor
         self.sam = sam
-        self.projection = SegProjection(config.hidden_size, config.prompt_dim)
+        # On the device of the mask decoder it prompts (a device_map may have put the VLM elsewhere).
+        decoder_device = sam.mask_decoder.iou_token.weight.device
+        self.projection = SegProjection(config.hidden_size, config.prompt_dim).to(decoder_device)
         self.sam_transform = SamTransform.from_sam(sam)
-        self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(config.seg_token)
+        self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.hidden_states = FinalHiddenStates(vlm)
         self._decoders: dict[str, GreedyDecoder] = {}  # by decoding mode, built on first use
         freeze_for_segmentation(sam)
+        # Frozen here, not by freeze_for_segmentation (LISA's setup, which trains the whole decoder):
+        # the loss never uses the IoU head, and DDP waits for a gradient of every trainable parameter.
         sam.mask_decoder.iou_prediction_head.requires_grad_(False)
 
     # ------------------------------------------------------------------ construction and I/O
@@ -173,7 +172,7 @@ class ReasonSegmenter(nn.Module):
         device: str | torch.device | None = None,
         **config_overrides,
     ) -> "ReasonSegmenter":
-        """A new segmenter from a Qwen-VL directory and a SAM checkpoint (the start of training).
+        """A new segmenter from a Qwen-VL (a directory or hub id) and a SAM checkpoint (the start of training).
 
         Every weight is read straight into its run dtype on ``device`` (see :meth:`cast_for_run`):
         frozen ones in ``dtype``, trainable ones in float32 (the master weights). No float32 copy
@@ -190,11 +189,9 @@ class ReasonSegmenter(nn.Module):
         processor = load_processor(vlm_path, family)
         vlm = load_vlm(vlm_path, dtype=torch.float32 if train_language_model else dtype, device=device)
         seg_id = ensure_seg_token(vlm, processor.tokenizer)
-        vlm.requires_grad_(False)
-        if train_language_model:
-            make_language_model_trainable(vlm)
-        elif lora is not None:
-            vlm = apply_lora(vlm, lora, seg_id)
+        # Not configure_training on the built model: that would draw the LoRA's random initialisation
+        # after SAM's and the projection's, and change the weights a seed gives.
+        vlm = make_trainable(vlm, lora, train_language_model, seg_id)
         sam = build_sam(sam_variant, sam_checkpoint, dtype=dtype, device=device, fp32_modules=TRAINED_SAM_FP32)
         config = SegmenterConfig(
             vlm_family=family,
@@ -207,9 +204,7 @@ class ReasonSegmenter(nn.Module):
             train_language_model=train_language_model,
             **config_overrides,
         )
-        model = cls(config, vlm, processor, sam)
-        model.projection.to(sam.mask_decoder.iou_token.weight.device)
-        return model.cast_for_run(dtype)
+        return cls(config, vlm, processor, sam).cast_for_run(dtype)
 
     @classmethod
     def from_pretrained(
@@ -237,7 +232,9 @@ class ReasonSegmenter(nn.Module):
                 without a round trip through ``dtype``.
             is_trainable: load for training: keep a LoRA adapter trainable (resuming training),
                 trainable weights in float32.
-            base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files).
+            base_model: override the base Qwen-VL of an adapter checkpoint (e.g. moved files): a
+                directory, or a hub id (``owner/name``, a string naming no local path), as the
+                checkpoint's own ``vlm_path`` may be.
             sam_checkpoint: override the official SAM file of a checkpoint without SAM weights.
             device: where the model is loaded (None: the CPU).
             train_language_model: with ``is_trainable``, the whole language model trains: it is
@@ -249,20 +246,7 @@ class ReasonSegmenter(nn.Module):
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
         config = SegmenterConfig.from_pretrained(directory)
-        if config.adapter_path:
-            vlm_path = Path(base_model) if base_model else _resolve(directory, config.vlm_path)
-            processor_path = directory / config.adapter_path
-        else:
-            vlm_path = processor_path = directory / config.vlm_path
-        if not Path(vlm_path).exists():
-            raise FileNotFoundError(
-                f"{directory} is a LoRA checkpoint of the base model {vlm_path}, which does not exist; "
-                "pass the base model's directory (--version / base_model)"
-            )
-        if vlm_family(vlm_path) != config.vlm_family:
-            raise ValueError(
-                f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {vlm_family(vlm_path)}"
-            )
+        vlm_path, processor_path = _vlm_source(directory, config, base_model)
         processor = load_processor(processor_path, config.vlm_family)
         if train_language_model is None:
             train_language_model = config.train_language_model
@@ -275,10 +259,8 @@ class ReasonSegmenter(nn.Module):
                 f"but {vlm_path} has hidden size {text_hidden_size(vlm.config)}: pass the base model it was "
                 "trained on (--base_model)"
             )
-        ensure_seg_token(vlm, processor.tokenizer)
-        vlm.requires_grad_(False)
-        if train_language_model:
-            make_language_model_trainable(vlm)
+        seg_id = ensure_seg_token(vlm, processor.tokenizer)
+        vlm = make_trainable(vlm, None, train_language_model, seg_id)  # a LoRA is the adapter's, loaded next
         if config.adapter_path:
             from peft import PeftModel
 
@@ -298,7 +280,7 @@ class ReasonSegmenter(nn.Module):
             )
         sam = build_sam(
             config.sam_variant, sam_file, dtype=dtype, device=device,
-            fp32_modules=TRAINED_SAM_FP32 if is_trainable else ("prompt_encoder",),
+            fp32_modules=TRAINED_SAM_FP32 if is_trainable else SAM_FP32,
         )
         # In memory the config points at the files this model came from, so that a trainable-only
         # checkpoint saved later can name its base model and SAM file.
@@ -309,30 +291,41 @@ class ReasonSegmenter(nn.Module):
         head_file = directory / HEAD_WEIGHTS
         if not head_file.is_file():
             raise FileNotFoundError(f"{head_file} not found: the segmentation head of {directory} is missing")
-        model.projection.to(sam.mask_decoder.iou_token.weight.device)
         model.load_head_state(load_file(head_file))
         return model.cast_for_run(dtype, trainable_dtype=torch.float32 if is_trainable else dtype)
 
     def cast_for_run(self, dtype: torch.dtype, trainable_dtype: torch.dtype = torch.float32) -> "ReasonSegmenter":
-        """Put every weight in the dtype it runs in (see :func:`cast_for_run`); returns ``self``.
+        """Put every floating-point weight in the dtype it runs in, in place; returns ``self``.
 
-        Frozen weights in ``dtype``, trainable ones (``requires_grad``) in ``trainable_dtype``:
-        float32 for training (master weights), ``dtype`` for inference. SAM's prompt encoder stays
-        float32 (its positional encoding multiplies a float32 grid); in training so does the mask
-        decoder's frozen IoU head, so that the decoder is one float32 block (a bf16 layer inside
-        it would need autocast). Weights already in their dtype are left as they are (no copy),
-        so this is cheap on a model loaded in its dtype.
+        * frozen weights (``requires_grad=False``): ``dtype`` (e.g. bf16 for a bf16 run);
+        * trainable ones: ``trainable_dtype``: float32 in training (the optimizer updates float32
+          master weights while autocast computes in ``dtype``), ``dtype`` for inference;
+        * SAM's :data:`SAM_FP32` parts, and in training (``trainable_dtype`` float32) its
+          :data:`TRAINED_SAM_FP32` ones: float32.
+
+        Weights already in their dtype are not touched (no copy), so this is cheap on a model
+        loaded in its dtype. Integer and quantised weights (bitsandbytes) are left alone, and so
+        are buffers: transformers keeps its rotary frequencies in float32 on purpose.
         """
-        keep_fp32 = ["sam.prompt_encoder."]
-        if trainable_dtype == torch.float32:
-            keep_fp32.append("sam.mask_decoder.")
-        return cast_for_run(self, dtype, trainable_dtype, keep_fp32=keep_fp32)
+        parts = TRAINED_SAM_FP32 if trainable_dtype == torch.float32 else SAM_FP32
+        keep_fp32 = tuple(f"sam.{part}." for part in parts)
+        for name, param in self.named_parameters():
+            if not param.is_floating_point():
+                continue
+            if name.startswith(keep_fp32):
+                wanted = torch.float32
+            else:
+                wanted = trainable_dtype if param.requires_grad else dtype
+            if param.dtype != wanted:
+                param.data = param.data.to(wanted)
+        return self
 
     def _apply(self, fn, recurse=True):
-        # SAM's prompt encoder multiplies a float32 coordinate grid by its positional matrix, so it
-        # stays float32 whatever dtype the rest of the model is cast to (bf16 inference on CUDA).
+        # SAM's SAM_FP32 parts stay float32 whatever dtype the rest of the model is cast to (bf16
+        # inference on CUDA).
         super()._apply(fn, recurse)
-        self.sam.prompt_encoder.float()
+        for part in SAM_FP32:
+            self.sam.get_submodule(part).float()
         self._decoders.clear()  # their caches are in the old device and dtype
         return self
 
@@ -379,12 +372,10 @@ class ReasonSegmenter(nn.Module):
 
         if isinstance(self.vlm, PeftModel):
             raise ValueError("the VLM already carries a LoRA adapter")
-        self.vlm.requires_grad_(False)
+        self.vlm = make_trainable(self.vlm, lora, train_language_model, self.seg_token_id)
         if train_language_model:
-            make_language_model_trainable(self.vlm)
             self.config.lora = {}
         elif lora is not None:
-            self.vlm = apply_lora(self.vlm, lora, self.seg_token_id)
             self.config.lora = dict(vars(lora))
         self.config.train_language_model = train_language_model
 
@@ -696,36 +687,6 @@ def labelled_next_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return keep, next_labels[keep[:, :-1]]
 
 
-def cast_for_run(
-    model: nn.Module,
-    dtype: torch.dtype,
-    trainable_dtype: torch.dtype = torch.float32,
-    keep_fp32: Sequence[str] = (),
-) -> nn.Module:
-    """Cast ``model``'s floating-point parameters to their run dtype, in place; returns ``model``.
-
-    * frozen parameters (``requires_grad=False``): ``dtype`` (e.g. bf16 for a bf16 run);
-    * trainable parameters: ``trainable_dtype`` (float32 in training: the optimizer updates
-      float32 master weights while autocast computes in ``dtype``);
-    * parameters whose name starts with one of ``keep_fp32``: float32.
-
-    Parameters already in their dtype are not touched (no copy). Integer and quantised
-    parameters (bitsandbytes) are left alone, and so are buffers: transformers keeps its rotary
-    frequencies in float32 on purpose.
-    """
-    keep_fp32 = tuple(keep_fp32)
-    for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        if keep_fp32 and name.startswith(keep_fp32):
-            wanted = torch.float32
-        else:
-            wanted = trainable_dtype if param.requires_grad else dtype
-        if param.dtype != wanted:
-            param.data = param.data.to(wanted)
-    return model
-
-
 def _check_adapter_loaded(vlm: nn.Module, adapter_dir: Path, base_model: str | os.PathLike) -> None:
     """Raise ValueError when tensors of the adapter at ``adapter_dir`` found no layer in ``vlm``.
 
@@ -749,7 +710,50 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _resolve(directory: Path, path: str) -> Path:
-    """A path from a config: relative to the checkpoint directory if it exists there."""
-    return directory / path if (directory / path).exists() else Path(path)
+def _vlm_source(
+    directory: Path, config: SegmenterConfig, base_model: str | os.PathLike | None
+) -> tuple[Path | str, Path]:
+    """Where the VLM of the segmenter directory ``directory`` (with config ``config``) is read from.
 
+    Returns:
+        (its weights, its processor): the directory's ``vlm/`` for both; for a LoRA checkpoint,
+        the base model (``base_model``, else the config's ``vlm_path``: a directory, or a hub id
+        that transformers finds, see :func:`model.vlm.is_hub_id`) and the adapter's directory.
+    Raises:
+        FileNotFoundError: no such VLM (the message says what to pass).
+        ValueError: a VLM of another family than the one the checkpoint was trained on.
+    """
+    if config.adapter_path:
+        vlm_path = base_model or _resolve(directory, config.vlm_path)
+        processor_path = directory / config.adapter_path
+        if not (Path(vlm_path).exists() or is_hub_id(vlm_path)):
+            raise FileNotFoundError(
+                f"{directory} is a LoRA checkpoint of the base model {vlm_path}, which does not exist (nor is it a "
+                "hub id owner/name); pass the base model's directory or hub id (--version / base_model)"
+            )
+    else:
+        vlm_path = processor_path = directory / config.vlm_path
+        if not vlm_path.exists():
+            raise FileNotFoundError(
+                f"{directory} holds no {config.vlm_path}/ (its whole VLM), as its config.json says it does: "
+                "the directory is incomplete; copy it again from where it was written"
+            )
+    try:
+        family = vlm_family(vlm_path)
+    except OSError as err:
+        if not is_hub_id(vlm_path):
+            raise
+        # transformers' message (not in the cache, no connection) names neither the model nor the checkpoint.
+        raise FileNotFoundError(
+            f"{directory} is a LoRA checkpoint of the base model {vlm_path}, which could not be found: download it "
+            f"into the hub cache (hf download) or pass its directory (--version / base_model). {err}"
+        ) from err
+    if family != config.vlm_family:
+        raise ValueError(f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {family}")
+    return vlm_path, processor_path
+
+
+def _resolve(directory: Path, path: str) -> Path | str:
+    """A path from a config: relative to the checkpoint directory if it exists there, else as
+    written (a string: it may be a hub id)."""
+    return directory / path if (directory / path).exists() else path

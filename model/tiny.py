@@ -23,8 +23,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .constants import SEG_TOKEN
 from .processor import PROCESSOR_CLASSES, save_processor
-from .vlm import SEG_TOKEN, VLM_FAMILIES
+from .vlm import VLM_FAMILIES
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",

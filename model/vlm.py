@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -21,7 +23,6 @@ from transformers import (
 )
 
 from .constants import SEG_TOKEN
-
 from .vision_attention import use_packed_vision_attention
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VLMFamily:
-    model_type: str
     model_class: type
 
 
+#: The supported generations, by their checkpoints' ``model_type``.
 VLM_FAMILIES = {
-    "qwen2_vl": VLMFamily("qwen2_vl", Qwen2VLForConditionalGeneration),
-    "qwen2_5_vl": VLMFamily("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration),
-    "qwen3_vl": VLMFamily("qwen3_vl", Qwen3VLForConditionalGeneration),
+    "qwen2_vl": VLMFamily(Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": VLMFamily(Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": VLMFamily(Qwen3VLForConditionalGeneration),
 }
+
+
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a model on the Hugging Face hub (``owner/name``) rather than a directory.
+
+    Only a string ``owner/name`` that is no local path is: transformers then finds the model in
+    the local hub cache (``HF_HUB_CACHE``; the only place it looks with ``HF_HUB_OFFLINE=1``) or
+    downloads it. ``./name``, ``/abs/name`` or ``a/b/c`` are paths.
+    """
+    if not isinstance(path, str) or path.count("/") != 1 or Path(path).exists():
+        return False
+    try:
+        validate_repo_id(path)  # also refuses a leading "." or "/"
+    except HFValidationError:
+        return False
+    return True
 
 
 def vlm_family(path_or_config) -> str:
@@ -131,6 +148,12 @@ class LoraSettings:
         return rf".*language_model.*\.({names})$"
 
 
+def parse_target_modules(text: str) -> list[str]:
+    """``--lora_target_modules``: comma-separated layer names, spaces around them allowed
+    (``"q_proj, v_proj"`` as typed), empty entries dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings, seg_token_id: int):
     """Wrap ``model`` with peft LoRA; the ``[SEG]`` rows of the embedding and LM head train too.
 
@@ -165,3 +188,17 @@ def make_language_model_trainable(model: nn.Module) -> None:
     """Train the whole language model (for small models): everything but the vision tower."""
     for name, param in model.named_parameters():
         param.requires_grad = "visual" not in name
+
+
+def make_trainable(
+    model: nn.Module, lora: LoraSettings | None, train_language_model: bool, seg_token_id: int
+) -> nn.Module:
+    """Freeze ``model``, then make trainable what trains: its whole language model
+    (``train_language_model``), else a LoRA with the ``[SEG]`` rows (``lora``; ``model`` is wrapped,
+    see :func:`apply_lora`), else nothing. Returns the model, wrapped or not."""
+    model.requires_grad_(False)
+    if train_language_model:
+        make_language_model_trainable(model)
+    elif lora is not None:
+        model = apply_lora(model, lora, seg_token_id)
+    return model

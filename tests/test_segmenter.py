@@ -1,5 +1,7 @@
 """The segmenter end to end on tiny random models saved as real Hugging Face directories."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from conftest import REPO, load_photo
 from model.losses import mask_bce_loss, mask_dice_loss
 from model.segmenter import ReasonSegmenter
-from model.vlm import LANGUAGE_MODEL_LINEARS, LoraSettings, ensure_seg_token, load_vlm, vlm_family
+from model.vlm import LANGUAGE_MODEL_LINEARS, LoraSettings, ensure_seg_token, is_hub_id, load_vlm, vlm_family
 from utils.masks import mask_to_box
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -287,6 +289,70 @@ def test_save_and_reload_reproduce_the_masks(tiny_vlm_dir, tmp_path, dog, with_l
     torch.testing.assert_close(before.seg_states, after.seg_states)
     for a, b in zip(before.masks, after.masks):
         assert np.array_equal(a, b)
+
+
+def hub_cache(root, repo_id: str, model_dir) -> None:
+    """Put ``model_dir`` into the hub cache ``root`` as a download of ``repo_id`` is laid out there:
+    models--owner--name/snapshots/<commit>/ and refs/main naming that commit."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_lora_checkpoint_of_a_hub_model_loads_from_the_hub_cache(tiny_vlm_dir, tmp_path, monkeypatch, dog):
+    """train_ddp.py --version owner/name trains on a model of the hub: its checkpoint records the
+    hub id as its base model and loads again (resuming, test.py, transform_weight.py) from the
+    local hub cache, offline (HF_HUB_OFFLINE=1, see conftest), with or without base_model."""
+    import huggingface_hub.constants
+
+    hub_cache(tmp_path / "hub", "owner/tiny-vl", tiny_vlm_dir("qwen2_5_vl"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call
+    monkeypatch.chdir(tmp_path)  # no ./owner/tiny-vl: the id names no local directory
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components("owner/tiny-vl", "tiny", lora=LoraSettings()).eval()
+    with torch.no_grad():  # trained LoRA and [SEG] rows, which a load that dropped them would show
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["vlm_path"] == "owner/tiny-vl"
+    batch = model.collate([model.prepare(dog, [("Where is the dog?", None)])], padding_side="left")
+    script = forced(model, "It is [SEG].", batch["input_ids"].shape[1])
+    [expected] = model.generate(batch, 8, logits_processor=script)
+    for base_model in (None, "owner/tiny-vl"):
+        reloaded = ReasonSegmenter.from_pretrained(tmp_path / "ckpt", base_model=base_model).eval()
+        assert reloaded.config.vlm_path == "owner/tiny-vl"  # what its next checkpoint records
+        [result] = reloaded.generate(batch, 8, logits_processor=script)
+        torch.testing.assert_close(result.seg_states, expected.seg_states)
+    with pytest.raises(FileNotFoundError, match="base model owner/absent, which could not be found.*hf download"):
+        ReasonSegmenter.from_pretrained(tmp_path / "ckpt", base_model="owner/absent")
+
+
+def test_a_missing_vlm_is_a_clear_error(tiny_segmenter_dir, tmp_path):
+    """A base model path that names nothing, and a full-VLM directory without its vlm/."""
+    lora_checkpoint = tmp_path / "lora"
+    lora_checkpoint.mkdir()
+    config = json.loads((tiny_segmenter_dir() / "config.json").read_text())
+    (lora_checkpoint / "config.json").write_text(json.dumps({**config, "adapter_path": "adapter"}))
+    for missing in ("./owner/name", str(tmp_path / "moved")):  # paths, not hub ids
+        with pytest.raises(FileNotFoundError, match=f"base model {missing}, which does not exist .*base_model"):
+            ReasonSegmenter.from_pretrained(lora_checkpoint, base_model=missing)
+    full = tmp_path / "full"
+    full.mkdir()
+    shutil.copy(tiny_segmenter_dir() / "config.json", full)
+    with pytest.raises(FileNotFoundError, match="holds no vlm/ .*the directory is incomplete"):
+        ReasonSegmenter.from_pretrained(full)
+
+
+def test_only_an_owner_and_name_that_is_no_local_path_is_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("Qwen/Qwen2.5-VL-7B-Instruct")
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    assert not is_hub_id("runs/base")  # a directory here
+    for path in ("./owner/name", "/owner", "owner/name/sub", "name", ".owner/name"):
+        assert not is_hub_id(path), path
 
 
 @pytest.mark.parametrize("family", FAMILIES)

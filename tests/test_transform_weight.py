@@ -24,7 +24,7 @@ from model.sam import build_sam
 from model.segmenter import ReasonSegmenter
 from model.tiny import save_tiny_vlm
 from model.vlm import LoraSettings
-from utils.checkpoint import checkpoint_name, mark_best
+from utils.checkpoint import best_checkpoint, checkpoint_name, latest_checkpoint, mark_best
 
 LAST, FIRST = checkpoint_name(2), checkpoint_name(1)
 from test_inference import run_entry, scripted
@@ -169,25 +169,27 @@ def test_lora_flags_that_cannot_apply_are_refused(caplog):
 
 
 def test_choosing_a_checkpoint_of_a_run(run, tmp_path):
+    """The tools pick the checkpoint the trainer would resume from (utils/checkpoint.py)."""
     root, _ = run
     run_dir = root / "run"
     assert resolve_checkpoint(run_dir / FIRST) == run_dir / FIRST
     assert resolve_checkpoint(run_dir) == run_dir / LAST  # its latest file
     copy = shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
     (copy / "latest").unlink()
-    shutil.copytree(copy / FIRST, copy / "checkpoint-10")  # steps compare as numbers
-    assert resolve_checkpoint(copy) == copy / "checkpoint-10"  # the highest step
+    for step in (9, 10):  # steps compare as numbers, not as names
+        shutil.copytree(copy / FIRST, copy / f"checkpoint-{step}")
+    assert resolve_checkpoint(copy) == latest_checkpoint(copy) == copy / "checkpoint-10"  # the highest step
     (copy / "latest").write_text(FIRST)
-    assert resolve_checkpoint(copy) == copy / FIRST
+    assert resolve_checkpoint(copy) == latest_checkpoint(copy) == copy / FIRST
     with pytest.raises(ModelLoadError, match="no 'best'"):
         resolve_checkpoint(copy, pick="best")
     mark_best(copy, copy / LAST)  # the trainer's best file
-    assert resolve_checkpoint(copy, pick="best") == copy / LAST
+    assert resolve_checkpoint(copy, pick="best") == best_checkpoint(copy) == copy / LAST
     (copy / "best").unlink()
     (copy / "best").symlink_to(copy / FIRST, target_is_directory=True)  # or a link
-    assert resolve_checkpoint(copy, pick="best").resolve() == (copy / FIRST).resolve()
-    (copy / "latest").write_text("checkpoint-9")
-    with pytest.raises(ModelLoadError, match="checkpoint-9, which is not a segmenter checkpoint"):
+    assert resolve_checkpoint(copy, pick="best") == best_checkpoint(copy) == (copy / FIRST).resolve()
+    (copy / "latest").write_text("checkpoint-8")
+    with pytest.raises(ModelLoadError, match="checkpoint-8, which is not a segmenter checkpoint"):
         resolve_checkpoint(copy)
 
 

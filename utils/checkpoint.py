@@ -66,38 +66,47 @@ def finish_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    return directory.is_dir() and directory.name.startswith(PREFIX) and (directory / STATE_FILE).is_file()
+    """Whether ``directory`` is a checkpoint (``checkpoint-<step>``) whose last file is written."""
+    name = directory.name
+    return (
+        directory.is_dir() and name.startswith(PREFIX) and name[len(PREFIX):].isdigit()
+        and (directory / STATE_FILE).is_file()
+    )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first (by step: ``checkpoint-10`` after ``checkpoint-9``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if is_complete(p))
+    return sorted((p for p in run_dir.iterdir() if is_complete(p)), key=checkpoint_step)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name[len(PREFIX):])
 
 
-def _named_checkpoint(run_dir: Path, pointer: str) -> Path | None:
-    """The complete checkpoint the file ``pointer`` (``latest``, ``best``) names, if any."""
-    file = Path(run_dir) / pointer
-    if not file.is_file():
+def named_checkpoint(run_dir: Path, pointer: str) -> Path | None:
+    """The directory the entry ``pointer`` (``latest``, ``best``) of ``run_dir`` names, complete
+    or not: a file holding its name (as this module writes them), or a link to it. None without
+    such an entry."""
+    entry = Path(run_dir) / pointer
+    if entry.is_dir():  # a link or a copy, made by hand (this module writes files)
+        return entry.resolve()
+    if not entry.is_file():
         return None
-    path = Path(run_dir) / file.read_text(encoding="utf-8").strip()
-    return path if is_complete(path) else None
+    name = entry.read_text(encoding="utf-8").strip()
+    return Path(run_dir) / name if name else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names (the last one written), else the highest complete one.
+    """The checkpoint ``latest`` names (the last one written) if complete, else the highest complete one.
 
     Not simply the highest: a run resumed from an earlier checkpoint leaves the higher ones of the
     abandoned run in place until its first save (see :func:`rotate_checkpoints`).
     """
-    named = _named_checkpoint(run_dir, LATEST_FILE)
-    if named is not None:
+    named = named_checkpoint(run_dir, LATEST_FILE)
+    if named is not None and is_complete(named):
         return named
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
@@ -115,7 +124,9 @@ def mark_best(run_dir: Path, checkpoint: Path) -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    return _named_checkpoint(run_dir, BEST_FILE)
+    """The checkpoint ``best`` names, if complete."""
+    named = named_checkpoint(run_dir, BEST_FILE)
+    return named if named is not None and is_complete(named) else None
 
 
 def rotate_checkpoints(run_dir: Path, keep_last: int, current: Path) -> None:
