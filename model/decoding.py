@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -172,6 +172,7 @@ class GreedyDecoder:
         stop_ids: Iterable[int],
         logits_processor: Callable | None = None,
         prefix_cache: PrefixCache | None = None,
+        image_keys: Sequence[str | None] | None = None,
     ) -> Decoded:
         """Greedy-decode up to ``max_new_tokens`` tokens after a left-padded prompt.
 
@@ -182,6 +183,9 @@ class GreedyDecoder:
             logits_processor: called as ``processor(sequence [B, t], scores [B, V]) -> scores``
                 before each choice (transformers' ``LogitsProcessorList`` works).
             prefix_cache: reuse (and store) the image prefix of a one-request batch.
+            image_keys: the batch's ``image_keys`` (:func:`model.batch.image_key`, from a
+                FeatureCache's preprocessing): the prefix is then keyed on them, not on a hash of
+                ``pixel_values`` (megabytes, copied back from the device to be hashed).
         """
         input_ids = inputs["input_ids"]
         batch_size, prompt_length = input_ids.shape
@@ -195,7 +199,7 @@ class GreedyDecoder:
         full_mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_length] = attention_mask
 
-        hidden, rope_delta = self._prefill(inputs, attention_mask, cache, prefix_cache)
+        hidden, rope_delta = self._prefill(inputs, attention_mask, cache, prefix_cache, image_keys)
         logits = self.lm.lm_head(hidden).float()
         first_positions = attention_mask.sum(dim=1) + rope_delta.view(-1).to(device)
 
@@ -221,7 +225,7 @@ class GreedyDecoder:
 
     # ------------------------------------------------------------------ the prompt
 
-    def _prefill(self, inputs, attention_mask, cache, prefix_cache):
+    def _prefill(self, inputs, attention_mask, cache, prefix_cache, image_keys=None):
         """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas)."""
         # A sliding-window layer keeps only its last tokens: its prefix cannot be copied back.
         reusable = prefix_cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
@@ -229,7 +233,10 @@ class GreedyDecoder:
         key = None
         if prefix_length:
             # With the model's dtype and device: a prefix computed before a model.to(...) fits no cache of it.
-            key = tensor_key(inputs["input_ids"][:, :prefix_length], inputs["pixel_values"], inputs.get("image_grid_thw"))
+            if image_keys is not None and all(image_key is not None for image_key in image_keys):
+                key = tensor_key(inputs["input_ids"][:, :prefix_length]) + "|image:" + ",".join(image_keys)
+            else:
+                key = tensor_key(inputs["input_ids"][:, :prefix_length], inputs["pixel_values"], inputs.get("image_grid_thw"))
             key += f"|{self.lm.dtype}|{inputs['input_ids'].device}"
             prefix = prefix_cache.get(key)
             if prefix is not None and prefix.length < inputs["input_ids"].shape[1]:

@@ -16,9 +16,16 @@ image both give the same output, so :class:`FeatureCache` memoises them:
   several images in a batch are looked up one by one and only the missing ones are encoded.
 * Qwen-VL: per call of the vision tower, keyed by a hash of ``pixel_values`` and
   ``image_grid_thw`` (the whole batch's patches: a batch of one image is the common case).
+* The preprocessing itself (:func:`model.batch.prepare_image`: Qwen's image processor and SAM's
+  resize, 38 ms of CPU for a 640x480 image on the H200 machine), through ``model.prepare``,
+  keyed by :func:`model.batch.image_key` (the image's pixels and the preprocessing settings).
+  The samples it makes carry that key (``image_keys`` in a batch), and SAM's store and the image
+  prefix cache (:class:`model.decoding.PrefixCache`) key on it instead of hashing the larger
+  model inputs again (and copying them back from the GPU to do so).
 
-The keys are hashes of the exact model inputs, so a cached feature is returned only for an input
-that would have produced it; both stores are LRU-bounded (``max_items`` entries each). Caching is
+The keys are hashes of the exact model inputs, or of what determines them, so a cached feature is
+returned only for an input that would have produced it; the stores are LRU-bounded (``max_items``
+entries each: at Qwen2.5-VL's 1,280-token cap a preprocessed image holds about 27 MB). Caching is
 only active inside the context (or between :meth:`FeatureCache.attach` and
 :meth:`FeatureCache.detach`). The vision tower's outputs are cached only without autograd
 (inference). SAM's embeddings are cached in inference, and in training too when the cache is
@@ -31,7 +38,8 @@ Usage::
     with FeatureCache(max_items=8).attached(model) as cache:
         model.predict([image], ["Where is the dog?"])
         model.predict([image], ["And its tail?"])   # neither encoder runs again
-        cache.stats  # {"sam_hits": 1, "sam_misses": 1, "vision_hits": 1, "vision_misses": 1}
+        cache.stats  # {"sam_hits": 1, "sam_misses": 1, "vision_hits": 1, "vision_misses": 1,
+                     #  "image_hits": 1, "image_misses": 1}
 """
 
 from __future__ import annotations
@@ -106,18 +114,21 @@ class FeatureCache:
         self.training = training
         self._sam: LRU[str, torch.Tensor] = LRU(max_items)
         self._vision: LRU[str, Any] = LRU(max_items)
+        self._images: LRU[str, Any] = LRU(max_items)  # model.batch.ImageInputs
         self._lock = threading.RLock()
         self._model: nn.Module | None = None
         self._visual: nn.Module | None = None
         self._saved_encode: Any = _MISSING
         self._saved_forward: Any = _MISSING
-        self.stats = {"sam_hits": 0, "sam_misses": 0, "vision_hits": 0, "vision_misses": 0}
+        self._saved_prepare: Any = _MISSING
+        self.stats = {"sam_hits": 0, "sam_misses": 0, "vision_hits": 0, "vision_misses": 0,
+                      "image_hits": 0, "image_misses": 0}
 
     # ------------------------------------------------------------------ attach / detach
 
     def attach(self, model: nn.Module) -> "FeatureCache":
-        """Route ``model.encode_images`` (and, unless ``training``, its vision tower's forward) through
-        the cache."""
+        """Route ``model.encode_images`` (and, unless ``training``, ``model.prepare`` and its vision
+        tower's forward) through the cache."""
         if self._model is not None:
             raise RuntimeError("this FeatureCache is already attached to a model")
         if getattr(model.__dict__.get("encode_images"), "feature_cache", None) is not None:
@@ -130,6 +141,8 @@ class FeatureCache:
         model.encode_images = self._wrap_encode(model.encode_images)
         self._model = model
         if not self.training:
+            self._saved_prepare = model.__dict__.get("prepare", _MISSING)
+            model.prepare = self._wrap_prepare(model.prepare)
             visual = find_vision_tower(model.vlm)
             self._saved_forward = visual.__dict__.get("forward", _MISSING)
             visual.forward = self._wrap_vision(visual.forward)
@@ -142,6 +155,7 @@ class FeatureCache:
             return
         for module, name, saved in (
             (self._model, "encode_images", self._saved_encode),
+            (self._model if not self.training else None, "prepare", self._saved_prepare),
             (self._visual, "forward", self._saved_forward),
         ):
             if module is None:
@@ -164,18 +178,41 @@ class FeatureCache:
         with self._lock:
             self._sam.clear()
             self._vision.clear()
+            self._images.clear()
 
     def __len__(self) -> int:
-        return len(self._sam) + len(self._vision)
+        return len(self._sam) + len(self._vision) + len(self._images)
 
     # ------------------------------------------------------------------ the wrappers
 
+    def _wrap_prepare(self, prepare: Callable[..., dict]) -> Callable:
+        # Not at the top: see shared_images.
+        from .batch import image_key, prepare_image
+
+        def cached_prepare(image, turns, masks=(), **extra) -> dict:
+            model = self._model
+            key = image_key(model.processor, model.sam_transform, image)
+            with self._lock:
+                inputs = self._images.get(key, _MISSING)
+                self.stats["image_hits" if inputs is not _MISSING else "image_misses"] += 1
+            if inputs is _MISSING:
+                inputs = prepare_image(model.processor, model.sam_transform, image, key)
+                if self.max_items:
+                    with self._lock:
+                        self._images.put(key, inputs)
+            return prepare(image, turns, masks, image_inputs=inputs, **extra)
+
+        return cached_prepare
+
     def _wrap_encode(self, encode: Callable[..., torch.Tensor]) -> Callable:
-        def encode_images(sam_pixel_values: torch.Tensor, input_sizes) -> torch.Tensor:
+        def encode_images(sam_pixel_values: torch.Tensor, input_sizes, image_keys=None) -> torch.Tensor:
             if self._model is not None and self._model.training and not self.training:
                 return encode(sam_pixel_values, input_sizes)
             with self._lock:
-                keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
+                if image_keys is not None and all(key is not None for key in image_keys):
+                    keys = [f"image:{key}" for key in image_keys]  # made in prepare: no hash of the input
+                else:
+                    keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
                 found = {key: self._sam.get(key, _MISSING) for key in dict.fromkeys(keys)}
                 missing = [key for key, value in found.items() if value is _MISSING]
                 self.stats["sam_hits"] += len(keys) - len(missing)

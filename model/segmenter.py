@@ -407,8 +407,15 @@ class ReasonSegmenter(nn.Module):
         return collate(samples, self.processor.tokenizer.pad_token_id, padding_side)
 
     @torch.no_grad()
-    def encode_images(self, sam_pixel_values: torch.Tensor, input_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """[B, 3, S, S] uint8 SAM inputs, their (h, w) -> [B, P, S/16, S/16] embeddings (frozen encoder)."""
+    def encode_images(
+        self,
+        sam_pixel_values: torch.Tensor,
+        input_sizes: Sequence[Sequence[int]],
+        image_keys: Sequence[str | None] | None = None,
+    ) -> torch.Tensor:
+        """[B, 3, S, S] uint8 SAM inputs, their (h, w) -> [B, P, S/patch, S/patch] embeddings
+        (frozen encoder). ``image_keys`` (a batch's, see :func:`model.batch.image_key`) is what an
+        attached :class:`~model.image_cache.FeatureCache` keys on; the encoder itself ignores it."""
         encoder = self.sam.image_encoder
         pixels = self.sam_transform.normalize(sam_pixel_values, input_sizes)
         return run_image_encoder(encoder, pixels.to(encoder.patch_embed.proj.weight.dtype))
@@ -549,9 +556,10 @@ class ReasonSegmenter(nn.Module):
                 decoded = greedy_decode(
                     self._decoder(mode), inputs, max_new_tokens, stop_ids,
                     logits_processor=generate_kwargs.get("logits_processor"), prefix_cache=prefix_cache,
+                    image_keys=batch.get("image_keys"),
                 )
                 tokens, states = decoded.tokens, decoded.states
-        image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
+        image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"], batch.get("image_keys"))
         rows = row_images(batch)  # the image of each request
         image_tokens = self.image_token_counts(batch)
         results, row_states = [], []

@@ -1,0 +1,121 @@
+"""A follow-up question about the same image: the preprocessed image is reused (model.batch.
+prepare_image through FeatureCache), and the caches key on the image's key instead of hashing the
+model inputs again; the answers stay exactly those of a fresh request, on all three Qwen-VL
+generations."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from conftest import load_photo
+from model import decoding, image_cache
+from model.batch import image_key
+from model.decoding import PrefixCache
+from model.image_cache import FeatureCache
+from model.image_tokens import pixel_limits, set_pixel_limits
+from model.segmenter import ReasonSegmenter
+from model.vlm import LoraSettings
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+class ForcedAnswer(LogitsProcessor):
+    """Greedy decoding produces ``ids`` after the prompt (so the answer has a [SEG])."""
+
+    def __init__(self, ids: list[int], prompt_length: int) -> None:
+        self.ids, self.prompt_length = ids, prompt_length
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -1e9)
+        forced[:, self.ids[min(input_ids.shape[1] - self.prompt_length, len(self.ids) - 1)]] = 0
+        return forced
+
+
+def forced(model, batch) -> LogitsProcessorList:
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer("It is [SEG].", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return LogitsProcessorList([ForcedAnswer(ids, batch["input_ids"].shape[1])])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tiny_vlm_dir):
+    torch.manual_seed(0)
+    return ReasonSegmenter.from_components(tiny_vlm_dir(request.param), "tiny", lora=LoraSettings()).eval()
+
+
+@pytest.fixture(scope="module")
+def dog():
+    return load_photo("dog.jpg")
+
+
+def ask(model, image, question, prefixes=None):
+    batch = model.collate([model.prepare(image, [(question, None)])], "left")
+    return model.generate(batch, 8, decoding="eager", prefix_cache=prefixes, logits_processor=forced(model, batch))[0]
+
+
+def test_a_follow_up_reuses_the_prepared_image_and_keys_the_caches_on_it(model, dog, monkeypatch):
+    fresh = ask(model, dog, "And its tail?")  # no cache at all: the reference
+
+    processed, hashed = [], []
+    image_processor = type(model.processor.image_processor)
+    real_call, real_key = image_processor.__call__, image_cache.tensor_key
+    monkeypatch.setattr(image_processor, "__call__", lambda self, *a, **k: (processed.append(1), real_call(self, *a, **k))[1])
+
+    def recording_key(*tensors):
+        hashed.append(sum(t.numel() for t in tensors if t is not None))
+        return real_key(*tensors)
+
+    monkeypatch.setattr(image_cache, "tensor_key", recording_key)
+    monkeypatch.setattr(decoding, "tensor_key", recording_key)
+    cache, prefixes = FeatureCache(max_items=4), PrefixCache(max_items=4)
+    with cache.attached(model):
+        first = ask(model, dog, "Where is the dog?", prefixes)
+        hashed.clear()  # (a first request hashes the vision tower's input: its store is keyed on it)
+        follow_up = ask(model, dog, "And its tail?", prefixes)
+        batch = model.collate([model.prepare(dog, [("Again?", None)])], "left")
+    assert len(processed) == 1, "the image went through Qwen's image processor again"
+    assert cache.stats["image_hits"] == 2 and cache.stats["image_misses"] == 1
+    assert cache.stats["sam_hits"] == 1 and cache.stats["sam_misses"] == 1
+    assert prefixes.stats == {"hits": 1, "misses": 1}
+    assert batch["image_keys"] == [image_key(model.processor, model.sam_transform, dog)]
+    # The follow-up hashed prompt tokens only: the SAM input and Qwen's pixels are keyed by the image's key.
+    assert hashed and max(hashed) < batch["input_ids"].shape[1]
+    assert follow_up.token_ids == fresh.token_ids and follow_up.text == fresh.text
+    torch.testing.assert_close(follow_up.seg_states, fresh.seg_states, atol=1e-5, rtol=0)
+    assert len(first.masks) == len(follow_up.masks) == len(fresh.masks) == 1
+    assert np.array_equal(follow_up.masks[0], fresh.masks[0])
+
+
+def test_a_changed_pixel_or_setting_is_another_image(model, dog):
+    cache = FeatureCache(max_items=4)
+    other = dog.copy()
+    other[0, 0] ^= 1
+    limits = pixel_limits(model.processor)
+    with cache.attached(model):
+        first = model.prepare(dog, [("Dog?", None)])
+        model.prepare(other, [("Dog?", None)])
+        assert cache.stats["image_misses"] == 2
+        try:
+            set_pixel_limits(model.processor, limits.min_pixels, limits.max_pixels // 2)
+            smaller = model.prepare(dog, [("Dog?", None)])
+        finally:
+            set_pixel_limits(model.processor, limits.min_pixels, limits.max_pixels)
+    assert cache.stats["image_misses"] == 3 and cache.stats["image_hits"] == 0
+    assert smaller["image_key"] != first["image_key"]
+    assert smaller["pixel_values"].shape[0] < first["pixel_values"].shape[0]
+    # Outside the cache a sample carries no key, and the caches hash the inputs as before.
+    assert model.prepare(dog, [("Dog?", None)])["image_key"] is None
+
+
+def test_image_key_is_cheap_and_exact():
+    from tools.bench.common import default_qwen25_processor
+    from model.sam import SamTransform
+
+    processor = default_qwen25_processor()
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    key = image_key(processor, SamTransform(1024), image)
+    assert key == image_key(processor, SamTransform(1024), image.copy())
+    assert key != image_key(processor, SamTransform(512), image)
+    assert key != image_key(processor, SamTransform(1024), image[:, :, ::-1])
+    assert key != image_key(processor, SamTransform(1024), image.reshape(640, 480, 3))
