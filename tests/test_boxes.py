@@ -487,7 +487,7 @@ def test_generation_encodes_an_image_once_per_batch(coco_root, tiny_segmenter_di
     from model.loading import load_segmenter
     from test_eval import forced
     from utils.data.builders import build_val_dataset
-    from utils.evaluation import evaluate_generate
+    from utils.evaluation import GENERATE, evaluate
 
     model = load_segmenter(tiny_segmenter_dir(), precision="fp32", device="cpu")
     data = build_val_dataset("coco|instances.json|images", str(coco_root))  # 2 images x 3 categories
@@ -503,8 +503,8 @@ def test_generation_encodes_an_image_once_per_batch(coco_root, tiny_segmenter_di
         for batch_size in (1, 3):
             sam_images.clear(), vision_images.clear()
             records = []
-            scores = evaluate_generate(model, data, batch_size=batch_size, show_progress=False, max_new_tokens=6,
-                                       generate_kwargs=forced(model, "[SEG]."), on_prediction=records.append)
+            scores = evaluate(model, data, GENERATE, batch_size=batch_size, show_progress=False, max_new_tokens=6,
+                              generate_kwargs=forced(model, "[SEG]."), on_prediction=records.append)
             runs[batch_size] = (scores, records, sum(sam_images), sum(vision_images))
     finally:
         for hook in hooks:

@@ -195,47 +195,47 @@ def tiny_model(tiny_segmenter_dir):
 
 def test_generated_reference_answer_scores_like_teacher_forcing(tiny_model, synthetic_root):
     from utils.data.builders import build_val_dataset
-    from utils.evaluation import evaluate_generate, evaluate_teacher_forced
+    from utils.evaluation import GENERATE, evaluate, evaluate_teacher_forced
 
     data = torch.utils.data.Subset(build_val_dataset("synthetic|refer_val", str(synthetic_root)), range(6))
     reference = evaluate_teacher_forced(tiny_model, data, show_progress=False)
     records = []
-    same = evaluate_generate(tiny_model, data, batch_size=3, show_progress=False, max_new_tokens=8,
-                             generate_kwargs=forced(tiny_model, "[SEG]."), on_prediction=records.append)
+    same = evaluate(tiny_model, data, GENERATE, batch_size=3, show_progress=False, max_new_tokens=8,
+                    generate_kwargs=forced(tiny_model, "[SEG]."), on_prediction=records.append)
     assert same["seg_format_rate"] == 1.0 and same["answers_with_expected_seg"] == 6
     for key in ("count", "sum_intersection", "sum_union", "giou", "ciou", "box_iou"):
         assert same[key] == pytest.approx(reference[key], abs=1e-9), key
     assert [r["answer"] for r in records] == ["[SEG]."] * 6 and all(r["num_seg"] == 1 for r in records)
     # A second [SEG] is not scored (the first has the same state), but the format is wrong.
-    extra = evaluate_generate(tiny_model, data, show_progress=False, max_new_tokens=8,
-                              generate_kwargs=forced(tiny_model, "[SEG] and [SEG]."))
+    extra = evaluate(tiny_model, data, GENERATE, show_progress=False, max_new_tokens=8,
+                     generate_kwargs=forced(tiny_model, "[SEG] and [SEG]."))
     assert extra["seg_format_rate"] == 0.0 and extra["count"] == 6
     assert extra["sum_intersection"] == reference["sum_intersection"]
     # No [SEG] at all: every target gets an empty mask.
-    none = evaluate_generate(tiny_model, data, show_progress=False, max_new_tokens=8,
-                             generate_kwargs=forced(tiny_model, "It is a shape."))
+    none = evaluate(tiny_model, data, GENERATE, show_progress=False, max_new_tokens=8,
+                    generate_kwargs=forced(tiny_model, "It is a shape."))
     assert none["sum_intersection"] == 0 and none["giou"] == 0.0 and none["t_acc"] == 0.0
     assert none["seg_format_rate"] == 0.0 and none["count"] == 6 and none["sum_union"] > 0
 
 
 def test_no_target_answer_under_generation(tiny_model, synthetic_root):
     from utils.data.builders import build_val_dataset
-    from utils.evaluation import evaluate_generate
+    from utils.evaluation import GENERATE, evaluate
 
     data = torch.utils.data.Subset(build_val_dataset("synthetic|grefer_val", str(synthetic_root)), range(12))
     no_target = [data[i].meta["no_target"][0] for i in range(len(data))]
     n = sum(no_target)
     assert 0 < n < 12
-    scores = evaluate_generate(tiny_model, data, batch_size=4, show_progress=False, max_new_tokens=12,
-                               generate_kwargs=forced(tiny_model, "There is no such object in this image."))
+    scores = evaluate(tiny_model, data, GENERATE, batch_size=4, show_progress=False, max_new_tokens=12,
+                      generate_kwargs=forced(tiny_model, "There is no such object in this image."))
     # Every answer says "no target": right for the no-target expressions (IoU 1), empty masks elsewhere.
     assert (scores["count"], scores["no_target_count"], scores["target_count"]) == (12, n, 12 - n)
     assert scores["n_acc"] == 1.0 and scores["t_acc"] == 0.0
     assert scores["giou"] == pytest.approx(n / 12, abs=1e-12) and scores["sum_intersection"] == 0
     assert scores["seg_format_rate"] == n / 12
     # Answered with a (non-empty) mask instead, the no-target expressions are wrong.
-    with_masks = evaluate_generate(tiny_model, data, batch_size=4, show_progress=False, max_new_tokens=8,
-                                   generate_kwargs=forced(tiny_model, "[SEG]."))
+    with_masks = evaluate(tiny_model, data, GENERATE, batch_size=4, show_progress=False, max_new_tokens=8,
+                          generate_kwargs=forced(tiny_model, "[SEG]."))
     assert with_masks["no_target_count"] == n and with_masks["n_acc"] == 0.0
     assert with_masks["seg_format_rate"] == (12 - n) / 12
 

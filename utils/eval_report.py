@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from utils.atomic_files import write_text_atomically
-from utils.evaluation import GENERATE, TEACHER_FORCED, detection_targets, scored_pairs
+from utils.evaluation import GENERATE, PROTOCOLS, TEACHER_FORCED, detection_targets, scored_pairs
 from utils.masks import IGNORE_LABEL, decode_rle, mask_to_box
 from utils.metrics import DetectionMeter, SegmentationMeter
 
@@ -124,7 +124,7 @@ def result_entry(
 
 def build_report(model: dict, checkpoint: str, run: dict, results: list[dict]) -> dict:
     """The whole JSON report."""
-    protocols = sorted({entry["protocol"] for entry in results}, key=[TEACHER_FORCED, GENERATE].index)
+    protocols = sorted({entry["protocol"] for entry in results}, key=PROTOCOLS.index)
     return {
         "report_version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,6 +154,19 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _aligned(header: list[str], rows: list[list[str]], left_columns: int) -> str:
+    """``header`` and ``rows`` as fixed-width lines: the first ``left_columns`` columns (names)
+    left-aligned, the others (numbers) right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < left_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
 def format_table(results: Iterable[dict]) -> str:
     """A fixed-width table: one row per (protocol, split, query group), scores in %."""
     header = ["protocol", "split", "queries", "items", "masks", *(name for name, _ in _COLUMNS), "[SEG] ok"]
@@ -173,17 +186,10 @@ def format_table(results: Iterable[dict]) -> str:
             row = [entry["protocol"], entry["split"], name, items if name == "overall" else "", str(metrics["count"])]
             row += [_percent(metrics.get(key)) if metrics["count"] else "-" for _, key in _COLUMNS]
             if excluded:  # N-acc: not measured (the note under the table says why)
-                row[5 + [key for _, key in _COLUMNS].index("n_acc")] = "excl*"
+                row[header.index("N-acc")] = "excl*"
             row.append(seg_ok if name == "overall" else "")
             rows.append(row)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left = {0, 1, 2}
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    return "\n".join(lines)
+    return _aligned(header, rows, left_columns=3)
 
 
 _BOX_COLUMNS = (
@@ -211,12 +217,7 @@ def format_box_table(results: Iterable[dict]) -> str:
     if not rows:
         return ""
     header = ["split", *(name for name, _, _ in _BOX_COLUMNS), *(name for name, _, _ in _AP_COLUMNS)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return _aligned(header, rows, left_columns=1)
 
 
 def format_summary(report: dict) -> str:
@@ -307,8 +308,7 @@ class PredictionWriter:
             with open(part, encoding="utf-8") as handle:
                 records.extend(json.loads(line) for line in handle if line.strip())
         order = {name: i for i, name in enumerate(self.split_order)}
-        protocols = {TEACHER_FORCED: 0, GENERATE: 1}
-        records.sort(key=lambda r: (order.get(r["split"], len(order)), protocols[r["protocol"]], r["index"], r["turn"]))
+        records.sort(key=lambda r: (order.get(r["split"], len(order)), PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
         write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records))
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)

@@ -222,14 +222,14 @@ class SplitScorer:
             self.counters["no_target_questions"] += 1
             self.counters["excluded_no_target"] += 1
             return
-        groups = list(self.group_of(extra.get("meta") or {})) if self.group_of else []
+        meta = extra.get("meta") or {}
+        groups = list(self.group_of(meta)) if self.group_of else []
         pairs = scored_pairs(pred_masks, gt_masks, info["no_target"], image_size, info.get("no_target_gt"))
         counts = [self.meter.update(pred, gt, group=groups) for pred, gt in pairs]
         pred_boxes = [mask_to_box(np.asarray(m, bool)) for m in pred_masks]
         target_boxes = detection_targets(info, gt_masks)
         if self.detection is not None:
             self.detection.update(pred_boxes, target_boxes)
-        meta = extra.get("meta") or {}
         if self.on_detections is not None and "coco_image_id" in meta:
             scores = list(pred_scores) if pred_scores is not None else [None] * len(pred_masks)
             self.on_detections(coco_results(meta["coco_image_id"], meta["coco_category_id"], pred_masks, scores))
@@ -237,14 +237,14 @@ class SplitScorer:
         self.counters["no_target_questions"] += int(info["no_target"])
         self.counters["answers_with_expected_seg"] += int(len(pred_masks) == info["expected_seg"])
         if self.on_prediction is not None:
-            record = self._record(extra, info, pred_masks, pairs, counts, answer, groups)
+            record = self._record(extra, info, pred_masks, pred_boxes, pairs, counts, answer, groups)
             record["target_boxes"] = target_boxes
             if pred_scores is not None:
                 for entry, score in zip(record["pred_masks"], pred_scores):
                     entry["score"] = score
             self.on_prediction(record)
 
-    def _record(self, extra, info, pred_masks, pairs, counts, answer, groups) -> dict:
+    def _record(self, extra, info, pred_masks, pred_boxes, pairs, counts, answer, groups) -> dict:
         targets = []
         for (_, gt), count in zip(pairs, counts):
             ignore = gt == IGNORE_LABEL
@@ -274,7 +274,7 @@ class SplitScorer:
             "expected_seg": int(info["expected_seg"]),
             "num_seg": len(pred_masks),
             "groups": groups,
-            "pred_masks": [{"rle": encode_rle(np.asarray(m, bool)), "box": _box(mask_to_box(np.asarray(m, bool)))} for m in pred_masks],
+            "pred_masks": [{"rle": encode_rle(np.asarray(m, bool)), "box": _box(box)} for m, box in zip(pred_masks, pred_boxes)],
             "targets": targets,
         }
 
@@ -480,7 +480,7 @@ def _add_teacher_forced_sample(
         offset += count
 
 
-def _score_teacher_forced(model, batch: dict, scorer: SplitScorer, **_unused) -> None:
+def _score_teacher_forced(model, batch: dict, scorer: SplitScorer) -> None:
     output = model(batch)
     for index, logits in enumerate(output.mask_logits):
         _add_teacher_forced_sample(
@@ -600,32 +600,7 @@ def evaluate(
     return scorer.result(device, description)
 
 
-def evaluate_teacher_forced(
-    model,
-    raw_dataset: Dataset,
-    rank: int = 0,
-    world_size: int = 1,
-    batch_size: int = 1,
-    workers: int = 0,
-    precision: str = "fp32",
-    description: str = "validate",
-    show_progress: bool = True,
-    **kwargs: Any,
-) -> dict:
-    """Teacher-forced gIoU / cIoU (and the rest of ``utils.metrics``) over a whole split.
-
-    The protocol of training validation and of LISA's published numbers. Further keywords as
-    :func:`evaluate` (``groups``, ``group_of``, ``on_prediction``).
-    """
-    return evaluate(
-        model, raw_dataset, TEACHER_FORCED, rank=rank, world_size=world_size, batch_size=batch_size,
-        workers=workers, precision=precision, description=description, show_progress=show_progress, **kwargs,
-    )
-
-
-def evaluate_generate(model, raw_dataset: Dataset, **kwargs: Any) -> dict:
-    """Free generation: each question answered by the model, its ``[SEG]`` masks scored.
-
-    Keywords as :func:`evaluate`, plus ``max_new_tokens`` and ``generate_kwargs``.
-    """
-    return evaluate(model, raw_dataset, GENERATE, **kwargs)
+def evaluate_teacher_forced(model, raw_dataset: Dataset, **kwargs: Any) -> dict:
+    """:func:`evaluate` under teacher forcing (keywords as there): the protocol of training
+    validation (``utils.trainer``) and of LISA's published numbers."""
+    return evaluate(model, raw_dataset, TEACHER_FORCED, **kwargs)

@@ -116,9 +116,8 @@ def answer_objects(
     """One object per ``[SEG]`` (see the module docstring): ``bbox_2d``, ``label``, ``score``,
     ``area``, ``mask``.
 
-    ``original_size`` (height, width): when the masks are smaller (the model saw a downscaled
-    copy), they are resized to it (nearest neighbour) and the boxes and areas come from the
-    resized masks.
+    ``original_size`` (height, width): a mask of another size (the model saw a downscaled copy)
+    is resized to it (nearest neighbour), and its box and area come from the resized mask.
     """
     labels = seg_labels(text)
     objects = []
@@ -145,7 +144,8 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """COCO results records (what ``COCO.loadRes`` reads) of one answer: per non-empty mask,
     ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]`` (the mask's tight box), ``score``
-    and ``segmentation`` (COCO RLE). Empty masks are not detections."""
+    and ``segmentation`` (COCO RLE). Empty masks are not detections, and neither is a mask
+    without a score (``None``)."""
     records = []
     for mask, score in zip(masks, scores):
         mask = np.asarray(mask, dtype=bool)

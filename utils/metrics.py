@@ -142,26 +142,14 @@ class MaskCounts:
     @property
     def iou(self) -> float:
         """LISA per-mask IoU: ``I / (U + 1e-5)``, 1.0 when ``U == 0``."""
-        return _lisa_iou(self.intersection, self.union)
+        if self.union == 0:
+            return 1.0
+        return self.intersection / (self.union + IOU_EPS)
 
     @property
     def box_iou(self) -> float:
         """IoU of the two tight boxes (both empty = 1.0, one empty = 0.0)."""
         return box_iou(self.pred_box, self.gt_box)
-
-    @property
-    def pred_empty(self) -> bool:
-        return self.pred_box is None
-
-    @property
-    def gt_empty(self) -> bool:
-        return self.gt_box is None
-
-
-def _lisa_iou(intersection: int, union: int) -> float:
-    if union == 0:
-        return 1.0
-    return intersection / (union + IOU_EPS)
 
 
 def _as_prediction(pred: Any) -> np.ndarray:
@@ -236,11 +224,14 @@ def _threshold_tag(t: float) -> str:
     return f"{float(t):g}"
 
 
+def _ratio_at_least(inter: int, union: int, frac: Fraction) -> bool:
+    """``inter / union >= frac`` for ``union > 0``, in integers: an IoU of exactly t passes."""
+    return inter * frac.denominator >= frac.numerator * union
+
+
 def _passes(inter: int, union: int, frac: Fraction) -> bool:
     """Exact ``I / U >= t`` (``U == 0`` counts as ratio 1)."""
-    if union == 0:
-        return True
-    return inter * frac.denominator >= frac.numerator * union
+    return union == 0 or _ratio_at_least(inter, union, frac)
 
 
 def _box_passes(pred_box: Optional[Box], gt_box: Optional[Box], frac: Fraction) -> bool:
@@ -248,9 +239,17 @@ def _box_passes(pred_box: Optional[Box], gt_box: Optional[Box], frac: Fraction) 
     if pred_box is None and gt_box is None:
         return True
     inter, union = box_intersection_union(pred_box, gt_box)
-    if union <= 0:
-        return False
-    return inter * frac.denominator >= frac.numerator * union
+    return union > 0 and _ratio_at_least(inter, union, frac)
+
+
+def _fixed_point(iou: float) -> int:
+    """An IoU as the integer that the meters sum (see "Exact distributed accumulation")."""
+    return int(round(iou * IOU_FIXED_POINT_SCALE))
+
+
+def _threshold_tags(state: Mapping[str, int], prefix: str) -> List[str]:
+    """The threshold tags of a state's ``<prefix><tag>`` fields, in increasing order."""
+    return sorted((k[len(prefix):] for k in state if k.startswith(prefix)), key=float)
 
 
 # --------------------------------------------------------------------------- state
@@ -328,14 +327,10 @@ def scores_from_state(state: Mapping[str, Any], group: Optional[str] = None) -> 
         "giou": s["sum_iou_fixed"] / scale,
         "ciou": s["sum_intersection"] / (s["sum_union"] + CIOU_EPS),
     }
-    precision_tags = sorted(
-        (k[len(_PRECISION_PREFIX):] for k in s if k.startswith(_PRECISION_PREFIX)), key=float
-    )
-    for tag in precision_tags:
+    for tag in _threshold_tags(s, _PRECISION_PREFIX):
         out[f"precision@{tag}"] = s[_PRECISION_PREFIX + tag] / count
     out["box_iou"] = s["sum_box_iou_fixed"] / scale
-    box_tags = sorted((k[len(_BOX_PREFIX):] for k in s if k.startswith(_BOX_PREFIX)), key=float)
-    for tag in box_tags:
+    for tag in _threshold_tags(s, _BOX_PREFIX):
         out[f"box_acc@{tag}"] = s[_BOX_PREFIX + tag] / count
     n_nt, n_t = s["no_target_count"], s["target_count"]
     out["n_acc"] = s["no_target_correct"] / n_nt if n_nt else None
@@ -433,10 +428,8 @@ class SegmentationMeter:
             "count": 1,
             "sum_intersection": inter,
             "sum_union": union,
-            "sum_iou_fixed": int(round(_lisa_iou(inter, union) * IOU_FIXED_POINT_SCALE)),
-            "sum_box_iou_fixed": int(
-                round(box_iou(counts.pred_box, counts.gt_box) * IOU_FIXED_POINT_SCALE)
-            ),
+            "sum_iou_fixed": _fixed_point(counts.iou),
+            "sum_box_iou_fixed": _fixed_point(counts.box_iou),
         }
         if counts.gt_box is None:
             delta["no_target_count"] = 1
@@ -461,10 +454,6 @@ class SegmentationMeter:
         """A copy of the plain integer sums (flat; group fields are ``"<group>/<field>"``)."""
         return dict(self._state)
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the sums by ``state`` (e.g. the all-reduced one)."""
-        self._state = merge_states({f: 0 for f in self._fields}, state)
-
     def merge(self, other: Union["SegmentationMeter", Mapping[str, Any]]) -> None:
         """Add another meter (or state) into this one."""
         other_state = other.state() if isinstance(other, SegmentationMeter) else other
@@ -473,17 +462,6 @@ class SegmentationMeter:
     def scores(self, group: Optional[str] = None) -> Dict[str, Any]:
         """Scores overall (``group=None``) or for one group; see :func:`scores_from_state`."""
         return scores_from_state(self._state, group=group)
-
-    def all_scores(self) -> Dict[str, Dict[str, Any]]:
-        """``{"overall": ..., "<group>": ...}`` for the overall split and every non-empty group."""
-        out = {"overall": self.scores()}
-        for g in self.groups:
-            if self._state[g + "/count"]:
-                out[g] = self.scores(g)
-        return out
-
-
-# --------------------------------------------------------------------------- one-shot helpers
 
 
 # --------------------------------------------------------------------------- distributed
@@ -543,7 +521,10 @@ class BoxMatch:
     """The one-to-one matching of one answer's predicted boxes to its target boxes.
 
     ``pairs`` are ``(prediction index, target index, box IoU)`` of the matched pairs, indices
-    into the boxes given to :func:`match_boxes` (``None`` boxes included in the numbering).
+    into the boxes given to :func:`match_boxes` (``None`` boxes included in the numbering);
+    ``intersections_unions`` holds each pair's box intersection and union in pixels, so that
+    thresholds are compared exactly. ``num_predictions`` / ``num_targets`` count the non-``None``
+    boxes.
     """
 
     pairs: Tuple[Tuple[int, int, float], ...]
@@ -554,7 +535,7 @@ class BoxMatch:
     def true_positives(self, threshold: float = DETECTION_IOU_THRESHOLD) -> int:
         """Matched pairs whose box IoU >= ``threshold`` (exact integer comparison)."""
         frac = _threshold_fraction(threshold)
-        return sum(inter * frac.denominator >= frac.numerator * union for inter, union in self.intersections_unions)
+        return sum(_ratio_at_least(inter, union, frac) for inter, union in self.intersections_unions)
 
     def exact(self, threshold: float = DETECTION_IOU_THRESHOLD) -> bool:
         """F1 = 1 at ``threshold``: every target matched at IoU >= threshold and no other
@@ -620,7 +601,7 @@ class DetectionMeter:
         s["predictions"] += match.num_predictions
         s["targets"] += match.num_targets
         s["matched"] += len(match.pairs)
-        s["sum_matched_iou_fixed"] += sum(int(round(iou * IOU_FIXED_POINT_SCALE)) for _, _, iou in match.pairs)
+        s["sum_matched_iou_fixed"] += sum(_fixed_point(iou) for _, _, iou in match.pairs)
         for tag, t in self._thresholds:
             s[_TP_PREFIX + tag] += match.true_positives(t)
             s[_EXACT_PREFIX + tag] += int(match.exact(t))
@@ -647,8 +628,7 @@ def detection_scores_from_state(state: Mapping[str, Any]) -> Dict[str, Any]:
     s = {k: int(v) for k, v in state.items()}
     answers, p, t = s["answers"], s["predictions"], s["targets"]
     out: Dict[str, Any] = {"answers": answers, "predictions": p, "targets": t, "matched": s["matched"]}
-    tags = sorted((k[len(_TP_PREFIX):] for k in s if k.startswith(_TP_PREFIX)), key=float)
-    for tag in tags:
+    for tag in _threshold_tags(s, _TP_PREFIX):
         tp = s[_TP_PREFIX + tag]
         out[f"precision@{tag}"] = tp / p if p else None
         out[f"recall@{tag}"] = tp / t if t else None
