@@ -83,6 +83,22 @@ class SegmenterOutput:
 
 
 @dataclass
+class TeacherForcedOutput:
+    """The language model's side of a teacher-forced forward (:meth:`ReasonSegmenter.teacher_forced`).
+
+    Attributes:
+        ce_loss: token cross-entropy, averaged over the answer tokens of all rows.
+        hidden: [R, T, H] final hidden states of every position.
+        seg_states: per sample, the [n_i, H] states standing for the ``[SEG]`` tokens in the
+            answers of its conversations (``config.seg_state``), in row order.
+    """
+
+    ce_loss: torch.Tensor
+    hidden: torch.Tensor
+    seg_states: list[torch.Tensor]
+
+
+@dataclass
 class SegmentationResult:
     """One answer: its text, and one mask and box per ``[SEG]`` in it.
 
@@ -457,7 +473,8 @@ class ReasonSegmenter(nn.Module):
                 encoders run once per image, however many conversations are about it; the
                 ``[SEG]`` states of a sample (from all its conversations, in order) prompt its masks.
         """
-        output, seg_states = self.teacher_forced_seg_states(batch)
+        language = self.teacher_forced(batch)
+        seg_states = language.seg_states
         image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
         for index, (states, gt_masks) in enumerate(zip(seg_states, batch["masks"])):
             if len(states) != len(gt_masks):
@@ -475,37 +492,28 @@ class ReasonSegmenter(nn.Module):
         else:
             # No [SEG] in the batch: the projection and decoder still join the graph (with zero
             # weight) so every trainable parameter gets a gradient and DDP does not wait for one.
-            dummy = self.decode_masks(image_embeddings[:1], [output.hidden[0, :1]], *self._first_sizes(batch))[0]
+            dummy = self.decode_masks(image_embeddings[:1], [language.hidden[0, :1]], *self._first_sizes(batch))[0]
             bce_loss = dice_loss = dummy.sum() * 0.0
-            mask_logits = [output.hidden.new_zeros((0, *size)) for size in batch["original_size"]]
-        ce_loss = output.loss
+            mask_logits = [language.hidden.new_zeros((0, *size)) for size in batch["original_size"]]
+        ce_loss = language.ce_loss
         loss = (
             self.config.ce_weight * ce_loss + self.config.bce_weight * bce_loss + self.config.dice_weight * dice_loss
         )
         return SegmenterOutput(loss, ce_loss, bce_loss, dice_loss, mask_logits, num_masks)
 
-    def teacher_forced_seg_states(self, batch: dict) -> tuple:
-        """Run the VLM on a right-padded batch with labels (the vision tower once per image).
-
-        Returns:
-            (the VLM output with ``.loss`` (token cross-entropy averaged over the answer tokens of
-            all rows), ``.logits`` [n, V] only at the n positions whose next token is labelled
-            (see :func:`labelled_next_tokens`) and ``.hidden`` [R, T, H] final hidden states of
-            every position; per sample the [n_i, H] states standing for the ``[SEG]`` tokens in
-            the answers of its conversations (``config.seg_state``), in row order).
-        """
+    def teacher_forced(self, batch: dict) -> TeacherForcedOutput:
+        """Run the VLM on a right-padded batch with labels (the vision tower once per image)."""
         keep, targets = labelled_next_tokens(batch["labels"])
         with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
             # The LM head runs only where the next token is labelled: logits [n, V], not [R, T, V].
             output = self.vlm(**inputs, logits_to_keep=keep)
-        output.loss = F.cross_entropy(output.logits.float(), targets)
-        output.hidden = captured[-1]
+        hidden = captured[-1]
         seg_positions = state_positions(batch["labels"] == self.seg_token_id, self.seg_state_offset)  # answers only
         per_sample: list[list[torch.Tensor]] = [[] for _ in batch["masks"]]
         for row, sample in enumerate(row_images(batch)):
-            per_sample[sample].append(output.hidden[row][seg_positions[row]])
-        states = [torch.cat(parts) if parts else output.hidden.new_zeros((0, output.hidden.shape[-1])) for parts in per_sample]
-        return output, states
+            per_sample[sample].append(hidden[row][seg_positions[row]])
+        states = [torch.cat(parts) if parts else hidden.new_zeros((0, hidden.shape[-1])) for parts in per_sample]
+        return TeacherForcedOutput(F.cross_entropy(output.logits.float(), targets), hidden, states)
 
     @staticmethod
     def _first_sizes(batch: dict) -> tuple:

@@ -86,7 +86,8 @@ def test_batched_masks_per_mask_losses_equal_the_loop(tiny_vlm_dir):
     batched = {name: p.grad.clone() for name, p in trainable.items()}
     model.zero_grad()
 
-    vlm_output, seg_states = model.teacher_forced_seg_states(batch)
+    language = model.teacher_forced(batch)
+    seg_states = language.seg_states
     embeddings = model.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
     bce, dice = [], []
     for image, (states, gt) in enumerate(zip(seg_states, batch["masks"])):
@@ -98,7 +99,7 @@ def test_batched_masks_per_mask_losses_equal_the_loop(tiny_vlm_dir):
             bce.append(mask_bce_loss(logits[index], gt[index]))
             dice.append(mask_dice_loss(logits[index], gt[index]))
     config = model.config
-    loss = (config.ce_weight * vlm_output.loss + config.bce_weight * torch.stack(bce).mean()
+    loss = (config.ce_weight * language.ce_loss + config.bce_weight * torch.stack(bce).mean()
             + config.dice_weight * torch.stack(dice).mean())
     loss.backward()
 

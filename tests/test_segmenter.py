@@ -66,8 +66,8 @@ def teacher_forced(model, image, prompt: str, token_ids: list[int]) -> tuple:
     full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)], dim=1)
     full["labels"] = torch.cat([torch.full((1, prompt_length), -100), tokens], dim=1)
     with torch.no_grad():
-        output, [states] = model.teacher_forced_seg_states(full)
-    return full, output, states
+        output = model.teacher_forced(full)
+    return full, output, output.seg_states[0]
 
 
 def training_batch(model, image):
@@ -525,15 +525,17 @@ def full_logits_seg_states(model, batch):
     """The training forward before the LM head was restricted to labelled positions (reference)."""
     from model.batch import row_images
     from model.image_cache import shared_images
+    from model.segmenter import TeacherForcedOutput
 
     with model.hidden_states.capture() as captured, shared_images(model.vlm, batch) as inputs:
         output = model.vlm(**inputs, labels=batch["labels"])
-    output.hidden = captured[-1]
+    hidden = captured[-1]
     seg_positions = batch["labels"] == model.seg_token_id
     per_sample = [[] for _ in batch["masks"]]
     for row, sample in enumerate(row_images(batch)):
-        per_sample[sample].append(output.hidden[row][seg_positions[row]])
-    return output, [torch.cat(parts) if parts else output.hidden.new_zeros((0, output.hidden.shape[-1])) for parts in per_sample]
+        per_sample[sample].append(hidden[row][seg_positions[row]])
+    states = [torch.cat(parts) if parts else hidden.new_zeros((0, hidden.shape[-1])) for parts in per_sample]
+    return TeacherForcedOutput(output.loss, hidden, states)
 
 
 @pytest.mark.parametrize("train_language_model", [False, True], ids=["lora", "language_model"])
@@ -573,7 +575,7 @@ def test_lm_head_only_at_labelled_positions_keeps_loss_and_gradients(tiny_vlm_di
     try:
         kept, kept_grads = loss_and_grads()
         with monkeypatch.context() as patch:
-            patch.setattr(ReasonSegmenter, "teacher_forced_seg_states", full_logits_seg_states)
+            patch.setattr(ReasonSegmenter, "teacher_forced", full_logits_seg_states)
             full, full_grads = loss_and_grads()
     finally:
         handle.remove()
