@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .conversation import IGNORE_INDEX, encode_conversation, encode_image
-from .sam import SamInput, SamTransform
+from .sam import SamInput, SamTransform, as_rgb_uint8
 
 SINGLE_TURN = "single_turn"
 MULTI_TURN = "multi_turn"
@@ -56,10 +56,11 @@ class ImageInputs:
 
 
 def image_key(processor, sam_transform: SamTransform, image: np.ndarray) -> str:
-    """A content hash of an image as the models will see it: its pixels (dtype, shape, bytes) and
-    the settings that preprocess them (Qwen's image processor, SAM's input size). Equal keys give
+    """A content hash of an image as the models will see it: its RGB pixels (after
+    :func:`model.sam.as_rgb_uint8`, so a PIL palette or CMYK image counts by its colours) and the
+    settings that preprocess them (Qwen's image processor, SAM's input size). Equal keys give
     equal :class:`ImageInputs`; a 640x480 image hashes in about 1 ms."""
-    pixels = np.ascontiguousarray(np.asarray(image))
+    pixels = as_rgb_uint8(image)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{pixels.dtype}{pixels.shape};{sam_transform.image_size};".encode())
     digest.update(processor.image_processor.to_json_string().encode())
@@ -68,8 +69,15 @@ def image_key(processor, sam_transform: SamTransform, image: np.ndarray) -> str:
 
 
 def prepare_image(processor, sam_transform: SamTransform, image: np.ndarray, key: str | None = None) -> ImageInputs:
-    """Qwen's image fields and SAM's input of one HxWx3 uint8 image (``key``: its
-    :func:`image_key`, if the caller keys on it)."""
+    """Qwen's image fields and SAM's input of one image (``key``: its :func:`image_key`, if the
+    caller keys on it).
+
+    The image is made HxWx3 uint8 RGB once (:func:`model.sam.as_rgb_uint8`: grayscale repeated,
+    alpha dropped, a PIL image converted as the data sets convert it), and both models are given
+    that same array: Qwen's processor would otherwise read a 16-bit or palette PIL image, or a
+    grayscale array, its own way (or refuse it).
+    """
+    image = as_rgb_uint8(image)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # SAM's resize runs beside Qwen's image processor: both spend their time in PIL and numpy,
         # which release the GIL.
@@ -112,6 +120,7 @@ def encode_sample(
     if not turns:
         raise ValueError("a sample needs at least one turn")
     groups = [[turn] for turn in turns] if conversation_mode == SINGLE_TURN else [list(turns)]
+    image = as_rgb_uint8(image)  # what both models see (see prepare_image); no copy for an RGB array
     if image_inputs is None:
         image_inputs = prepare_image(processor, sam_transform, image)
     sample: dict[str, Any] = {"conversations": [], **image_inputs.fields}

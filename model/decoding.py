@@ -228,7 +228,10 @@ class GreedyDecoder:
     def _prefill(self, inputs, attention_mask, cache, prefix_cache, image_keys=None):
         """Run the prompt into ``cache``; returns ([B, H] last states, [B, 1] rope deltas)."""
         # A sliding-window layer keeps only its last tokens: its prefix cannot be copied back.
-        reusable = prefix_cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        reusable = (
+            prefix_cache is not None and prefix_cache.max_items > 0
+            and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        )
         prefix_length = image_prefix_length(inputs) if reusable else 0
         key = None
         if prefix_length:

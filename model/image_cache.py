@@ -138,11 +138,11 @@ class FeatureCache:
                 "session (or detach that cache) first: one at a time per model"
             )
         self._saved_encode = model.__dict__.get("encode_images", _MISSING)
-        model.encode_images = self._wrap_encode(model.encode_images)
+        model.encode_images = self._wrap_encode(model.encode_images, model)
         self._model = model
         if not self.training:
             self._saved_prepare = model.__dict__.get("prepare", _MISSING)
-            model.prepare = self._wrap_prepare(model.prepare)
+            model.prepare = self._wrap_prepare(model.prepare, model)
             visual = find_vision_tower(model.vlm)
             self._saved_forward = visual.__dict__.get("forward", _MISSING)
             visual.forward = self._wrap_vision(visual.forward)
@@ -185,12 +185,13 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ the wrappers
 
-    def _wrap_prepare(self, prepare: Callable[..., dict]) -> Callable:
+    def _wrap_prepare(self, prepare: Callable[..., dict], model: nn.Module) -> Callable:
         # Not at the top: see shared_images.
         from .batch import image_key, prepare_image
+        from .sam import as_rgb_uint8
 
         def cached_prepare(image, turns, masks=(), **extra) -> dict:
-            model = self._model
+            image = as_rgb_uint8(image)  # once, not in each of the calls below
             key = image_key(model.processor, model.sam_transform, image)
             with self._lock:
                 inputs = self._images.get(key, _MISSING)
@@ -204,15 +205,19 @@ class FeatureCache:
 
         return cached_prepare
 
-    def _wrap_encode(self, encode: Callable[..., torch.Tensor]) -> Callable:
+    def _wrap_encode(self, encode: Callable[..., torch.Tensor], model: nn.Module) -> Callable:
         def encode_images(sam_pixel_values: torch.Tensor, input_sizes, image_keys=None) -> torch.Tensor:
-            if self._model is not None and self._model.training and not self.training:
+            if model.training and not self.training:
                 return encode(sam_pixel_values, input_sizes)
+            # An embedding is of the encoder's dtype and device: one made before a model.to(...)
+            # is not served after it.
+            weight = model.sam.image_encoder.patch_embed.proj.weight
+            where = f"|{weight.dtype}|{weight.device}"
             with self._lock:
                 if image_keys is not None and all(key is not None for key in image_keys):
-                    keys = [f"image:{key}" for key in image_keys]  # made in prepare: no hash of the input
+                    keys = [f"image:{key}{where}" for key in image_keys]  # made in prepare: no hash of the input
                 else:
-                    keys = [f"{tensor_key(image)}{tuple(size)}" for image, size in zip(sam_pixel_values, input_sizes)]
+                    keys = [f"{tensor_key(image)}{tuple(size)}{where}" for image, size in zip(sam_pixel_values, input_sizes)]
                 found = {key: self._sam.get(key, _MISSING) for key in dict.fromkeys(keys)}
                 missing = [key for key, value in found.items() if value is _MISSING]
                 self.stats["sam_hits"] += len(keys) - len(missing)

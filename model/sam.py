@@ -70,6 +70,7 @@ __all__ = [
     "SamInput",
     "SamTransform",
     "SamVariantSpec",
+    "as_rgb_uint8",
     "build_sam",
     "detect_sam_variant",
     "freeze_for_segmentation",
@@ -633,8 +634,10 @@ class SamInput:
     original_size: tuple[int, int]
 
 
-def _as_rgb_uint8(image: Any) -> np.ndarray:
-    """Validates an image and returns it as a C-contiguous HxWx3 uint8 RGB array."""
+def as_rgb_uint8(image: Any) -> np.ndarray:
+    """Validates an image and returns it as a C-contiguous HxWx3 uint8 RGB array (see
+    :class:`SamTransform` for what is accepted; :func:`model.batch.prepare_image` gives Qwen the
+    same array)."""
     if isinstance(image, Image.Image):
         return np.array(to_rgb(image))
     if not isinstance(image, np.ndarray):
@@ -733,7 +736,7 @@ class SamTransform:
         Returns:
           (np.ndarray): h x w x 3 uint8 RGB with max(h, w) == S.
         """
-        image = _as_rgb_uint8(image)
+        image = as_rgb_uint8(image)
         new_h, new_w = get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)
         if (new_h, new_w) == image.shape[:2]:
             return image
@@ -748,7 +751,7 @@ class SamTransform:
           (SamInput): pixel_values [3, S, S] uint8 (resized, zero-padded bottom/right; normalise
             with :meth:`normalize`), input_size (h, w), original_size (H, W).
         """
-        image = _as_rgb_uint8(image)
+        image = as_rgb_uint8(image)
         original_size = (int(image.shape[0]), int(image.shape[1]))
         resized = self.resize(image)
         h, w = resized.shape[:2]

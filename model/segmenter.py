@@ -201,6 +201,10 @@ class ReasonSegmenter(nn.Module):
             dtype: the run dtype of the frozen weights (bf16 for a bf16 run on CUDA).
             device: where the model is built (None: the CPU).
         """
+        # Absolute where local: a checkpoint (its config, its adapter) is read from other working
+        # directories (test.py, a resume), where a relative "weights/Qwen" would be missing, or taken
+        # for a hub id.
+        vlm_path = _recorded_path(vlm_path)
         family = vlm_family(vlm_path)
         processor = load_processor(vlm_path, family)
         vlm = load_vlm(vlm_path, dtype=torch.float32 if train_language_model else dtype, device=device)
@@ -214,8 +218,8 @@ class ReasonSegmenter(nn.Module):
             sam_variant=sam_variant,
             hidden_size=text_hidden_size(vlm.config),
             prompt_dim=sam_prompt_embed_dim(sam),
-            vlm_path=str(vlm_path),
-            sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
+            vlm_path=vlm_path,
+            sam_checkpoint=_recorded_path(sam_checkpoint) if sam_checkpoint else None,
             lora=dict(vars(lora)) if (lora is not None and not train_language_model) else {},
             train_language_model=train_language_model,
             **config_overrides,
@@ -767,6 +771,11 @@ def _vlm_source(
     if family != config.vlm_family:
         raise ValueError(f"{directory} was trained on a {config.vlm_family} model but {vlm_path} is a {family}")
     return vlm_path, processor_path
+
+
+def _recorded_path(path: str | os.PathLike) -> str:
+    """How a config records where a part came from: a local path made absolute, a hub id as it is."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 def _resolve(directory: Path, path: str) -> Path | str:

@@ -119,3 +119,39 @@ def test_image_key_is_cheap_and_exact():
     assert key != image_key(processor, SamTransform(512), image)
     assert key != image_key(processor, SamTransform(1024), image[:, :, ::-1])
     assert key != image_key(processor, SamTransform(1024), image.reshape(640, 480, 3))
+
+
+def test_both_models_see_the_same_rgb_image_whatever_form_it_comes_in(model, dog):
+    """A grayscale array, a palette PIL image: made RGB once, and keyed by their colours (two
+    palette images with the same indices and other colours are two images)."""
+    from PIL import Image
+
+    from model.sam import as_rgb_uint8
+
+    gray = dog.mean(axis=2).astype(np.uint8)
+    sample = model.prepare(gray, [("Dog?", None)])
+    reference = model.prepare(np.repeat(gray[:, :, None], 3, axis=2), [("Dog?", None)])
+    for key in ("pixel_values", "image_grid_thw", "sam_pixel_values"):
+        assert torch.equal(sample[key], reference[key]), key
+    indices = Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 4).astype(np.uint8), mode="P")
+    red, blue = indices.copy(), indices.copy()
+    red.putpalette([255, 0, 0] * 4 + [0] * 756)
+    blue.putpalette([0, 0, 255] * 4 + [0] * 756)
+    cache = FeatureCache(max_items=4)
+    with cache.attached(model):
+        red_sample = model.prepare(red, [("Red?", None)])
+        blue_sample = model.prepare(blue, [("Blue?", None)])
+    assert cache.stats["image_misses"] == 2 and red_sample["image_key"] != blue_sample["image_key"]
+    assert torch.equal(blue_sample["pixel_values"], model.prepare(as_rgb_uint8(blue), [("Blue?", None)])["pixel_values"])
+
+
+def test_a_sam_embedding_is_not_served_after_the_model_changes_dtype(tiny_vlm_dir, dog):
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    cache = FeatureCache(max_items=4)
+    with cache.attached(model):
+        ask(model, dog, "Where is the dog?")
+        model.to(torch.bfloat16)
+        ask(model, dog, "And its tail?")
+    assert cache.stats["image_hits"] == 1, "the preprocessed image does not depend on the model's dtype"
+    assert cache.stats["sam_hits"] == 0 and cache.stats["sam_misses"] == 2

@@ -330,6 +330,23 @@ def test_a_lora_checkpoint_of_a_hub_model_loads_from_the_hub_cache(tiny_vlm_dir,
         ReasonSegmenter.from_pretrained(tmp_path / "ckpt", base_model="owner/absent")
 
 
+def test_a_checkpoint_of_a_model_given_by_a_relative_path_loads_from_anywhere(tiny_vlm_dir, tmp_path, monkeypatch):
+    """train_ddp.py --version weights/qwen (relative, and shaped like a hub id) records the base
+    model's absolute path: the checkpoint loads from another working directory (test.py, a resume),
+    never taking the path for a hub id."""
+    shutil.copytree(tiny_vlm_dir("qwen2_5_vl"), tmp_path / "weights" / "qwen")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components("weights/qwen", "tiny", lora=LoraSettings())
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["vlm_path"] == str(tmp_path / "weights" / "qwen")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reloaded = ReasonSegmenter.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.config.adapter_path and reloaded.config.vlm_family == "qwen2_5_vl"
+
+
 def test_a_missing_vlm_is_a_clear_error(tiny_segmenter_dir, tmp_path):
     """A base model path that names nothing, and a full-VLM directory without its vlm/."""
     lora_checkpoint = tmp_path / "lora"

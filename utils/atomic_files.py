@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -36,12 +37,14 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         fsync_path(path)
 
 
-def write_text_atomically(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file and a rename."""
+def write_text_atomically(path: str | os.PathLike, text: str | Iterable[str], durable: bool = False) -> Path:
+    """Write ``text`` (UTF-8; a string, or pieces written one after another, so that a large file
+    is never whole in memory) to ``path`` through a hidden temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines([text] if isinstance(text, str) else text)
     if durable:
         fsync_path(tmp)
     os.replace(tmp, path)

@@ -309,7 +309,7 @@ class PredictionWriter:
                 records.extend(json.loads(line) for line in handle if line.strip())
         order = {name: i for i, name in enumerate(self.split_order)}
         records.sort(key=lambda r: (order.get(r["split"], len(order)), PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
-        write_text_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records))
+        write_text_atomically(self.path, (json.dumps(record) + "\n" for record in records))
         for rank in range(world_size):
             self._part(rank).unlink(missing_ok=True)
         return len(records)
