@@ -19,7 +19,8 @@ Each answer prints its text, per [SEG] the mask's box, and the image tokens the 
 tokens per image; batch lines carry "image_tokens"); the interactive and one-shot modes
 save one mask PNG and one overlay PNG per [SEG] into --vis_save_path. MODEL_DIR is a merged
 directory from transform_weight.py, a training checkpoint (with --base_model /
---vision_pretrained to override the paths it records) or a run directory (its latest checkpoint).
+--vision_pretrained to override the paths it records) or a run directory (its latest checkpoint;
+--pick best: its best).
 
 Exit status: 0 when every request was answered (the interactive loop: whenever it ends); 1 when a
 request failed (one-shot: its error is printed; batch: every other line is still answered and
@@ -28,31 +29,24 @@ model could not be loaded; 2 for a command line that cannot work.
 """
 
 import argparse
-import logging
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from utils.cli import setup_environment, setup_logging
+
+setup_environment()
 
 from utils.inference import (  # noqa: E402
     OUTPUT_FORMATS,
-    add_model_arguments,
-    check_model_arguments,
-    interactive_loop,
-    one_shot,
-    run_batch,
+    add_session_arguments,
+    check_inference_arguments,
+    run_requests,
     session_from_args,
-    setup_logging,
 )
-
-logger = logging.getLogger("inference")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_session_arguments(parser)
     parser.add_argument("--vis_save_path", default="./vis_output", help="where mask and overlay PNGs go")
     parser.add_argument("--image", help="one-shot: the image (with --prompt)")
     parser.add_argument("--prompt", help="one-shot: the request (with --image)")
@@ -65,58 +59,10 @@ def main() -> int:
     parser.add_argument("--no_progress", action="store_true", help="batch: no progress bar")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    check_model_arguments(args, parser)
-    one = args.image is not None or args.prompt is not None
-    if one and (args.image is None or args.prompt is None):
-        parser.error("a one-shot request needs both --image and --prompt")
-    if one and args.input_jsonl:
-        parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
-    # Paths that cannot work are refused here, before the model loads (minutes for a large one).
-    if args.input_jsonl:
-        if not Path(args.input_jsonl).exists():
-            parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
-        if not Path(args.input_jsonl).is_file():
-            parser.error(f"--input_jsonl {args.input_jsonl} is not a file: name the JSONL file of requests")
-        output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
-        if Path(output).resolve() == Path(args.input_jsonl).resolve():
-            parser.error("--output_jsonl must differ from --input_jsonl")
-        if Path(output).is_dir():
-            parser.error(f"--output_jsonl {output} is a directory: name a file, e.g. {Path(output) / 'answers.jsonl'}")
-        if args.image_root and not Path(args.image_root).is_dir():
-            parser.error(f"--image_root {args.image_root} is not a directory")
-    elif Path(args.vis_save_path).exists() and not Path(args.vis_save_path).is_dir():
-        parser.error(f"--vis_save_path {args.vis_save_path} is a file: name a directory for the mask PNGs")
+    check_inference_arguments(args, parser)
     setup_logging(args.verbose)
-
-    session = session_from_args(args, one_request=one)
-
-    def say(text: str) -> None:
-        print(text, flush=True)
-
-    def say_error(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    if args.input_jsonl:
-        summary = run_batch(session, args.input_jsonl, output, args.image_root, progress=not args.no_progress)
-        print(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {output}")
-        if summary.failed:  # a script or a cluster job sees it in the exit status
-            logger.error('%d of %d requests failed; each one\'s error is in the "error" field of its line in %s',
-                         summary.failed, summary.total, output)
-            return 1
-        return 0
-    if one:
-        return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)
-    if args.format == "json":  # stdout carries only JSON: the questions and the goodbye go to stderr
-        def read(question: str) -> str:
-            print(question, end="", file=sys.stderr, flush=True)
-            return input()
-
-        answered = interactive_loop(session, args.vis_save_path, say, read, output_format="json")
-        say_error(f"bye ({answered} requests answered; files in {args.vis_save_path})")
-        return 0
-    answered = interactive_loop(session, args.vis_save_path, say)
-    print(f"bye ({answered} requests answered; files in {args.vis_save_path})")
-    return 0
+    session = session_from_args(args, one_request=args.image is not None)
+    return run_requests(session, args)
 
 
 if __name__ == "__main__":

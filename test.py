@@ -14,15 +14,12 @@ mask AP from pycocotools on the detections it writes (--save_detections). See
 `python test.py --help`; the work is in utils/eval_cli.py, utils/evaluation.py, utils/metrics.py.
 """
 
-import os
 import sys
-from pathlib import Path
+from functools import partial
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from utils.cli import setup_environment
 
-from functools import partial  # noqa: E402
+setup_environment()
 
 from utils.eval_cli import main  # noqa: E402
 

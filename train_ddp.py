@@ -8,10 +8,11 @@ See `python train_ddp.py --help` and the README. The loop lives in utils/trainer
 """
 
 import logging
-import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from utils.cli import setup_environment
+
+setup_environment(offline_hub=False)
 
 from utils.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from utils.train_args import parse_args  # noqa: E402

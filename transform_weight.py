@@ -14,26 +14,20 @@ tools/app.py, without peft.
 """
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from model.constants import PRECISION_NAMES
+from utils.cli import add_checkpoint_arguments, setup_environment, setup_logging
 
-from model.loading import PRECISIONS, ModelLoadError  # noqa: E402
-from model.merge import merge_checkpoint  # noqa: E402
-from utils.inference import setup_logging  # noqa: E402
+setup_environment()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="training checkpoint directory, or a run directory with checkpoint-*/")
     parser.add_argument("--out", required=True, help="the standalone directory to write")
-    parser.add_argument("--pick", choices=["latest", "best"], default="latest", help="in a run directory: which checkpoint")
-    parser.add_argument("--base_model", help="base Qwen-VL directory (default: the path the checkpoint records)")
-    parser.add_argument("--vision_pretrained", help="official SAM .pth (default: the path the checkpoint records)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16", help="load, merge and save in (default bf16)")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="bf16", help="load, merge and save in (default bf16)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     lora = parser.add_argument_group("LoRA (read from the checkpoint; only to restate or override)")
     lora.add_argument("--lora_r", type=int)
@@ -42,11 +36,17 @@ def main() -> int:
     lora.add_argument("--lora_target_modules", help="comma-separated, e.g. q_proj,v_proj")
     args = parser.parse_args()
     setup_logging()
+    # After parsing: torch and transformers take seconds to import, --help and a wrong flag need neither.
+    from model.loading import ModelLoadError
+    from model.merge import merge_checkpoint
+    from model.vlm import parse_target_modules
+    from utils.mixed_precision import PRECISIONS
+
     overrides = {
         "r": args.lora_r,
         "alpha": args.lora_alpha,
         "dropout": args.lora_dropout,
-        "target_modules": args.lora_target_modules.split(",") if args.lora_target_modules else None,
+        "target_modules": parse_target_modules(args.lora_target_modules) if args.lora_target_modules else None,
     }
     try:
         out = merge_checkpoint(

@@ -25,13 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .constants import CONVERSATION_MODES, MULTI_TURN, SINGLE_TURN
 from .conversation import IGNORE_INDEX, encode_conversation, encode_image
 from .sam import SamInput, SamTransform, as_rgb_uint8
 
-SINGLE_TURN = "single_turn"
-MULTI_TURN = "multi_turn"
-#: How the turns of a sample become conversations: one conversation per turn, or one for all.
-CONVERSATION_MODES: tuple[str, ...] = (SINGLE_TURN, MULTI_TURN)
 
 # Per-token fields of the processor output and the value that pads each.
 _TOKEN_FIELDS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}

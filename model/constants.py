@@ -19,3 +19,15 @@ sequence, the offset of the state used): ``"seg_token"``, the ``[SEG]`` token's 
 ``"preceding_token"``, the state of the token before it, whose next-token prediction is the
 ``[SEG]`` (LISA's choice). One choice per model (its config), used by training, evaluation and
 generation alike."""
+
+PRECISION_NAMES: tuple[str, ...] = ("bf16", "fp16", "fp32")
+"""The ``--precision`` values of every entry point. Their dtypes are
+:data:`utils.mixed_precision.PRECISIONS`; the names are here, without torch, for the parsers
+(``train_ddp.py --help`` must not import torch)."""
+
+SINGLE_TURN = "single_turn"
+MULTI_TURN = "multi_turn"
+CONVERSATION_MODES: tuple[str, ...] = (SINGLE_TURN, MULTI_TURN)
+"""How the questions of one training sample (one image) are asked: ``single_turn``, each as its
+own conversation (LISA's way, and how evaluation asks them), or ``multi_turn``, as the turns of one
+conversation (``--conversation_mode``, see :mod:`model.batch`)."""

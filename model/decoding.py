@@ -107,6 +107,13 @@ class _Prefix:
     rope_delta: torch.Tensor  # [1, 1]
 
 
+def prefixes_reusable(vlm: nn.Module) -> bool:
+    """Whether a Qwen-VL's image prefixes can be reused (:class:`PrefixCache`): not with a
+    sliding-window layer, which keeps only its last tokens (``_prefill`` checks the cache itself)."""
+    text_config = getattr(vlm.config, "text_config", vlm.config)
+    return "sliding_attention" not in (getattr(text_config, "layer_types", None) or ())
+
+
 class PrefixCache(LRU[str, _Prefix]):
     """LRU store of image prefixes' keys and values, for follow-up questions (see the module doc).
 

@@ -105,13 +105,18 @@ class FeatureCache:
             mode too (its image encoder is frozen), and the vision tower is left alone (its outputs
             are large at real size, and in training it runs with autograd anyway). Without it, a
             model in training mode encodes every time.
+        vision: keep the vision tower's outputs. A caller that reuses image prefixes
+            (:class:`model.decoding.PrefixCache`, as :class:`utils.inference.InferenceSession`
+            does) turns it off: a follow-up then never runs the tower, and each first request
+            would hash megabytes of pixels and hold an output for nothing.
     """
 
-    def __init__(self, max_items: int = 8, training: bool = False) -> None:
+    def __init__(self, max_items: int = 8, training: bool = False, vision: bool = True) -> None:
         if max_items < 0:
             raise ValueError(f"max_items must be >= 0, got {max_items}")
         self.max_items = max_items
         self.training = training
+        self.vision = vision and not training
         self._sam: LRU[str, torch.Tensor] = LRU(max_items)
         self._vision: LRU[str, Any] = LRU(max_items)
         self._images: LRU[str, Any] = LRU(max_items)  # model.batch.ImageInputs
@@ -143,6 +148,7 @@ class FeatureCache:
         if not self.training:
             self._saved_prepare = model.__dict__.get("prepare", _MISSING)
             model.prepare = self._wrap_prepare(model.prepare, model)
+        if self.vision:
             visual = find_vision_tower(model.vlm)
             self._saved_forward = visual.__dict__.get("forward", _MISSING)
             visual.forward = self._wrap_vision(visual.forward)

@@ -178,25 +178,3 @@ def image_token_counts(image_grid_thw, merge_size: int) -> list[int]:
     rows = image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else list(image_grid_thw)
     return [int(t) * int(h) * int(w) // (merge_size**2) for t, h, w in rows]
 
-
-def add_pixel_arguments(parser) -> None:
-    """``--min_pixels`` / ``--max_pixels`` (Qwen's names) on a parser or argument group."""
-    parser.add_argument(
-        "--min_pixels", type=int, default=None,
-        help="Qwen image processor: smaller images are upscaled to at least this many pixels "
-        "(default: the model's saved value)",
-    )
-    parser.add_argument(
-        "--max_pixels", type=int, default=None,
-        help="Qwen image processor: larger images are downscaled to at most this many pixels; one image "
-        "token per 28x28 pixels (Qwen2/2.5-VL) or 32x32 (Qwen3-VL) (default: the model's saved value, "
-        f"capped at {DEFAULT_MAX_IMAGE_TOKENS} tokens: 1,003,520 pixels for Qwen2/2.5-VL, 1,310,720 for Qwen3-VL)",
-    )
-
-
-def check_pixel_arguments(args, parser) -> None:
-    """``parser.error`` naming the flag when ``--min_pixels`` / ``--max_pixels`` are unusable."""
-    try:
-        check_pixel_values(getattr(args, "min_pixels", None), getattr(args, "max_pixels", None))
-    except ValueError as error:
-        parser.error(str(error))

@@ -265,9 +265,6 @@ def test_answer_objects_and_coco_results():
     assert objects[0]["score"] == 0.8 and objects[0]["area"] == 200
     assert np.array_equal(decode_rle(objects[0]["mask"]), first)
     assert objects[1] == {"bbox_2d": None, "label": "nothing", "score": None, "area": 0, "mask": encode_rle(empty)}
-    # A downscaled image: masks and boxes in pixels of the original.
-    up = answer_objects("[SEG]", [first], [0.7], original_size=(80, 120))[0]
-    assert up["bbox_2d"] == [10, 12, 50, 32] and up["area"] == 800 and decode_rle(up["mask"]).shape == (80, 120)
     # COCO results: one record per non-empty mask, bbox [x, y, w, h] = pycocotools' own box of the RLE.
     from pycocotools import mask as mask_util
 

@@ -11,6 +11,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ from model.loading import ModelLoadError, load_segmenter, quantization_config
 from model.segmenter import ReasonSegmenter
 from utils.inference import (
     NO_MASK_MESSAGE,
+    Answer,
     InferenceSession,
     InputError,
+    LoadedImage,
     describe,
     describe_box,
     interactive_loop,
@@ -332,6 +335,32 @@ def test_a_downscaled_image_gets_its_boxes_and_mask_files_in_its_own_pixels(sess
     assert all(describe_box(box) in text for box in answer.boxes)
 
 
+def test_a_downscaled_answer_resizes_each_mask_once(monkeypatch, tmp_path):
+    """The boxes, the JSON objects, the text and the mask files all read the same original-size masks."""
+    import utils.grounding
+    import utils.inference
+
+    sizes = []
+    resize = utils.grounding.resize_mask
+
+    def counted(mask, height, width):
+        sizes.append((height, width))
+        return resize(mask, height, width)
+
+    monkeypatch.setattr(utils.grounding, "resize_mask", counted)
+    monkeypatch.setattr(utils.inference, "resize_mask", counted)
+    mask = np.zeros((267, 400), bool)
+    mask[10:60, 20:120] = True
+    result = SimpleNamespace(text="the dog [SEG] and [SEG].", masks=[mask, np.zeros_like(mask)], scores=[0.9, None])
+    image = LoadedImage(np.zeros((267, 400, 3), np.uint8), name="dog", resized_from=(534, 800))
+    answer = Answer("Where is the dog?", image, result)
+    record = answer.record()
+    describe(answer, save_visuals(answer, tmp_path, "dog"))
+    assert sizes == [(534, 800)] * 2
+    assert [decode_rle(obj["mask"]).shape for obj in record["objects"]] == [(534, 800)] * 2
+    assert answer.boxes == [(40, 20, 240, 120), None] == [obj["bbox_2d"] and tuple(obj["bbox_2d"]) for obj in record["objects"]]
+
+
 def test_saving_an_answer_removes_the_files_of_an_earlier_one_with_the_same_name(session, tmp_path):
     def answer(text):
         return session.ask(DOG, "Where?", logits_processor=scripted(session.model, text))
@@ -593,9 +622,12 @@ def test_interactive_loop_takes_paths_as_terminals_paste_them(session, monkeypat
         "'" + str(tmp_path / "it's a dog.jpg").replace("'", "'\\''") + "'",
         str(tmp_path / "back\\slash.jpg"),
     ]
+    # Paths that name nothing, which the file system refuses to even look up: an error, not the end.
+    typed[1:1] = ["~nosuchuser_xyz/dog.jpg", "/" + "a" * 300 + ".jpg"]
     inputs = iter([text for path in typed for text in ("Where is the dog?", path)])
     said = []
     assert interactive_loop(session, tmp_path / "vis", said.append, lambda question: next(inputs, "")) == 3, said
+    assert [line.split(":")[0] for line in said if line.startswith("error")] == ["error", "error"], said
     assert sorted(p.name for p in (tmp_path / "vis").glob("*_mask_0.png")) == [
         "back\\slash_3_mask_0.png", "it's a dog_2_mask_0.png", "my dog_1_mask_0.png"]
 
@@ -713,3 +745,37 @@ def test_warm_up_compiles_the_step_a_first_request_then_reuses(tiny_segmenter_di
         assert answer.features_reused  # and found the image warmed up
     finally:
         session.close()
+
+
+def test_a_file_asked_about_again_is_decoded_once(session, tmp_path, monkeypatch):
+    """The same path, unchanged: its decoded image is reused (no JPEG decode per follow-up); the
+    file rewritten (another modification time or size): decoded again."""
+    import utils.inference as inference
+
+    photo = tmp_path / "dog.jpg"
+    shutil.copy(DOG, photo)
+    decoded = []
+    real_load = inference.load_image
+    monkeypatch.setattr(inference, "load_image", lambda *a, **k: (decoded.append(a[0]), real_load(*a, **k))[1])
+    first = session.ask(str(photo), "Where is the dog?", logits_processor=scripted(session.model, "[SEG]"))
+    again = session.ask(photo, "And its tail?", logits_processor=scripted(session.model, "[SEG]"))
+    assert len(decoded) == 1 and again.image is first.image and not first.image.array.flags.writeable
+    Image.open(DOG).rotate(90, expand=True).save(photo)
+    turned = session.ask(str(photo), "Where is the dog?", logits_processor=scripted(session.model, "[SEG]"))
+    assert len(decoded) == 2 and turned.image.array.shape[:2] == first.image.array.shape[1::-1]
+
+
+def test_the_session_stores_no_vision_outputs_as_it_reuses_image_prefixes(session):
+    """A follow-up runs neither the vision tower (its image prefix is reused) nor, on the first
+    request, the vision store's hashing of the pixels: the session keeps none."""
+    from model.image_cache import find_vision_tower
+
+    calls = []
+    hook = find_vision_tower(session.model.vlm).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for question in ("Where is the dog?", "And its tail?"):
+            session.ask(DOG, question, logits_processor=scripted(session.model, "[SEG]"))
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and session.prefixes.stats["hits"] == 1
+    assert session.cache.stats["vision_misses"] == session.cache.stats["vision_hits"] == 0

@@ -673,6 +673,30 @@ def test_resuming_a_lora_checkpoint_loads_the_base_model_from_version(tiny_vlm_d
             torch.testing.assert_close(param, trained[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("version, base_model", [
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),  # a hub id: the hub cache holds the model
+    ("staged/on/local_disk", None),  # neither a directory nor a hub id: the checkpoint's recorded path
+])
+def test_resuming_passes_a_hub_id_version_as_the_base_model(tmp_path, monkeypatch, version, base_model):
+    """A run trained from a local copy of the base model resumes with --version owner/name."""
+    from utils import trainer
+    from utils.train_args import build_parser
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def from_pretrained(directory, **kwargs):
+        seen.update(kwargs, directory=directory)
+        raise Loaded
+
+    monkeypatch.setattr(trainer.ReasonSegmenter, "from_pretrained", from_pretrained)
+    with pytest.raises(Loaded):
+        trainer.build_model(build_parser().parse_args(["--version", version]), tmp_path / "checkpoint", torch.float32, "cpu")
+    assert seen["directory"] == tmp_path / "checkpoint" and seen["base_model"] == base_model
+
+
 def test_a_resumed_run_keeps_the_tensorboard_events_of_its_checkpoint_step(tiny_segmenter_dir, tmp_path):
     """Events of steps after the checkpoint are dropped (the resumed run logs them again), the
     checkpoint's own step is kept."""

@@ -15,17 +15,20 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(REPO))  # the script's own directory is tools/, not the repository
+
+from utils.cli import setup_environment, setup_logging  # noqa: E402
+
+setup_environment()
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from utils.gradio_app import build_demo, examples_in  # noqa: E402
-from utils.inference import add_model_arguments, check_model_arguments, session_from_args, setup_logging  # noqa: E402
+from utils.inference import add_session_arguments, check_session_arguments, session_from_args  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_session_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
@@ -33,7 +36,7 @@ def main() -> None:
     parser.add_argument("--queue_size", type=int, default=16, help="requests that may wait in the queue (default 16)")
     parser.add_argument("--examples", default=str(REPO / "tools" / "examples"), help="directory of example photographs")
     args = parser.parse_args()
-    check_model_arguments(args, parser)
+    check_session_arguments(args, parser)
     setup_logging()
     session = session_from_args(args)
     examples = examples_in(args.examples)

@@ -61,8 +61,7 @@ from model.sam_attention import (  # noqa: E402
     use_fast_attention,
     use_official_attention,
 )
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from utils.mixed_precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variant", default="vit_h", choices=list(SAM_VARIANTS))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=list(PRECISIONS))
     p.add_argument("--batches", default="1,2", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement, median reported (default: 20 on CUDA, 2 on CPU)")
@@ -268,7 +267,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype]
+    dtype = PRECISIONS[args.dtype]
     spec = SAM_VARIANTS[args.variant]
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tools.bench.param_count import RECIPES, VLM_SPECS, count_parameters, markdown_table  # noqa: E402
-from model.vlm import LoraSettings  # noqa: E402
+from model.vlm import LoraSettings, parse_target_modules  # noqa: E402
 
 SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")
 
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--model is required (one of: {', '.join(VLM_SPECS)}), or pass --all")
     if args.lora_r <= 0:
         parser.error("--lora_r must be positive")
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    targets = parse_target_modules(args.lora_target_modules)
     if not targets:
         parser.error("--lora_target_modules is empty")
     args.lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)

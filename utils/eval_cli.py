@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 
 from model.config import SegmenterConfig
-from model.decoding import DECODING_MODES, resolve_decoding
-from model.image_tokens import add_pixel_arguments, check_pixel_arguments, pixel_limits
+from model.decoding import resolve_decoding
+from model.image_tokens import pixel_limits
 from model.sam_compile import compile_image_encoder
+from utils.cli import add_model_arguments, check_pixel_arguments
 from utils.data.builders import build_val_dataset, split_names, val_split_kind
 from utils.data.sample import CorruptSampleError
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -52,15 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "boxes, N-acc), teacher-forced and/or generated; python test.py or torchrun ... test.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = p.add_argument_group("model")
-    model.add_argument("--version", required=True,
-                       help="merged model directory (transform_weight.py), training checkpoint, or run directory")
-    model.add_argument("--pick", choices=["latest", "best"], default="latest", help="in a run directory: which checkpoint")
-    model.add_argument("--base_model", help="training checkpoint only: the base Qwen-VL directory (overrides the recorded path)")
-    model.add_argument("--vision_pretrained", help="training checkpoint only: the official SAM .pth (overrides the recorded path)")
-    model.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                       help="weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
-    add_pixel_arguments(model)
+    add_model_arguments(p, auto_decoding="compiled on CUDA, else eager. Only --protocol generate decodes")
     data = p.add_argument_group("data")
     data.add_argument("--val_dataset", default="ReasonSeg|val",
                       help="one or several splits joined by '||': ReasonSeg|val, ReasonSeg|test, refcoco|unc|val, "
@@ -79,11 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="teacher_forced: the answer with [SEG] is given (published numbers); generate: the model answers")
     run.add_argument("--batch_size", type=int, default=1, help="per process")
     run.add_argument("--max_new_tokens", type=int, default=64, help="generate: answer length limit")
-    run.add_argument("--decoding", choices=DECODING_MODES, default="auto",
-                     help="generate: compiled (static KV cache + CUDA graphs, compiled once per batch shape), eager "
-                     "(the same loop uncompiled) or transformers (its generate); auto: compiled on CUDA, else eager. "
-                     "All give the same answers")
-    run.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
     out = p.add_argument_group("output")
     out.add_argument("--log_dir", default=DEFAULT_LOG_DIR,
                      help=f"where {REPORT_NAME} and {TABLE_NAME} go ({TABLE_NAME} goes beside --report when that is given)")

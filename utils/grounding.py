@@ -111,20 +111,14 @@ def answer_objects(
     text: str,
     masks: Sequence[np.ndarray],
     scores: Sequence[float | None],
-    original_size: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One object per ``[SEG]`` (see the module docstring): ``bbox_2d``, ``label``, ``score``,
-    ``area``, ``mask``.
-
-    ``original_size`` (height, width): a mask of another size (the model saw a downscaled copy)
-    is resized to it (nearest neighbour), and its box and area come from the resized mask.
-    """
+    ``area``, ``mask``; the masks at the size the boxes are wanted in (the original image's: see
+    ``utils.inference.Answer.original_masks``)."""
     labels = seg_labels(text)
     objects = []
     for index, mask in enumerate(masks):
         mask = np.asarray(mask, dtype=bool)
-        if original_size is not None and tuple(mask.shape) != tuple(original_size):
-            mask = resize_mask(mask, *original_size)
         box = mask_to_box(mask)
         score = scores[index] if index < len(scores) else None
         objects.append(

@@ -18,23 +18,25 @@ import logging
 import os
 import re
 import shlex
+import sys
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.decoding import DECODING_MODES
+from model.constants import SEG_TOKEN
+from model.lru import LRU
 from model.sam_compile import compile_image_encoder
-from model.image_tokens import add_pixel_arguments, check_pixel_arguments
+from utils.cli import add_model_arguments, check_pixel_arguments
 from utils.data.io import to_rgb
 from utils.grounding import answer_objects, resize_mask
-from model.constants import SEG_TOKEN
 from utils.masks import mask_to_box, overlay_masks
 
 logger = logging.getLogger(__name__)
@@ -103,9 +105,12 @@ def load_image(
         if isinstance(source, (bytes, bytearray)):
             stream: Any = io.BytesIO(source)
         else:
-            path = Path(source).expanduser()
+            try:
+                path = Path(source).expanduser()
+            except RuntimeError as err:  # "~nobody/x.jpg": no such user
+                raise InputError(f"image file {source}: {err}") from err
             name, label = path.stem or "image", str(path)
-            if not path.exists():
+            if not _exists(str(path)):
                 raise InputError(f"image file {path} does not exist")
             if not path.is_file():
                 raise InputError(f"{path} is not a file")
@@ -215,11 +220,13 @@ class Answer:
         """Per mask, its box in pixels of the original image."""
         if not self.image.resized_from:
             return self.result.boxes
-        return [mask_to_box(mask) for mask in self.original_masks()]
+        return [mask_to_box(mask) for mask in self.original_masks]
 
+    @cached_property
     def original_masks(self) -> list[np.ndarray]:
         """The masks in pixels of the original image (the model's own are of the copy it saw
-        when the image was downscaled, ``--max_image_side``)."""
+        when the image was downscaled, ``--max_image_side``). Resized once: the boxes, the JSON
+        objects and the mask files all read them."""
         if not self.image.resized_from:
             return list(self.masks)
         return [resize_mask(np.asarray(mask, dtype=bool), *self.image.resized_from) for mask in self.masks]
@@ -237,7 +244,7 @@ class Answer:
     def objects(self) -> list[dict]:
         """One object per ``[SEG]``: ``bbox_2d``, ``label``, ``score``, ``area``, ``mask`` (see
         :mod:`utils.grounding`), in pixels of the original image."""
-        return answer_objects(self.text, self.masks, self.scores, self.image.resized_from)
+        return answer_objects(self.text, self.original_masks, self.scores)
 
     def record(self) -> dict:
         """The answer as JSON (the schema of :mod:`utils.grounding`): prompt, text, objects, the
@@ -316,7 +323,7 @@ def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> lis
         if ours.fullmatch(stale.name):
             stale.unlink()
     saved = []
-    for index, (mask, full) in enumerate(zip(answer.masks, answer.original_masks())):
+    for index, (mask, full) in enumerate(zip(answer.masks, answer.original_masks)):
         mask_path = out_dir / f"{prefix}_mask_{index}.png"
         overlay_path = out_dir / f"{prefix}_overlay_{index}.png"
         Image.fromarray(full.astype(np.uint8) * 255).save(mask_path)
@@ -397,7 +404,7 @@ class InferenceSession:
         cache_size: int = 8,
         decoding: str = "auto",
     ) -> None:
-        from model.decoding import PrefixCache, resolve_decoding
+        from model.decoding import PrefixCache, prefixes_reusable, resolve_decoding
         from model.image_cache import FeatureCache
 
         self.model = model
@@ -405,14 +412,34 @@ class InferenceSession:
         self.max_image_side = max_image_side
         self.max_image_pixels = max_image_pixels
         self.decoding = resolve_decoding(decoding, model.device)
-        self.cache = FeatureCache(cache_size).attach(model)
+        # With the image prefix reused, a follow-up never runs the vision tower: no store for it.
+        self.cache = FeatureCache(cache_size, vision=not prefixes_reusable(model.vlm)).attach(model)
         self.prefixes = PrefixCache(cache_size)
+        # Files decoded before, by path, modification time and size: a follow-up typed with the
+        # same path skips the decode (a 4000x3000 JPEG takes a good part of a second).
+        self._files: LRU[tuple, LoadedImage] = LRU(cache_size)
+        self._files_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     def load(self, image: Any) -> LoadedImage:
         if isinstance(image, LoadedImage):
             return image
-        return load_image(image, self.max_image_side, self.max_image_pixels)
+        if not isinstance(image, (str, os.PathLike)):
+            return load_image(image, self.max_image_side, self.max_image_pixels)
+        try:
+            path = Path(image).expanduser().resolve()
+            stat = path.stat()
+            key = (str(path), stat.st_mtime_ns, stat.st_size, self.max_image_side, self.max_image_pixels)
+        except (OSError, RuntimeError, ValueError):  # load_image says what is wrong with it
+            return load_image(image, self.max_image_side, self.max_image_pixels)
+        with self._files_lock:
+            loaded = self._files.get(key)
+        if loaded is None:
+            loaded = load_image(image, self.max_image_side, self.max_image_pixels)
+            loaded.array.setflags(write=False)  # shared by the answers about this file
+            with self._files_lock:
+                self._files.put(key, loaded)
+        return loaded
 
     def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
         """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).
@@ -454,7 +481,7 @@ class InferenceSession:
         self._worker.submit(
             lambda: self.model.predict(
                 [loaded.array], [prompt], max_new_tokens=self.max_new_tokens, decoding=self.decoding,
-                logits_processor=end_early,
+                logits_processor=end_early, prefix_cache=self.prefixes,
             )
         ).result()
         return time.perf_counter() - start
@@ -579,13 +606,22 @@ def _unquote(text: str) -> str:
     r"""The path a person typed or dragged into a terminal, which quotes it ('/my photo.jpg',
     '/it'\''s.jpg') or escapes it (/my\ photo.jpg, macOS): read as a shell would, unless the
     text as typed names a file (a name may hold quotes or backslashes)."""
-    if not text or Path(text).expanduser().exists():
+    if not text or _exists(text):
         return text
     try:
         words = shlex.split(text)
     except ValueError:  # unbalanced quotes: not shell syntax, keep it as typed
         return text
     return words[0] if len(words) == 1 else text
+
+
+def _exists(text: str) -> bool:
+    """Whether ``text`` names an existing file or directory; False for what names none (also "~nobody/x",
+    or a line longer than a file name may be), rather than an error that would end the loop."""
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 @dataclass
@@ -664,17 +700,18 @@ def _parse_request(line: bytes, number: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command-line wiring shared by inference.py and tools/app.py
+# Command-line wiring of inference.py (the session flags and checks also of tools/app.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose and load the model and bound the requests."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--version", required=True, help="model directory: merged/standalone, training checkpoint, or run directory")
-    group.add_argument("--base_model", help="training checkpoint only: the base Qwen-VL directory (overrides the recorded path)")
-    group.add_argument("--vision_pretrained", help="training checkpoint only: the official SAM .pth (overrides the recorded path)")
-    group.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """The "model" flags (:func:`utils.cli.add_model_arguments`) and the session's: the device,
+    quantisation, and the bounds of a request."""
+    group = add_model_arguments(
+        parser,
+        auto_decoding="compiled on CUDA for the interactive loop, batches and the app, eager on a CPU and for a "
+        "one-shot request (which would pay the compile for one answer)",
+    )
     group.add_argument("--device", help="default: cuda if available, else cpu")
     group.add_argument("--load_in_4bit", action="store_true", help="4-bit language model (bitsandbytes, CUDA)")
     group.add_argument("--load_in_8bit", action="store_true", help="8-bit language model (bitsandbytes, CUDA)")
@@ -686,17 +723,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "sees is bounded by --max_pixels)")
     group.add_argument("--cache_size", type=int, default=8,
                        help="images whose encoded features and prompt prefixes are kept for follow-up questions (default 8)")
-    group.add_argument("--decoding", choices=DECODING_MODES, default="auto",
-                       help="compiled: static KV cache + a compiled step (CUDA graphs), compiled once per batch "
-                       "shape; eager: the same loop uncompiled; transformers: transformers' generate. auto: "
-                       "compiled on CUDA for the interactive loop, batches and the app, eager on a CPU and for "
-                       "a one-shot request (which would pay the compile for one answer)")
-    group.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU is not measured yet")
-    add_pixel_arguments(group)
 
 
-def check_model_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """``parser.error`` naming the flag for values that cannot work (before the model loads)."""
+def check_session_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``parser.error`` naming the flag for values of :func:`add_session_arguments` that cannot
+    work (before the model loads)."""
     check_pixel_arguments(args, parser)
     # A negative --max_image_side would shrink every image to 1x1 pixel without a word.
     for flag, least, meaning in [
@@ -707,6 +738,33 @@ def check_model_arguments(args: argparse.Namespace, parser: argparse.ArgumentPar
     ]:
         if getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}{meaning}, got {getattr(args, flag)}")
+
+
+def check_inference_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """inference.py's checks: :func:`check_session_arguments`, one request mode, and paths that
+    can work; fills in the default ``--output_jsonl`` of a batch."""
+    check_session_arguments(args, parser)
+    one = args.image is not None or args.prompt is not None
+    if one and (args.image is None or args.prompt is None):
+        parser.error("a one-shot request needs both --image and --prompt")
+    if one and args.input_jsonl:
+        parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
+    # Paths that cannot work are refused here, before the model loads (minutes for a large one).
+    if args.input_jsonl:
+        if not Path(args.input_jsonl).exists():
+            parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
+        if not Path(args.input_jsonl).is_file():
+            parser.error(f"--input_jsonl {args.input_jsonl} is not a file: name the JSONL file of requests")
+        output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
+        if Path(output).resolve() == Path(args.input_jsonl).resolve():
+            parser.error("--output_jsonl must differ from --input_jsonl")
+        if Path(output).is_dir():
+            parser.error(f"--output_jsonl {output} is a directory: name a file, e.g. {Path(output) / 'answers.jsonl'}")
+        if args.image_root and not Path(args.image_root).is_dir():
+            parser.error(f"--image_root {args.image_root} is not a directory")
+        args.output_jsonl = output
+    elif Path(args.vis_save_path).exists() and not Path(args.vis_save_path).is_dir():
+        parser.error(f"--vis_save_path {args.vis_save_path} is a file: name a directory for the mask PNGs")
 
 
 def session_from_args(args: argparse.Namespace, one_request: bool = False) -> InferenceSession:
@@ -725,8 +783,9 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
             vision_pretrained=args.vision_pretrained,
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,
-            min_pixels=getattr(args, "min_pixels", None),
-            max_pixels=getattr(args, "max_pixels", None),
+            pick=args.pick,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
         )
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None
@@ -742,15 +801,40 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
     )
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Log lines to stderr; library progress bars off (the batch has its own)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    try:
-        from transformers.utils import logging as hf_logging
+def run_requests(session: InferenceSession, args: argparse.Namespace) -> int:
+    """inference.py once the model is loaded: the batch (``--input_jsonl``), the one-shot request
+    (``--image`` / ``--prompt``) or the interactive loop that ``args`` name (checked by
+    :func:`check_inference_arguments`). Returns the exit status.
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    Answers go to stdout; under ``--format json`` stdout carries JSON only, and the loop's
+    questions and its goodbye go to stderr.
+    """
+    def say(text: str) -> None:
+        print(text, flush=True)
 
+    def say_error(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if args.input_jsonl:
+        summary = run_batch(session, args.input_jsonl, args.output_jsonl, args.image_root, progress=not args.no_progress)
+        say(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {args.output_jsonl}")
+        if summary.failed:  # a script or a cluster job sees it in the exit status
+            # Logged as inference.py's own line, as it always was.
+            logging.getLogger("inference").error(
+                '%d of %d requests failed; each one\'s error is in the "error" field of its line in %s',
+                summary.failed, summary.total, args.output_jsonl,
+            )
+            return 1
+        return 0
+    if args.image is not None:
+        return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)
+    json_only = args.format == "json"
+    answered = interactive_loop(session, args.vis_save_path, say, _ask_on_stderr if json_only else input, args.format)
+    (say_error if json_only else say)(f"bye ({answered} requests answered; files in {args.vis_save_path})")
+    return 0
+
+
+def _ask_on_stderr(question: str) -> str:
+    """``input`` with its question on stderr (stdout carries JSON only)."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return input()

@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from model.constants import ANSWER_STYLES, SEG_STATES
-from model.image_tokens import add_pixel_arguments, check_pixel_arguments
+from model.constants import ANSWER_STYLES, CONVERSATION_MODES, MULTI_TURN, PRECISION_NAMES, SEG_STATES
+from utils.cli import add_pixel_arguments, check_pixel_arguments
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test.py scores with the recorded style",
     )
     data.add_argument(
-        "--conversation_mode", choices=["single_turn", "multi_turn"], default="multi_turn",
+        "--conversation_mode", choices=CONVERSATION_MODES, default=MULTI_TURN,
         help="the questions of a sample (one image): multi_turn asks them as the turns of one conversation "
         "(scored better on the demo), single_turn each as its own conversation (LISA's way, and how evaluation "
         "asks them); the image is encoded once either way, and VQA dialogues stay one conversation",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_schedule", choices=["linear", "cosine", "constant"], default="linear")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
     optim.add_argument(
-        "--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
+        "--precision", choices=PRECISION_NAMES, default="bf16",
         help="autocast on CUDA (fp16 with dynamic loss scaling); CPU runs fp32 and refuses fp16",
     )
     optim.add_argument("--max_nonfinite_steps", type=int, default=10, help="stop after this many non-finite losses in a row")

@@ -33,7 +33,7 @@ from model.image_cache import FeatureCache
 from model.image_tokens import PixelLimits, apply_pixel_limits, pixel_limits
 from model.sam_compile import compile_image_encoder
 from model.segmenter import ReasonSegmenter
-from model.vlm import LoraSettings
+from model.vlm import LoraSettings, is_hub_id, parse_target_modules
 from utils import checkpoint as ckpt
 from utils.backends import DDPBackend, DeepSpeedBackend, TrainingBackend, deepspeed_config
 from utils.data.builders import build_train_dataset, build_val_dataset
@@ -50,8 +50,10 @@ LOGGED_LOSSES = ("loss", "ce_loss", "bce_loss", "dice_loss")  # the model output
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+    return LoraSettings(
+        r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+        target_modules=parse_target_modules(args.lora_target_modules),
+    )
 
 
 def training_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -105,9 +107,12 @@ def build_model(
         answer_style=args.answer_style,
     )
     if resume_from is not None:
-        # A LoRA checkpoint names its base model's path; --version, when a plain Qwen-VL directory, is
-        # where that model is now (e.g. staged to local disk by a cluster job).
-        plain_version = Path(args.version).is_dir() and not SegmenterConfig.is_segmenter_directory(args.version)
+        # A LoRA checkpoint names its base model's path; --version, when a plain Qwen-VL directory or
+        # hub id, is where that model is now (e.g. staged to local disk by a cluster job, or a run
+        # trained from a local copy resumed from the hub).
+        plain_version = is_hub_id(args.version) or (
+            Path(args.version).is_dir() and not SegmenterConfig.is_segmenter_directory(args.version)
+        )
         model = ReasonSegmenter.from_pretrained(
             resume_from, dtype=dtype, is_trainable=True, base_model=args.version if plain_version else None,
             sam_checkpoint=args.vision_pretrained, device=device, train_language_model=args.train_language_model,

@@ -30,6 +30,7 @@ from model.batch import vlm_inputs
 from model.config import SegmenterConfig
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings, ensure_seg_token, text_hidden_size
+from utils.trainer import training_dtype
 
 from .common import (
     GB,
@@ -111,11 +112,6 @@ def real_spec(spec=None):
     return VLM_SPECS[resolve_model_name("qwen2.5-vl-7b")]
 
 
-def run_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; float32 on a CPU (as train_ddp.py: a CPU run is a check of the code path)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def compile_seconds(model: ReasonSegmenter) -> dict[str, float]:
     """The one-time compile cost of each (batch, cache length) shape the compiled decoder met."""
     decoder = getattr(model, "_decoders", {}).get("compiled")
@@ -191,7 +187,7 @@ def measure_inference(
     from utils.inference import InferenceSession
 
     device = settings.torch_device
-    dtype = run_dtype(device)
+    dtype = training_dtype(device, "bf16")  # float32 on a CPU, as train_ddp.py: a CPU run checks the code path
     spec = real_spec(spec)
     processor = default_qwen25_processor()
     model = build_real_size_segmenter(spec, sam_variant, device, dtype, processor)
@@ -412,7 +408,7 @@ def measure_training(
     from utils.optim import build_optimizer
 
     device = settings.torch_device
-    dtype = run_dtype(device)
+    dtype = training_dtype(device, "bf16")  # float32 on a CPU, as train_ddp.py: a CPU run checks the code path
     autocast = dtype if device.type == "cuda" else None  # as utils/evaluation.autocast_context
     spec = real_spec(spec)
     processor = default_qwen25_processor()
