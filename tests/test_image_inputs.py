@@ -6,9 +6,9 @@ generations."""
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import load_photo
+from test_decoding import forced
 from model import decoding, image_cache
 from model.batch import image_key
 from model.decoding import PrefixCache
@@ -18,24 +18,6 @@ from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-
-
-class ForcedAnswer(LogitsProcessor):
-    """Greedy decoding produces ``ids`` after the prompt (so the answer has a [SEG])."""
-
-    def __init__(self, ids: list[int], prompt_length: int) -> None:
-        self.ids, self.prompt_length = ids, prompt_length
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, -1e9)
-        forced[:, self.ids[min(input_ids.shape[1] - self.prompt_length, len(self.ids) - 1)]] = 0
-        return forced
-
-
-def forced(model, batch) -> LogitsProcessorList:
-    tokenizer = model.processor.tokenizer
-    ids = tokenizer("It is [SEG].", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    return LogitsProcessorList([ForcedAnswer(ids, batch["input_ids"].shape[1])])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -51,7 +33,8 @@ def dog():
 
 def ask(model, image, question, prefixes=None):
     batch = model.collate([model.prepare(image, [(question, None)])], "left")
-    return model.generate(batch, 8, decoding="eager", prefix_cache=prefixes, logits_processor=forced(model, batch))[0]
+    script = forced(model, batch, "It is [SEG].")
+    return model.generate(batch, 8, decoding="eager", prefix_cache=prefixes, logits_processor=script)[0]
 
 
 def test_a_follow_up_reuses_the_prepared_image_and_keys_the_caches_on_it(model, dog, monkeypatch):
