@@ -6,7 +6,8 @@
 * trainable parameters and AdamW state at real size (counted on the meta device).
 * ``train_ddp.py`` under ``torchrun``: 2 processes against 1 (CPU).
 * making a 640x480 image and its questions model-ready (a request, a 3-question training sample):
-  the image processed once and SAM's resize beside Qwen's, against the same steps in series.
+  the image processed once and SAM's resize beside Qwen's, against the same steps in series; and a
+  follow-up on an image a FeatureCache holds, against preprocessing and hashing it all again.
 * what one data-loader worker does per second on 640x480 JPEGs.
 """
 
@@ -437,4 +438,52 @@ def bench_preprocessing(settings: BenchSettings) -> list[BenchRow]:
                          "sam_image_size": 1024},
             )
         )
+    rows.append(_bench_follow_up_preprocessing(processor, transform, image, repeats))
     return rows
+
+
+def _bench_follow_up_preprocessing(processor, transform, image, repeats: int) -> BenchRow:
+    """A follow-up question about an image a FeatureCache has seen: the CPU work before the
+    models run. Ours: the image's key (a hash of its pixels), its cached inputs, the question's
+    tokens, and the prefix key from the prompt's tokens and the image key. Before 2026-11-30:
+    the whole preprocessing again, and the prefix and SAM keys hashed from the model inputs (on a
+    GPU, copied back from it first, which this CPU row does not count)."""
+    from model.batch import encode_sample, image_key, prepare_image
+    from model.image_cache import tensor_key
+
+    question = [("And what is next to it?", None)]
+    cached = {}
+    key = image_key(processor, transform, image)
+    cached[key] = prepare_image(processor, transform, image, key)
+
+    def ours():
+        inputs = cached[image_key(processor, transform, image)]
+        sample = encode_sample(processor, transform, image, question, image_inputs=inputs)
+        tensor_key(sample["conversations"][0]["input_ids"])
+        return sample
+
+    def before():
+        sample = encode_sample(processor, transform, image, question)
+        tensor_key(sample["conversations"][0]["input_ids"], sample["pixel_values"], sample["image_grid_thw"])
+        tensor_key(sample["sam_pixel_values"])
+        return sample
+
+    times, last = interleaved({"ours": ours, "baseline": before}, repeats, torch.device("cpu"))
+    same = all(torch.equal(last["ours"][k], last["baseline"][k]) for k in ("pixel_values", "sam_pixel_values")) and all(
+        torch.equal(last["ours"]["conversations"][0][k], last["baseline"]["conversations"][0][k])
+        for k in last["ours"]["conversations"][0]
+    )
+    ours_ms, baseline_ms = median(times["ours"]) * 1e3, median(times["baseline"]) * 1e3
+    return BenchRow(
+        name="preprocessing of a follow-up on a cached image, 640x480",
+        ours=ours_ms,
+        baseline=baseline_ms,
+        unit="ms",
+        goal="report",
+        check=("same tokens, Qwen pixels and SAM input" if same else "inputs DIFFER"),
+        check_passed=same,
+        ours_is="the image's key, its cached inputs (FeatureCache), the question's tokens, the prefix key",
+        baseline_is="the whole preprocessing again, prefix and SAM keys hashed from the model inputs",
+        details={"ms_ours": [t * 1e3 for t in times["ours"]], "ms_baseline": [t * 1e3 for t in times["baseline"]],
+                 "conversations": 1, "qwen_pixels": [QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS], "sam_image_size": 1024},
+    )
