@@ -31,3 +31,7 @@ CONVERSATION_MODES: tuple[str, ...] = (SINGLE_TURN, MULTI_TURN)
 """How the questions of one training sample (one image) are asked: ``single_turn``, each as its
 own conversation (LISA's way, and how evaluation asks them), or ``multi_turn``, as the turns of one
 conversation (``--conversation_mode``, see :mod:`model.batch`)."""
+
+DECODING_MODES: tuple[str, ...] = ("auto", "compiled", "eager", "transformers")
+"""How answers are decoded (``--decoding``; :mod:`model.decoding`): here, without torch, for the
+parsers."""

@@ -52,12 +52,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .constants import DECODING_MODES
 from .image_cache import tensor_key
 from .lru import LRU
 
 logger = logging.getLogger(__name__)
 
-DECODING_MODES: tuple[str, ...] = ("auto", "compiled", "eager", "transformers")
 CACHE_LENGTH_STEP = 256
 """Static caches are sized in multiples of this many tokens, so that prompts of different lengths
 share a compiled step (each distinct (batch, length) shape is compiled once)."""

@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 
-from model.constants import PRECISION_NAMES
+from model.constants import DECODING_MODES, PRECISION_NAMES
 from model.image_tokens import DEFAULT_MAX_IMAGE_TOKENS, check_pixel_values
 
 #: ``--pick``: which checkpoint of a run directory (see :func:`model.loading.resolve_checkpoint`).
@@ -63,9 +63,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, auto_decoding: str) 
 
     ``auto_decoding``: what ``--decoding auto`` chooses at this entry point.
     """
-    # Imported here: model.decoding imports torch, and train_args (fast to import) uses this module.
-    from model.decoding import DECODING_MODES
-
     group = parser.add_argument_group("model")
     group.add_argument("--version", required=True,
                        help="merged model directory (transform_weight.py), training checkpoint, or run directory")
