@@ -8,6 +8,9 @@ One request:
 
 A batch ({"image": PATH, "prompt": TEXT} per line -> one JSON answer per line):
     python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl
+Each answer line carries the request's other fields (an "id"...) unchanged; one named like a field
+the answer writes (line, text, objects, width, height, image_tokens, downscaled_to, error, input)
+is kept in the line's "input" object instead.
 
 JSON answers on stdout (one object per request, one line each; the schema is in the README,
 "Boxes: grounding and detection"): per [SEG] its bbox_2d [x1, y1, x2, y2] in pixels of the
@@ -25,7 +28,8 @@ directory from transform_weight.py, a training checkpoint (with --base_model /
 Exit status: 0 when every request was answered (the interactive loop: whenever it ends); 1 when a
 request failed (one-shot: its error is printed; batch: every other line is still answered and
 written, and each failed line carries its error in the "error" field of the output file) or the
-model could not be loaded; 2 for a command line that cannot work.
+model could not be loaded; 2 for a command line that cannot work (also a batch file without
+requests); 130 when Ctrl-C ended a batch (the lines before it are written, and counted).
 """
 
 import argparse
@@ -50,7 +54,7 @@ def main() -> int:
     parser.add_argument("--vis_save_path", default="./vis_output", help="where mask and overlay PNGs go")
     parser.add_argument("--image", help="one-shot: the image (with --prompt)")
     parser.add_argument("--prompt", help="one-shot: the request (with --image)")
-    parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line')
+    parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line (other fields are copied to the answer)')
     parser.add_argument("--output_jsonl", help="batch: where the answers go (default: INPUT.out.jsonl)")
     parser.add_argument("--image_root", help="batch: base of relative image paths (default: the input file's directory)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="text",

@@ -75,7 +75,8 @@ def run_entry(args, stdin=None, timeout=180, wrapper=None):
         command = [sys.executable, "-c", code]
     else:
         command = [sys.executable, *map(str, args)]
-    return subprocess.run(command, cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
+    text = not isinstance(stdin, bytes)  # bytes: stdin as given, stdout and stderr undecoded
+    return subprocess.run(command, cwd=REPO, env=env, input=stdin, capture_output=True, text=text, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -591,6 +592,77 @@ def test_batch_exit_status_is_0_when_every_request_is_answered(tiny_segmenter_di
         ("fotos und Bilder/der Hund é.jpg", None, 800), (str(DOG), None, 800)]
 
 
+def test_batch_lines_carry_the_requests_other_fields(tiny_segmenter_dir, tmp_path):
+    """An "id" (or any other field) comes back on its answer's line, a failed line's too, so that
+    answers can be matched to requests by more than their order; a field named like one the
+    answer writes ("text", "error"...) is kept in the line's "input" object, not overwritten."""
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    requests = [
+        {"id": "a17", "image": "dog.jpg", "prompt": "Where is the dog?", "meta": {"split": "val", "k": [1, 2]}},
+        {"id": 18, "image": "gone.jpg", "prompt": "Where is the dog?"},
+        {"id": "a19", "image": "dog.jpg", "prompt": "  ", "text": "reference answer", "error": "mine", "input": 3},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
+         "--max_new_tokens", "4", "--no_progress"]
+    )
+    assert result.returncode == 1, result.stderr
+    good, gone, clash = (json.loads(line) for line in (tmp_path / "in.out.jsonl").read_text().splitlines())
+    assert good["id"] == "a17" and good["meta"] == {"split": "val", "k": [1, 2]} and good["error"] is None
+    assert "input" not in good and isinstance(good["text"], str)
+    assert gone["id"] == 18 and "gone.jpg does not exist" in gone["error"]
+    assert clash["id"] == "a19" and "request is empty" in clash["error"] and "text" not in clash
+    assert clash["input"] == {"text": "reference answer", "error": "mine", "input": 3}
+    assert list(clash)[-1] == "input"
+
+
+def test_an_empty_batch_file_is_refused_naming_it(tiny_segmenter_dir, tmp_path, monkeypatch, capsys, session):
+    """No request line (empty, or blank lines only) is a mistake, not "0 of 0 requests answered"."""
+    (tmp_path / "blank.jsonl").write_text("\n  \r\n\n")
+    with pytest.raises(InputError, match=f"input file {tmp_path / 'blank.jsonl'} has no requests"):
+        run_batch(session, tmp_path / "blank.jsonl", tmp_path / "out.jsonl", progress=False)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    monkeypatch.setattr("model.loading.load_segmenter", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--version", str(tiny_segmenter_dir("qwen2_5_vl")),
+                                      "--input_jsonl", str(tmp_path / "empty.jsonl")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "inference.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert f"error: --input_jsonl: input file {tmp_path / 'empty.jsonl'} has no requests" in capsys.readouterr().err
+    assert not (tmp_path / "empty.out.jsonl").exists()
+
+
+CTRL_C_ON_SECOND_REQUEST = """
+import os, signal, time
+from model.segmenter import ReasonSegmenter
+_generate = ReasonSegmenter.generate
+calls = []
+def generate(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # Ctrl-C while the second request is being answered
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    return _generate(self, *args, **kwargs)
+ReasonSegmenter.generate = generate
+"""
+
+
+def test_ctrl_c_ends_a_batch_with_its_summary_and_status_130(tiny_segmenter_dir, tmp_path):
+    (tmp_path / "in.jsonl").write_text(
+        "\n".join(json.dumps({"id": n, "image": str(DOG), "prompt": f"Where is dog {n}?"}) for n in range(3)) + "\n")
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
+         "--output_jsonl", tmp_path / "out.jsonl", "--max_new_tokens", "4", "--no_progress"],
+        wrapper=CTRL_C_ON_SECOND_REQUEST,
+    )
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"interrupted after 1 of 3 requests: 1 answered, 0 failed; their answers are in {tmp_path / 'out.jsonl'}" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["error"]) for r in records] == [(0, None)]
+
+
 def test_interactive_loop_reuses_the_image_and_survives_bad_paths(tiny_segmenter_dir, tmp_path):
     stdin = "\n".join([
         "Where is the dog?", str(DOG),
@@ -629,7 +701,84 @@ def test_interactive_loop_takes_paths_as_terminals_paste_them(session, monkeypat
     assert interactive_loop(session, tmp_path / "vis", said.append, lambda question: next(inputs, "")) == 3, said
     assert [line.split(":")[0] for line in said if line.startswith("error")] == ["error", "error"], said
     assert sorted(p.name for p in (tmp_path / "vis").glob("*_mask_0.png")) == [
-        "back\\slash_3_mask_0.png", "it's a dog_2_mask_0.png", "my dog_1_mask_0.png"]
+        "back\\slash_1_mask_0.png", "it's a dog_1_mask_0.png", "my dog_1_mask_0.png"]
+
+
+def test_interactive_loop_survives_bytes_that_are_not_utf8(tiny_segmenter_dir, tmp_path):
+    """On a strict-UTF-8 stdin (a UTF-8 locale other than C.UTF-8) such bytes raised
+    UnicodeDecodeError, which ended the loop and lost the piped lines after them."""
+    latin1_name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    shutil.copy(DOG, latin1_name)
+    stdin = b"\n".join([
+        b"Where is the caf\xe9 dog?", os.fsencode(DOG),
+        b"Where is the dog?", latin1_name,
+        b"And here?", os.fsencode(tmp_path) + b"/gone\xe9.jpg",
+        b"Where is the dog?", os.fsencode(DOG),
+        b"",
+    ]) + b"\n"
+    result = run_entry(
+        ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--max_new_tokens", "4",
+         "--vis_save_path", tmp_path / "vis"],
+        stdin=stdin, wrapper="import sys\nsys.stdin.reconfigure(errors='strict')\nsys.stdout.reconfigure(errors='strict')",
+    )
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "error: the request is not UTF-8 text (character 17); type it again" in stdout
+    assert f"error: image file {tmp_path}/gone\\udce9.jpg does not exist" in stdout
+    assert stdout.count("answer: ") == 2 and "bye (2 requests answered" in stdout
+
+
+def test_interactive_loop_reports_what_goes_wrong_after_the_answer_and_goes_on(session, monkeypatch, tmp_path):
+    """Saving the files (disk full, no permission) and reading the next line (bytes that are not
+    UTF-8, from a caller's own reader) fail with one line each, not the end of the session; Ctrl-C
+    while saving ends the loop as Ctrl-C during the answer does."""
+    always_answer(monkeypatch, session, "It is [SEG].")
+    real_save = Image.Image.save
+    failures = iter([OSError(28, "No space left on device"), None, None, KeyboardInterrupt()])  # 2 files an answer
+
+    def save(image, path, *args, **kwargs):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    typed = iter([b"Where?\xe9", "Where is the dog?", str(DOG), "And now?", str(DOG), "And then?", str(DOG), "Never asked"])
+
+    def read(question):
+        text = next(typed)
+        if isinstance(text, bytes):
+            return text.decode("utf-8")  # raises, as input() on a strict-UTF-8 stdin
+        return text
+
+    said = []
+    assert interactive_loop(session, tmp_path / "vis", said.append, read) == 3, said
+    assert said[0] == "error: what was typed is not UTF-8 text (unexpected end of data at byte 6); type it again"
+    assert said[1] == f"error: the answer's mask files could not be saved in {tmp_path / 'vis'} ([Errno 28] No space left on device)"
+    assert said[2].startswith("answer: It is [SEG].") and " -> " not in said[2]  # the answer, without files
+    assert said[3].startswith("answer: ") and f" -> {tmp_path / 'vis'}" in said[3]
+    assert said[4:] == ["interrupted"]
+
+
+def test_a_new_interactive_session_does_not_overwrite_an_earlier_ones_files(session, monkeypatch, tmp_path):
+    """Files are numbered per image name, after the highest already in the folder; "dog" does
+    not count the files of "dog_2" (another image) nor the one-shot's unnumbered ones."""
+    always_answer(monkeypatch, session, "It is [SEG].")
+    vis = tmp_path / "vis"
+    vis.mkdir()
+    for name in ("dog_2_1_mask_0.png", "dog_mask_0.png", "dog_7_overlay_0.png"):
+        (vis / name).write_bytes(b"earlier")
+
+    def run_session(*requests):
+        inputs = iter([text for prompt in requests for text in (prompt, str(DOG))])
+        assert interactive_loop(session, vis, lambda line: None, lambda question: next(inputs, "")) == len(requests)
+
+    run_session("Where is the dog?", "And its tail?")
+    run_session("Where is the dog?")
+    assert sorted(p.name for p in vis.glob("dog_*_mask_0.png")) == sorted(
+        ["dog_2_1_mask_0.png", "dog_8_mask_0.png", "dog_9_mask_0.png", "dog_10_mask_0.png"])
+    assert all((vis / name).read_bytes() == b"earlier" for name in ("dog_2_1_mask_0.png", "dog_mask_0.png", "dog_7_overlay_0.png"))
 
 
 @pytest.mark.parametrize(

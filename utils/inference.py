@@ -184,6 +184,10 @@ def check_prompt(prompt: Any) -> str:
     prompt = prompt.strip()
     if not prompt:
         raise InputError("the request is empty: type what to find or segment in the image")
+    try:  # bytes that were not UTF-8, kept as lone surrogates (a terminal's stdin): the tokenizer would fail on them
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"the request is not UTF-8 text (character {err.start + 1}); type it again") from err
     return prompt
 
 
@@ -575,6 +579,9 @@ def interactive_loop(
                 break
         except (EOFError, KeyboardInterrupt):
             break
+        except UnicodeDecodeError as err:  # a strict-UTF-8 stdin given other bytes: that line is lost, not the loop
+            say(f"error: what was typed is not UTF-8 text ({err.reason} at byte {err.start}); type it again")
+            continue
         def fail(message: str) -> None:
             if output_format == "json":
                 say(json.dumps({"prompt": prompt, "image": path, "error": message}, ensure_ascii=False))
@@ -583,9 +590,19 @@ def interactive_loop(
 
         try:
             answer = session.ask(path, prompt)
+            answered += 1
+            try:
+                saved = save_visuals(answer, vis_dir, f"{answer.image.name}_{next_file_number(vis_dir, answer.image.name)}")
+            except OSError as err:  # disk full, no permission...: the answer itself is still good
+                saved = None
+                message = f"the answer's mask files could not be saved in {vis_dir} ({err})"
+                if output_format == "json":  # stdout keeps one JSON line per request: the message goes to the log
+                    logger.error("%s", message)
+                else:
+                    say(f"error: {message}")
+            say(format_answer(answer, output_format, saved))
         except InputError as err:
             fail(str(err))
-            continue
         except KeyboardInterrupt:
             if output_format == "json":
                 logger.info("interrupted")
@@ -595,11 +612,17 @@ def interactive_loop(
         except Exception as err:  # noqa: BLE001 - report and keep the loop alive
             logger.exception("request failed")
             fail(f"the request failed ({type(err).__name__}: {err})")
-            continue
-        answered += 1
-        saved = save_visuals(answer, vis_dir, f"{answer.image.name}_{answered}")
-        say(format_answer(answer, output_format, saved))
     return answered
+
+
+def next_file_number(vis_dir: str | os.PathLike, name: str) -> int:
+    """The number after the highest of the interactive loop's files for image ``name`` in
+    ``vis_dir`` (``{name}_{n}_mask_0.png``...; 1 when there is none): a later session goes on
+    after an earlier one's files instead of overwriting them."""
+    ours = re.compile(re.escape(name) + r"_(\d+)_(?:mask|overlay)_\d+\.png")
+    numbers = [int(found.group(1)) for file in Path(vis_dir).glob(f"{glob.escape(name)}_*.png")
+               if (found := ours.fullmatch(file.name))]
+    return max(numbers, default=0) + 1
 
 
 def _unquote(text: str) -> str:
@@ -624,12 +647,46 @@ def _exists(text: str) -> bool:
         return False
 
 
+BATCH_FIELDS: tuple[str, ...] = (
+    "line", "text", "objects", "width", "height", "image_tokens", "downscaled_to", "error", "input",
+)
+"""What a batch writes on each output line besides the request's own fields; a request field
+with one of these names is kept, unchanged, in that line's ``"input"`` object instead."""
+
+
 @dataclass
 class BatchSummary:
     total: int = 0
     succeeded: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+
+def read_batch_lines(input_jsonl: str | os.PathLike) -> list[tuple[int, bytes]]:
+    """The request lines of ``input_jsonl`` as (line number, bytes), blank lines left out.
+
+    Raises:
+        InputError: the file is missing, unreadable or holds no request line.
+    """
+    input_jsonl = Path(input_jsonl)
+    try:
+        data = input_jsonl.read_bytes()
+    except FileNotFoundError as err:
+        raise InputError(f"input file {input_jsonl} does not exist") from err
+    except OSError as err:
+        raise InputError(f"input file {input_jsonl} cannot be read ({err.strerror or err})") from err
+    # Split on "\n" alone (str.splitlines would also split inside a prompt holding U+2028), and
+    # decode each line apart: one line that is not UTF-8 is that line's error, not the batch's.
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    requests = [(number, line.rstrip(b"\r")) for number, line in enumerate(lines, 1) if line.strip()]
+    if not requests:
+        raise InputError(f'input file {input_jsonl} has no requests: write one {{"image": PATH, "prompt": TEXT}} per line')
+    return requests
 
 
 def run_batch(
@@ -641,62 +698,85 @@ def run_batch(
 ) -> BatchSummary:
     """Answer every ``{"image": PATH, "prompt": TEXT}`` line of ``input_jsonl``.
 
-    Writes one output line per input line (same order): ``line``, the input fields, the answer's
-    JSON (:meth:`Answer.record`: ``text``, ``objects`` with ``bbox_2d``, ``label``, ``score``,
-    ``area`` and the COCO-RLE ``mask``, ``width``, ``height``, ``image_tokens``...) and ``error``
-    (null, or why that line failed). A failed line does not stop the batch. Relative image paths are read from ``image_root`` (default:
-    the directory of ``input_jsonl``).
+    Writes one output line per input line (same order): ``line``, every field of the request
+    (``image``, ``prompt``, and any other, such as an ``id``, unchanged), the answer's JSON
+    (:meth:`Answer.record`: ``text``, ``objects`` with ``bbox_2d``, ``label``, ``score``, ``area``
+    and the COCO-RLE ``mask``, ``width``, ``height``, ``image_tokens``...) and ``error`` (null, or
+    why that line failed). A request field named like one of :data:`BATCH_FIELDS` is moved into
+    the line's ``input`` object. A failed line does not stop the batch; Ctrl-C does, after the
+    lines already written (``interrupted`` in the summary). Relative image paths are read from
+    ``image_root`` (default: the directory of ``input_jsonl``).
+
+    Raises:
+        InputError: see :func:`read_batch_lines`.
     """
     from tqdm import tqdm
 
-    input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
-    if not input_jsonl.is_file():
-        raise InputError(f"input file {input_jsonl} does not exist")
-    root = Path(image_root) if image_root else input_jsonl.parent
-    # Split on "\n" alone (str.splitlines would also split inside a prompt holding U+2028), and
-    # decode each line apart: one line that is not UTF-8 is that line's error, not the batch's.
-    lines = input_jsonl.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    requests = [(number, line.rstrip(b"\r")) for number, line in enumerate(lines, 1) if line.strip()]
+    requests = read_batch_lines(input_jsonl)
+    output_jsonl = Path(output_jsonl)
+    root = Path(image_root) if image_root else Path(input_jsonl).parent
     output_jsonl.parent.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(total=len(requests))
     with output_jsonl.open("w", encoding="utf-8") as out, tqdm(
         total=len(requests), desc="segmenting", unit="request", disable=not progress
     ) as bar:
-        for number, line in requests:
-            record: dict[str, Any] = {"line": number}
-            try:
-                request = _parse_request(line, number)
-                record.update(request)
-                path = Path(request["image"]).expanduser()
-                answer = session.ask(path if path.is_absolute() else root / path, request["prompt"])
-                record.update(answer.record())
-                record["error"] = None
-                summary.succeeded += 1
-            except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
-                if not isinstance(err, InputError):
-                    logger.exception("line %d failed", number)
-                message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-                record["error"] = message
-                summary.failed += 1
-                summary.failures.append(f"line {number}: {message}")
-                bar.write(f"line {number}: {message}")
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(1)
+        try:
+            for number, line in requests:
+                record: dict[str, Any] = {"line": number}
+                try:
+                    fields = _parse_object(line, number)
+                    record.update(_carried(fields))
+                    request = _check_request(fields, number)
+                    path = Path(request["image"]).expanduser()
+                    answer = session.ask(path if path.is_absolute() else root / path, request["prompt"])
+                    record.update(answer.record())
+                    record["error"] = None
+                    summary.succeeded += 1
+                except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
+                    if not isinstance(err, InputError):
+                        logger.exception("line %d failed", number)
+                    message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                    record["error"] = message
+                    summary.failed += 1
+                    summary.failures.append(f"line {number}: {message}")
+                    bar.write(f"line {number}: {message}")
+                if "input" in record:  # last, whatever the answer wrote before it
+                    record["input"] = record.pop("input")
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(1)
+        except KeyboardInterrupt:
+            # The line being answered is not written; those before it are, and the caller reports them.
+            summary.interrupted = True
     return summary
 
 
-def _parse_request(line: bytes, number: int) -> dict:
+def _parse_object(line: bytes, number: int) -> dict:
     try:
         request = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InputError(f"line {number} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise InputError(f"line {number} is not valid JSON ({err.msg})") from err
-    if not isinstance(request, dict) or not isinstance(request.get("image"), str):
+    if not isinstance(request, dict):
+        raise InputError(f'line {number} needs {{"image": PATH, "prompt": TEXT}}')
+    return request
+
+
+def _carried(fields: dict) -> dict:
+    """The request's fields as its output line carries them: those whose names the batch writes
+    itself (:data:`BATCH_FIELDS`) go, unchanged, into ``"input"``, so that neither overwrites the
+    other."""
+    carried = {name: value for name, value in fields.items() if name not in BATCH_FIELDS}
+    clashing = {name: value for name, value in fields.items() if name in BATCH_FIELDS}
+    return {**carried, "input": clashing} if clashing else carried
+
+
+def _check_request(request: dict, number: int) -> dict:
+    if not isinstance(request.get("image"), str):
         raise InputError(f'line {number} needs {{"image": PATH, "prompt": TEXT}}')
     check_prompt(request.get("prompt"))
-    return {"image": request["image"], "prompt": request["prompt"]}
+    return request
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,6 +835,10 @@ def check_inference_arguments(args: argparse.Namespace, parser: argparse.Argumen
             parser.error(f"--input_jsonl {args.input_jsonl} does not exist")
         if not Path(args.input_jsonl).is_file():
             parser.error(f"--input_jsonl {args.input_jsonl} is not a file: name the JSONL file of requests")
+        try:
+            read_batch_lines(args.input_jsonl)
+        except InputError as err:
+            parser.error(f"--input_jsonl: {err}")
         output = args.output_jsonl or str(Path(args.input_jsonl).with_suffix(".out.jsonl"))
         if Path(output).resolve() == Path(args.input_jsonl).resolve():
             parser.error("--output_jsonl must differ from --input_jsonl")
@@ -817,6 +901,10 @@ def run_requests(session: InferenceSession, args: argparse.Namespace) -> int:
 
     if args.input_jsonl:
         summary = run_batch(session, args.input_jsonl, args.output_jsonl, args.image_root, progress=not args.no_progress)
+        if summary.interrupted:
+            say(f"interrupted after {summary.done} of {summary.total} requests: {summary.succeeded} answered, "
+                f"{summary.failed} failed; their answers are in {args.output_jsonl}")
+            return 130  # as a shell reports a command ended by Ctrl-C
         say(f"{summary.succeeded} of {summary.total} requests answered, {summary.failed} failed; answers in {args.output_jsonl}")
         if summary.failed:  # a script or a cluster job sees it in the exit status
             # Logged as inference.py's own line, as it always was.
@@ -829,9 +917,20 @@ def run_requests(session: InferenceSession, args: argparse.Namespace) -> int:
     if args.image is not None:
         return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)
     json_only = args.format == "json"
+    _take_bytes_that_are_not_utf8()
     answered = interactive_loop(session, args.vis_save_path, say, _ask_on_stderr if json_only else input, args.format)
     (say_error if json_only else say)(f"bye ({answered} requests answered; files in {args.vis_save_path})")
     return 0
+
+
+def _take_bytes_that_are_not_utf8() -> None:
+    """A strict-UTF-8 stdin (a UTF-8 locale other than C.UTF-8) given other bytes (a Latin-1 file
+    name) raises UnicodeDecodeError, and drops whatever else it had read with them (the next lines
+    of a piped input). Read them as Python reads file names (surrogateescape: such a path still
+    opens; :func:`check_prompt` refuses such a request), and print them escaped rather than fail."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace")):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
 
 
 def _ask_on_stderr(question: str) -> str:
