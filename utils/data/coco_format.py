@@ -11,6 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from utils.data.io import read_json
+from utils.data.sample import MALFORMED_ANNOTATION_ERRORS, CorruptSampleError
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,11 @@ def _rle_objects(segmentation: Any, height: int, width: int) -> list[dict[str, A
     if segmentation and isinstance(segmentation[0], dict):  # RLE: one dict or a list of dicts
         rles = []
         for rle in segmentation:
+            size = [int(value) for value in rle["size"]]
+            # A size other than the image record's (an image resized or rotated after annotating)
+            # would decode to a mask that does not fit the image.
+            if size != [height, width]:
+                raise ValueError(f"RLE size {size} is not the image's [{height}, {width}]")
             if isinstance(rle["counts"], list):  # uncompressed RLE
                 rles.append(mask_utils.frPyObjects(rle, *rle["size"]))
             else:
@@ -43,7 +49,8 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     Polygons with fewer than three points are dropped; an empty segmentation gives an empty mask.
 
     Raises:
-        ValueError: the segmentation has an unknown structure.
+        ValueError: the segmentation has an unknown structure, or an RLE's ``size`` is not
+            ``[height, width]``.
     """
     rles = _rle_objects(segmentation, height, width)
     if not rles:
@@ -52,6 +59,21 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     if decoded.ndim == 2:
         decoded = decoded[:, :, None]
     return (decoded.max(axis=2) > 0).astype(np.uint8)
+
+
+def annotation_mask(annotation: dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
+    """:func:`segmentation_to_mask` of one COCO annotation.
+
+    Raises:
+        CorruptSampleError: the segmentation is missing or malformed (names ``where`` and the
+            annotation's id).
+    """
+    try:
+        return segmentation_to_mask(annotation["segmentation"], height, width)
+    except MALFORMED_ANNOTATION_ERRORS as error:
+        raise CorruptSampleError(
+            f"{where}: bad segmentation of annotation {annotation.get('id')}: {error!r}"
+        ) from error
 
 
 @dataclass

@@ -22,8 +22,8 @@ import numpy as np
 
 from utils.data import templates
 from utils.data.base import Mode, RawDataset
-from utils.data.coco_format import CocoIndex, segmentation_to_mask
-from utils.data.sample import IGNORE_LABEL, CorruptSampleError, RawSample
+from utils.data.coco_format import CocoIndex, annotation_mask
+from utils.data.sample import IGNORE_LABEL, RawSample
 from utils.data.targets import ImageRecord, Target, TargetDataset
 
 logger = logging.getLogger(__name__)
@@ -255,23 +255,20 @@ class CocoDetectionDataset(RawDataset):
             key=lambda ann: ann["id"],
         )
         where = f"{record.path} category {category_id}"
-        try:
-            crowd = np.zeros((height, width), dtype=bool)
-            for ann in annotations:
-                if ann.get("iscrowd", 0):
-                    crowd |= segmentation_to_mask(ann["segmentation"], height, width) > 0
-            masks = []
-            for ann in annotations:
-                if ann.get("iscrowd", 0):
-                    continue
-                instance = segmentation_to_mask(ann["segmentation"], height, width)
-                if not instance.any():
-                    logger.debug("%s: annotation %s has an empty segmentation, not a target", where, ann["id"])
-                    continue
-                instance[crowd & (instance == 0)] = IGNORE_LABEL
-                masks.append(instance)
-        except (KeyError, ValueError, TypeError) as error:
-            raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+        crowd = np.zeros((height, width), dtype=bool)
+        for ann in annotations:
+            if ann.get("iscrowd", 0):
+                crowd |= annotation_mask(ann, height, width, where) > 0
+        masks = []
+        for ann in annotations:
+            if ann.get("iscrowd", 0):
+                continue
+            instance = annotation_mask(ann, height, width, where)
+            if not instance.any():
+                logger.debug("%s: annotation %s has an empty segmentation, not a target", where, ann["id"])
+                continue
+            instance[crowd & (instance == 0)] = IGNORE_LABEL
+            masks.append(instance)
         category = self.categories[category_id]
         question = templates.all_instances_question(category)
         no_target_gt = []

@@ -27,7 +27,13 @@ from utils.data import templates
 from utils.data.base import Mode, RawDataset, missing_path_error
 from utils.data.io import load_image_rgb, read_json, read_json_lenient
 from utils.data.rng import sample_without_replacement
-from utils.data.sample import IGNORE_LABEL, CorruptSampleError, EmptySampleError, RawSample
+from utils.data.sample import (
+    IGNORE_LABEL,
+    MALFORMED_ANNOTATION_ERRORS,
+    CorruptSampleError,
+    EmptySampleError,
+    RawSample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +77,9 @@ def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> n
     (``target``) with 1. A smaller shape drawn later overwrites a larger one.
     """
     drawable: list[tuple[int, np.ndarray, int]] = []
-    for shape in shapes:
+    for position, shape in enumerate(shapes):
+        if not isinstance(shape, dict):
+            raise ValueError(f"shape {position} is {type(shape).__name__} {shape!r:.40}, not a dict")
         label = str(shape.get("label", "")).lower()
         if label == "flag":
             continue
@@ -96,11 +104,12 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
     """Parse a ReasonSeg JSON (UTF-8 or cp1252) and rasterise its polygons.
 
     Raises:
-        CorruptSampleError: unreadable file or missing keys (the message names the file).
+        CorruptSampleError: unreadable file, missing keys or malformed values (the message names
+            the file).
     """
     content = read_json_lenient(json_path)
     try:
-        queries = [str(text).strip() for text in content["text"]]
+        queries = _queries(content)
         names = content.get("target_names")
         if names is not None and len(names) != len(queries):
             raise ValueError(f"{len(names)} target_names for {len(queries)} queries in 'text'")
@@ -111,14 +120,31 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
             is_sentence=bool(content["is_sentence"]),
             target_names=None if names is None else [str(names[index] or "").strip() or None for index in kept],
         )
-    except (KeyError, TypeError, ValueError, cv2.error) as error:
+    except (*MALFORMED_ANNOTATION_ERRORS, cv2.error) as error:
         raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
 
 
+def _queries(content: Any) -> list[str]:
+    """The stripped queries of a parsed ReasonSeg JSON (empty ones included)."""
+    text = content["text"]
+    if isinstance(text, str):  # one query written without its list: not one query per character
+        text = [text]
+    if not isinstance(text, list):
+        raise ValueError(f"'text' must be a list of queries, got {type(text).__name__}")
+    return [str(query).strip() for query in text]
+
+
 def count_queries(json_path: str) -> int:
-    """Number of non-empty queries in a ReasonSeg JSON (for indexing val items)."""
+    """Number of non-empty queries in a ReasonSeg JSON (for indexing val items).
+
+    Raises:
+        CorruptSampleError: as :func:`read_annotation`, for the file or its ``text``.
+    """
     content = read_json_lenient(json_path)
-    return sum(1 for text in content.get("text", []) if str(text).strip())
+    try:
+        return sum(1 for query in _queries(content) if query)
+    except MALFORMED_ANNOTATION_ERRORS as error:
+        raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
 
 
 class ReasonSegDataset(RawDataset):
@@ -142,6 +168,9 @@ class ReasonSegDataset(RawDataset):
     In the ``"named"`` answer style, mask and explanatory answers name the target
     (:meth:`ReasonSegAnnotation.answer_name`: the file's name for the query, else a short query
     itself; a sentence without a name keeps the plain answer).
+
+    A file whose shapes fill no target pixel is refused in training (:class:`EmptySampleError`,
+    replaced by the sampler) and kept in validation (scored against its empty mask, one warning).
 
     Meta: ``is_sentence`` (bool), ``query_indices`` (list[int]), ``answer_kind`` (``"mask"``,
     ``"mask+explanation"`` or ``"text"``), ``no_target`` (list[bool], all False).
@@ -177,6 +206,7 @@ class ReasonSegDataset(RawDataset):
         self.text_only_rate = text_only_rate
         self.image_paths = self._index_images(split)
         self.explanations: dict[str, str] = {}
+        self._warned_no_target: set[str] = set()
         if self.is_train and (explanatory_rate > 0 or text_only_rate > 0):
             self.explanations = self._read_explanations()
         # val items: (image index, query index)
@@ -234,6 +264,8 @@ class ReasonSegDataset(RawDataset):
         annotation = read_annotation(_json_path(image_path), *image.shape[:2])
         if not annotation.queries:
             raise EmptySampleError(f"ReasonSeg annotation {_json_path(image_path)} has no query")
+        if not (annotation.mask == 1).any():
+            self._no_target_pixel(_json_path(image_path))
         if query_indices is None:
             query_indices = sample_without_replacement(
                 rng, self.num_questions_per_image, len(annotation.queries)
@@ -279,6 +311,18 @@ class ReasonSegDataset(RawDataset):
                 "no_target": [False] * len(turns),
             },
         )
+
+    def _no_target_pixel(self, json_path: str) -> None:
+        """A file whose shapes fill no target pixel (only ignore/flag shapes, or none that
+        rasterises). Training would teach "[SEG]" over an all-background mask: the sample is
+        refused (the sampler replaces and counts it). Evaluation keeps the item, so the split
+        is scored whole, with a warning once per file."""
+        message = f"ReasonSeg annotation {json_path} has no target pixel"
+        if self.is_train:
+            raise EmptySampleError(message)
+        if json_path not in self._warned_no_target:
+            self._warned_no_target.add(json_path)
+            logger.warning("%s: %s; scored against an empty mask", self.name, message)
 
     def _answer_kind(self, image_name: str, rng: np.random.Generator) -> tuple[str, str]:
         explanation = self.explanations.get(image_name) if self.is_train else None

@@ -135,8 +135,14 @@ class ReferSegDataset(TargetDataset):
             if image["id"] in wanted_images
         }
         annotations = {ann["id"]: ann for ann in content["annotations"] if ann["id"] in wanted_anns}
-        if wanted_anns - annotations.keys():
-            logger.warning("%s: %d annotations named by refs are missing", path, len(wanted_anns - annotations.keys()))
+        missing = wanted_anns - annotations.keys()
+        if missing:
+            partial = sum(1 for target in targets if missing.intersection(target.ann_ids))
+            logger.warning(
+                "%s: %d annotations named by refs are missing; the samples of the %d refs naming one are "
+                "unreadable (skipped in training, counted as unreadable in evaluation)",
+                path, len(missing), partial,
+            )
         if wanted_images - images.keys():
             raise CorruptSampleError(f"{path}: {len(wanted_images - images.keys())} images named by refs are missing")
         return images, annotations

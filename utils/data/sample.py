@@ -21,12 +21,22 @@ class EmptySampleError(CorruptSampleError):
     """The files are readable but yield nothing to ask about (e.g. a label map with no class)."""
 
 
+MALFORMED_ANNOTATION_ERRORS: tuple[type[Exception], ...] = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+"""What parsing a badly structured annotation raises (a missing key, a string where a dict or list
+belongs, a list too short ...). Readers turn these into :class:`CorruptSampleError` naming the
+file, the only error evaluation and training skip: anything else would end a whole run."""
+
+
 @dataclass
 class RawSample:
     """One image with one conversation about it, before any tokenisation.
 
     Attributes:
-        image: ``H x W x 3`` uint8 RGB array, EXIF orientation applied.
+        image: ``H x W x 3`` uint8 RGB array, in the orientation its annotations were made on:
+            ReasonSeg applies the EXIF orientation (labelme annotates the upright image); the
+            semantic label maps, the COCO-based sources (refCOCO, gRefCOCO, PACO, PASCAL-Part,
+            generic COCO files) and LLaVA's VQA keep the pixels as stored, which their masks,
+            polygons and RLE index (see :func:`utils.data.io.load_image_rgb`).
         image_path: path of the source image file as found on disk.
         dataset: source name, e.g. ``"reason_seg"``, ``"refcoco"``, ``"ade20k"``.
         turns: ``(question, answer)`` pairs about this one image, in conversation order. Each

@@ -25,6 +25,8 @@ from utils.data.sample import IGNORE_LABEL, CorruptSampleError, EmptySampleError
 logger = logging.getLogger(__name__)
 
 IGNORE_CLASS = -1
+CLASS_DTYPE = np.int16
+"""dtype of class maps: a quarter of int64's memory traffic on 12-megapixel Mapillary labels."""
 
 
 def class_masks(class_map: np.ndarray, class_indices: Sequence[int]) -> list[np.ndarray]:
@@ -98,6 +100,17 @@ class LabelMapDataset(RawDataset):
         self.label_paths = label_paths
         self.class_names = tuple(class_names)
         self.value_to_class = np.asarray(value_to_class, dtype=np.int64)
+        if len(self.class_names) > np.iinfo(CLASS_DTYPE).max:
+            raise ValueError(f"{len(self.class_names)} classes do not fit a {np.dtype(CLASS_DTYPE).name} class map")
+        valid = (self.value_to_class == IGNORE_CLASS) | (
+            (self.value_to_class >= 0) & (self.value_to_class < len(self.class_names))
+        )
+        if not valid.all():
+            raise ValueError(
+                f"value_to_class maps to {sorted(set(self.value_to_class[~valid].tolist()))}, neither a class "
+                f"index below {len(self.class_names)} nor {IGNORE_CLASS} (ignore)"
+            )
+        self._lookup_tables: dict[np.dtype, np.ndarray] = {}
         self.askable = np.asarray([True] * len(self.class_names) if askable is None else askable, dtype=bool)
         self.palette = palette
         logger.info("%s (%s): %d images, %d classes", self.name, mode, len(self), len(self.class_names))
@@ -105,18 +118,39 @@ class LabelMapDataset(RawDataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def classes_of(self, values: np.ndarray) -> np.ndarray:
+        """Class index of each label value (``-1`` = ignore, also for values outside
+        ``value_to_class``), as :data:`CLASS_DTYPE`. Meant for few values: tables and distinct
+        values, not whole label maps."""
+        values = np.asarray(values).astype(np.int64)
+        inside = (values >= 0) & (values < len(self.value_to_class))
+        classes = np.full(values.shape, IGNORE_CLASS, dtype=CLASS_DTYPE)
+        classes[inside] = self.value_to_class[values[inside]]
+        return classes
+
     def class_map(self, label: np.ndarray, label_path: str) -> np.ndarray:
-        """Class index per pixel (``-1`` = ignore) from a raw label map."""
+        """Class index per pixel (``-1`` = ignore) from a raw label map, as :data:`CLASS_DTYPE`."""
         if label.ndim == 3:
             if self.palette is None:
                 raise CorruptSampleError(f"{label_path}: RGB label map but no colour palette")
-            values = _colours_to_indices(label, self.palette)
-        else:
-            values = label.astype(np.int64)
-        inside = (values >= 0) & (values < len(self.value_to_class))
-        classes = np.full(values.shape, IGNORE_CLASS, dtype=np.int64)
-        classes[inside] = self.value_to_class[values[inside]]
-        return classes
+            colours, inverse = np.unique(_colour_keys(label).ravel(), return_inverse=True)
+            classes = self.classes_of(_palette_indices(colours, self.palette))
+            return classes[inverse].reshape(label.shape[:2])
+        if label.dtype in (np.uint8, np.uint16):
+            # One table entry per possible value: a single gather, no int64 copy of the map.
+            table = self._lookup_tables.get(label.dtype)
+            if table is None:
+                table = self._lookup_tables[label.dtype] = self.classes_of(np.arange(np.iinfo(label.dtype).max + 1))
+            return table[label]
+        # Wider values (32-bit label maps): each distinct value is mapped once.
+        values, inverse = np.unique(label.ravel(), return_inverse=True)
+        return self.classes_of(values)[inverse].reshape(label.shape)
+
+    def present_classes(self, class_map: np.ndarray) -> list[int]:
+        """The askable classes of ``class_map``, in index order."""
+        # A count per class (ignore shifted to bin 0) is linear; np.unique sorts every pixel.
+        counts = np.bincount(class_map.ravel() + 1, minlength=len(self.class_names) + 1)[1:]
+        return [int(c) for c in np.flatnonzero(counts) if self.askable[c]]
 
     def item_path(self, index: int) -> str | None:
         return f"{self.image_paths[index]} (label map {self.label_paths[index]})"
@@ -129,7 +163,7 @@ class LabelMapDataset(RawDataset):
             raise CorruptSampleError(
                 f"{label_path}: label map {class_map.shape} vs image {image.shape[:2]} of {image_path}"
             )
-        present = [int(c) for c in np.unique(class_map) if c != IGNORE_CLASS and self.askable[c]]
+        present = self.present_classes(class_map)
         if not present:
             raise EmptySampleError(f"{label_path}: no labelled class to ask about")
         if self.is_train:
@@ -161,15 +195,18 @@ class LabelMapDataset(RawDataset):
         )
 
 
-def _colours_to_indices(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Palette index of each pixel of an RGB label map (``-1`` for unknown colours)."""
-    keys = (label[..., 0].astype(np.int64) << 16) | (label[..., 1].astype(np.int64) << 8) | label[..., 2]
-    palette = np.asarray(palette, dtype=np.int64)
-    palette_keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
-    lookup = {int(key): index for index, key in enumerate(palette_keys)}
-    unique, inverse = np.unique(keys, return_inverse=True)
-    mapped = np.array([lookup.get(int(key), IGNORE_CLASS) for key in unique], dtype=np.int64)
-    return mapped[inverse].reshape(keys.shape)
+def _colour_keys(colours: np.ndarray) -> np.ndarray:
+    """One integer per RGB colour (``... x 3`` -> ``...``)."""
+    colours = np.asarray(colours)
+    return (
+        (colours[..., 0].astype(np.int32) << 16) | (colours[..., 1].astype(np.int32) << 8) | colours[..., 2]
+    )
+
+
+def _palette_indices(keys: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Palette index of each colour key (``-1`` for colours not in the palette)."""
+    lookup = {int(key): index for index, key in enumerate(_colour_keys(palette))}
+    return np.array([lookup.get(int(key), IGNORE_CLASS) for key in keys], dtype=np.int64)
 
 
 class Ade20kDataset(LabelMapDataset):

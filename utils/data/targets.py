@@ -17,7 +17,7 @@ import numpy as np
 
 from utils.data import templates
 from utils.data.base import Mode, RawDataset
-from utils.data.coco_format import segmentation_to_mask
+from utils.data.coco_format import annotation_mask
 from utils.data.io import load_image_rgb
 from utils.data.sample import IGNORE_LABEL, CorruptSampleError, RawSample
 
@@ -68,13 +68,10 @@ def union_mask(annotations: list[dict[str, Any]], height: int, width: int, where
     regular = [ann for ann in annotations if not ann.get("iscrowd", 0)]
     crowd = [ann for ann in annotations if ann.get("iscrowd", 0)] if regular else []
     mask = np.zeros((height, width), dtype=np.uint8)
-    try:
-        for annotation in crowd:
-            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = IGNORE_LABEL
-        for annotation in regular or annotations:
-            mask[segmentation_to_mask(annotation["segmentation"], height, width) > 0] = 1
-    except (KeyError, ValueError, TypeError) as error:
-        raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+    for annotation in crowd:
+        mask[annotation_mask(annotation, height, width, where) > 0] = IGNORE_LABEL
+    for annotation in regular or annotations:
+        mask[annotation_mask(annotation, height, width, where) > 0] = 1
     return mask
 
 
@@ -88,15 +85,12 @@ def instance_boxes(annotations: list[dict[str, Any]], height: int, width: int, w
     from utils.masks import mask_to_box
 
     boxes = []
-    try:
-        for annotation in annotations:
-            if annotation.get("iscrowd", 0):
-                continue
-            box = mask_to_box(segmentation_to_mask(annotation["segmentation"], height, width) > 0)
-            if box is not None:
-                boxes.append(list(box))
-    except (KeyError, ValueError, TypeError) as error:
-        raise CorruptSampleError(f"{where}: bad segmentation: {error!r}") from error
+    for annotation in annotations:
+        if annotation.get("iscrowd", 0):
+            continue
+        box = mask_to_box(annotation_mask(annotation, height, width, where) > 0)
+        if box is not None:
+            boxes.append(list(box))
     return boxes
 
 
@@ -211,12 +205,11 @@ class TargetDataset(RawDataset):
                 target_boxes.append([])
                 continue
             turns.append((question, templates.mask_answer(1, request, self.answer_style, template_rng)))
-            masks.append(self._target_mask(target, height, width, record.path))
+            annotations = self._target_annotations(target, record.path)
+            where = f"{record.path} target {target.target_id}"
+            masks.append(union_mask(annotations, height, width, where))
             if not self.is_train:
-                annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]
-                target_boxes.append(
-                    instance_boxes(annotations, height, width, f"{record.path} target {target.target_id}")
-                )
+                target_boxes.append(instance_boxes(annotations, height, width, where))
         return RawSample(
             image=image,
             image_path=record.path,
@@ -233,10 +226,15 @@ class TargetDataset(RawDataset):
             },
         )
 
-    def _target_mask(self, target: Target, height: int, width: int, image_path: str) -> np.ndarray:
-        annotations = [self.annotations[ann_id] for ann_id in target.ann_ids if ann_id in self.annotations]
-        if not annotations:
+    def _target_annotations(self, target: Target, image_path: str) -> list[dict[str, Any]]:
+        """The annotations of ``target``, all of them: with one missing (a gRefCOCO expression
+        naming three objects, one absent from instances.json) the union would be a partial mask
+        scored or trained as the whole answer, so the sample is unreadable instead (evaluation
+        counts it as such, training replaces it)."""
+        missing = [ann_id for ann_id in target.ann_ids if ann_id not in self.annotations]
+        if missing:
             raise CorruptSampleError(
-                f"{image_path}: annotations {target.ann_ids} of target {target.target_id} are missing"
+                f"{image_path}: annotations {missing} of target {target.target_id} (of {list(target.ann_ids)}) "
+                "are missing from the annotation file"
             )
-        return union_mask(annotations, height, width, f"{image_path} target {target.target_id}")
+        return [self.annotations[ann_id] for ann_id in target.ann_ids]

@@ -30,16 +30,30 @@ ROLE_ASSISTANT = "gpt"
 def conversation_turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(question, answer) pairs of a LLaVA conversation, ``<image>`` removed from questions.
 
-    A leading assistant message and a trailing unanswered question are dropped.
+    Consecutive messages of one speaker are one message, joined with a newline (a question in
+    two parts is asked whole, an answer in two parts is kept whole). A leading assistant message
+    and a trailing unanswered question are dropped.
     """
-    turns: list[tuple[str, str]] = []
-    pending: str | None = None
+    merged: list[tuple[str, str]] = []  # (role, text), roles alternating
     for message in messages:
         role, text = message.get("from"), str(message.get("value", ""))
         if role == ROLE_HUMAN:
-            pending = templates.strip_image_placeholder(text)
-        elif role == ROLE_ASSISTANT and pending is not None:
-            turns.append((pending, text.strip()))
+            text = templates.strip_image_placeholder(text)
+        elif role == ROLE_ASSISTANT:
+            text = text.strip()
+        else:  # another speaker (a system note ...) takes no part in the turns
+            continue
+        if merged and merged[-1][0] == role:
+            merged[-1] = (role, "\n".join(part for part in (merged[-1][1], text) if part))
+        else:
+            merged.append((role, text))
+    turns: list[tuple[str, str]] = []
+    pending: str | None = None
+    for role, text in merged:
+        if role == ROLE_HUMAN:
+            pending = text
+        elif pending is not None:
+            turns.append((pending, text))
             pending = None
     return turns
 
