@@ -1,7 +1,9 @@
 """The Gradio demo (tools/app.py), served for real and queried over HTTP with gradio_client."""
 
+import contextlib
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -17,16 +19,18 @@ from PIL import Image
 from conftest import DATA, REPO, load_photo
 from model.segmenter import ReasonSegmenter
 from test_inference import scripted
-from utils.gradio_app import examples_in, handle_request
+from utils.gradio_app import _json_file, examples_in, handle_request
 from utils.distributed import free_port
 from utils.inference import NO_MASK_MESSAGE, InferenceSession, InputError
 
 
+@contextlib.contextmanager
+def serve(model_dir, scratch, *flags):
+    """tools/app.py on a free port with the given model and flags, until the block ends; its URL.
 
-@pytest.fixture(scope="module")
-def server(tiny_segmenter_dir, tmp_path_factory):
-    """tools/app.py on a free port with the tiny model (1 MB upload limit); its URL."""
-    scratch = tmp_path_factory.mktemp("app")
+    Its Gradio files go to ``scratch/gradio``, its log to ``scratch/server.log``; it is stopped
+    with SIGTERM, as a service manager stops it.
+    """
     port = free_port()
     env = dict(
         os.environ,
@@ -38,8 +42,7 @@ def server(tiny_segmenter_dir, tmp_path_factory):
     )
     log = open(scratch / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "tools/app.py", "--version", str(tiny_segmenter_dir("qwen2_5_vl")), "--port", str(port),
-         "--max_new_tokens", "8", "--max_file_size", "1mb"],
+        [sys.executable, "tools/app.py", "--version", str(model_dir), "--port", str(port), "--max_new_tokens", "8", *flags],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -57,7 +60,7 @@ def server(tiny_segmenter_dir, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"the app did not start:\n{(scratch / 'server.log').read_text()}")
             time.sleep(0.5)
-        yield url, scratch
+        yield url
     finally:
         process.terminate()
         try:
@@ -65,6 +68,14 @@ def server(tiny_segmenter_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_segmenter_dir, tmp_path_factory):
+    """tools/app.py with the tiny model (1 MB upload limit); its URL and scratch folder."""
+    scratch = tmp_path_factory.mktemp("app")
+    with serve(tiny_segmenter_dir("qwen2_5_vl"), scratch, "--max_file_size", "1mb") as url:
+        yield url, scratch
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,66 @@ def test_bad_input_is_a_message_in_the_page(client, tmp_path):
     assert "/gradio/" not in str(error.value)  # the person's file name, not the server's path
     # The server is still answering.
     check_result(segment(client, DATA / "truck.jpg", "Where is the wheel?"), (1200, 1800, 3))
+
+
+def test_a_long_upload_name_is_answered(server):
+    """The answer's file is named after the upload: a name longer than a file name may be (200
+    "é" are 400 bytes) used to fail after the model had run ("Something went wrong"). Sent as a
+    browser sends it (gradio_client would cut the name to 200 bytes itself)."""
+    import httpx
+
+    url, name = server[0], "é" * 200 + ".jpg"
+    with open(DATA / "dog.jpg", "rb") as file:
+        upload = httpx.post(url + "gradio_api/upload", files={"files": (name, file, "image/jpeg")}, timeout=30)
+    payload = {"path": upload.json()[0], "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+    call = httpx.post(url + "gradio_api/call/segment", json={"data": [payload, "Where is the dog?"]}, timeout=30)
+    events = httpx.get(url + f"gradio_api/call/segment/{call.json()['event_id']}", timeout=120).text
+    assert "event: complete" in events, events
+    download = json.loads(events.split("event: complete\ndata: ")[1].splitlines()[0])[4]
+    assert re.fullmatch(r"é{50}_[0-9a-f]{12}\.json", os.path.basename(download["path"])), download
+    record = httpx.get(download["url"], timeout=30).json()
+    assert record["image"] == name  # the person's name, whole
+
+
+def test_answer_file_names_are_safe_and_unique(tmp_path):
+    for name, stem in [
+        ("é" * 200 + ".jpg", "é" * 50),
+        ("my photo (1).final.jpg", "my_photo_1_.final"),
+        ("../../etc/passwd", "passwd"),
+        ("..", "image"),
+        ("", "image"),
+        ("?!.png", "image"),
+    ]:
+        path = _json_file({"a": 1}, name, tmp_path)
+        assert re.fullmatch(rf"{re.escape(stem)}_[0-9a-f]{{12}}\.json", os.path.basename(path)), (name, path)
+        assert os.path.dirname(path) == str(tmp_path)
+    assert _json_file({"a": 1}, "dog.jpg", tmp_path) != _json_file({"a": 2}, "dog.jpg", tmp_path)
+    assert len(os.listdir(tmp_path)) == 8
+
+
+def test_request_files_are_deleted_when_old_and_at_exit(tiny_segmenter_dir, tmp_path):
+    """--cache_max_age: a request's upload, overlay and JSON answer go once they are that old,
+    and the answers' folder when the server stops; before, a public demo kept them all for good."""
+    cache = tmp_path / "gradio"
+
+    def files():
+        return {path for path in cache.rglob("*") if path.is_file()}
+
+    # A photograph of its own: an upload equal to an example is the example's cached copy.
+    Image.fromarray(load_photo("dog.jpg")[:, ::-1]).save(tmp_path / "holiday.jpg")
+    with serve(tiny_segmenter_dir("qwen2_5_vl"), tmp_path, "--cache_max_age", "3") as url:
+        client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path / "downloads"), analytics_enabled=False)
+        before = files()  # the examples, which stay
+        check_result(segment(client, tmp_path / "holiday.jpg", "Where is the dog?"), (534, 800, 3))
+        made = files() - before
+        assert {path.suffix for path in made} == {".jpg", ".png", ".json"}, made  # upload, overlay, answer
+        assert [path.parent.name[:8] for path in made if path.suffix == ".json"] == ["answers_"], made
+        deadline = time.time() + 10  # 3 s old, swept every second
+        while made & files() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not made & files(), made & files()
+        assert before <= files()
+    assert not list(cache.glob("answers_*"))  # the answers' folder went with the server
 
 
 def test_a_path_that_was_not_uploaded_is_refused(server):

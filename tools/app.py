@@ -11,6 +11,7 @@ directory, as in inference.py). Example photographs come from tools/examples/.
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from utils.cli import setup_environment, setup_logging  # noqa: E402
 setup_environment()
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from utils.gradio_app import build_demo, examples_in  # noqa: E402
+from utils.gradio_app import build_demo, cache_schedule, examples_in  # noqa: E402
 from utils.inference import add_session_arguments, check_session_arguments, session_from_args  # noqa: E402
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -34,16 +39,29 @@ def main() -> None:
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--max_file_size", default="20mb", help="upload size limit (default 20mb)")
     parser.add_argument("--queue_size", type=int, default=16, help="requests that may wait in the queue (default 16)")
+    parser.add_argument(
+        "--cache_max_age", type=int, default=3600,
+        help="delete each request's files (upload, overlay, JSON answer) once they are this many seconds old "
+        "(default 3600; all of them when the server stops)",
+    )
     parser.add_argument("--examples", default=str(REPO / "tools" / "examples"), help="directory of example photographs")
     args = parser.parse_args()
     check_session_arguments(args, parser)
+    try:
+        cache_schedule(args.cache_max_age)
+    except ValueError as err:
+        parser.error(str(err))
     setup_logging()
     session = session_from_args(args)
     examples = examples_in(args.examples)
     if session.decoding == "compiled" or args.compile_sam:  # compile now, not on the first visitor's request
         for image, prompt in examples:
             logging.info("warmed up on %s in %.1f s", image, session.warm_up(image, prompt))
-    demo = build_demo(session, Path(args.version).name, examples, queue_size=args.queue_size)
+    demo = build_demo(session, Path(args.version).name, examples, queue_size=args.queue_size, cache_max_age=args.cache_max_age)
+    # SIGTERM (systemd, docker stop) ends the server as Ctrl-C does: Gradio then deletes the
+    # request files it holds and the answers' folder goes at exit; the default action would kill
+    # the process and leave them on disk.
+    signal.signal(signal.SIGTERM, _interrupt)
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -7,13 +7,17 @@ answer text, the boxes (with labels and scores), a status line ("2 masks; 551 im
 (no image, an unreadable or oversized file, an empty request) are shown to the person as a
 message in the page (``gr.Error``); anything unexpected is logged with its traceback on the
 server and shown as a short message. The model answers one request at a time (a queue holds the
-others), so concurrent users wait instead of colliding.
+others), so concurrent users wait instead of colliding. A request's files (upload, overlay, JSON)
+are deleted once they are ``cache_max_age`` seconds old, so a public demo's disk does not fill up.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -74,20 +78,48 @@ def _image_path(image: Any, allowed_dirs: Sequence[Path] | None = None) -> tuple
 _JSON_DIR: Path | None = None
 
 
-def _json_file(record: dict, name: str) -> str:
-    """Write an answer's JSON for download; returns its path (one file per request)."""
+def _answers_dir() -> Path:
+    """The folder for answers written outside the Gradio app (removed when the process exits)."""
     global _JSON_DIR
     if _JSON_DIR is None:
         _JSON_DIR = Path(tempfile.mkdtemp(prefix="reasonseg_answers_"))
-    path = _JSON_DIR / f"{Path(name).stem or 'image'}_{uuid.uuid4().hex[:8]}.json"
-    path.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        atexit.register(shutil.rmtree, _JSON_DIR, ignore_errors=True)
+    return _JSON_DIR
+
+
+def _safe_stem(name: str) -> str:
+    """A file-name stem from the person's upload name that any file system accepts.
+
+    The name is the person's: it can be longer than a file name may be (255 bytes; 200 "é" are
+    400), hold spaces, quotes or separators, or be only dots.
+    """
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).stem).strip("._")[:50]
+    return stem or "image"
+
+
+def _json_file(record: dict, name: str, folder: Path | None = None) -> str:
+    """Write an answer's JSON for download into ``folder``; returns its path (one file per request).
+
+    ``folder``: None writes into a folder of this process (removed when it exits).
+    """
+    folder = _answers_dir() if folder is None else folder
+    path = folder / f"{_safe_stem(name)}_{uuid.uuid4().hex[:12]}.json"
+    with open(path, "x", encoding="utf-8") as file:  # "x": never overwrite another request's answer
+        file.write(json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     return str(path)
 
 
-def handle_request(session: InferenceSession, image: Any, prompt: Any, allowed_dirs: Sequence[Path] | None = None):
+def handle_request(
+    session: InferenceSession,
+    image: Any,
+    prompt: Any,
+    allowed_dirs: Sequence[Path] | None = None,
+    json_dir: Path | None = None,
+):
     """The demo's handler, without Gradio: returns (overlay, text, boxes, status, json_path).
 
     ``allowed_dirs``: where an image payload's path may lie (see :func:`_image_path`); None: anywhere.
+    ``json_dir``: where the JSON answer is written (see :func:`_json_file`).
 
     ``boxes`` lists per ``[SEG]`` its ``bbox_2d``, ``label``, ``score`` and ``area`` (the JSON
     objects without their RLE masks); ``json_path`` is a file with the whole answer as JSON.
@@ -112,7 +144,7 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any, allowed_d
         status += f" (the {width}x{height} image was downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
     if answer.image_tokens is not None:
         status += f"; {answer.image_tokens:,} image tokens"
-    return render_overlay(answer), answer.text, boxes, status, _json_file(record, name)
+    return render_overlay(answer), answer.text, boxes, status, _json_file(record, name, json_dir)
 
 
 def _limits_line(session: InferenceSession) -> str:
@@ -126,17 +158,46 @@ def _limits_line(session: InferenceSession) -> str:
     return f" Images are resized to at most {limits.max_pixels:,} pixels: up to {limits.max_tokens:,} image tokens each."
 
 
-def build_demo(session: InferenceSession, model_name: str, examples: list[list[str]], queue_size: int = 16):
-    """The Gradio Blocks page, with its queue (one request at a time, ``queue_size`` waiting)."""
+def cache_schedule(max_age: int) -> tuple[int, int]:
+    """Gradio's ``delete_cache`` (every how many seconds, files older than how many) for ``max_age``.
+
+    A file lives at most ``max_age`` plus one period; a quarter of the age (at most 5 minutes)
+    keeps that close to ``max_age`` without scanning the cache all the time.
+    """
+    if max_age < 1:
+        raise ValueError(f"the cache age must be at least 1 second, not {max_age}")
+    return min(max(max_age // 4, 1), 300), max_age
+
+
+def build_demo(
+    session: InferenceSession,
+    model_name: str,
+    examples: list[list[str]],
+    queue_size: int = 16,
+    cache_max_age: int = 3600,
+):
+    """The Gradio Blocks page, with its queue (one request at a time, ``queue_size`` waiting).
+
+    Every file of a request (the upload, the overlay PNG, the JSON answer) is deleted once it is
+    ``cache_max_age`` seconds old, and all of them when the server stops: without this a public
+    demo keeps every upload (up to the size limit each) for good and its disk fills up.
+    """
     import gradio as gr
     from gradio.utils import get_upload_folder
 
+    upload_folder = Path(get_upload_folder())
     # Uploads (and the examples Gradio copies) live in its upload folder; the examples themselves too.
-    allowed_dirs = [Path(get_upload_folder()), *{Path(path).parent for path, _ in examples}]
+    allowed_dirs = [upload_folder, *{Path(path).parent for path, _ in examples}]
+    # The answers go into Gradio's own cache: it serves them from there without a copy and
+    # deletes them on the schedule above; the folder itself (with any answer Gradio never took
+    # over, from a request that failed after writing it) goes when the process exits.
+    upload_folder.mkdir(parents=True, exist_ok=True)
+    json_dir = Path(tempfile.mkdtemp(prefix="answers_", dir=upload_folder))
+    atexit.register(shutil.rmtree, json_dir, ignore_errors=True)
 
     def segment(image, prompt):
         try:
-            return handle_request(session, image, prompt, allowed_dirs)
+            return handle_request(session, image, prompt, allowed_dirs, json_dir)
         except InputError as err:
             raise gr.Error(str(err), title="Cannot answer this request") from None
         except Exception as err:  # noqa: BLE001 - the person gets a message, the log the traceback
@@ -146,7 +207,7 @@ def build_demo(session: InferenceSession, model_name: str, examples: list[list[s
                 title="Something went wrong",
             ) from None
 
-    with gr.Blocks(title="Reasoning segmentation", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Reasoning segmentation", analytics_enabled=False, delete_cache=cache_schedule(cache_max_age)) as demo:
         gr.Markdown("# Reasoning segmentation\n" + DESCRIPTION.format(model=model_name) + _limits_line(session))
         with gr.Row():
             with gr.Column():
