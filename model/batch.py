@@ -11,8 +11,12 @@ evaluation, left-padded for generation.
 A batch has one token row per conversation and one entry per sample (image) everywhere else:
 ``image_index[r]`` is the sample of row ``r`` (LISA's ``offset``), ``pixel_values`` /
 ``image_grid_thw`` / ``sam_pixel_values`` hold each image once, and ``masks``, ``extra``,
-``original_size`` and ``sam_input_size`` are per sample, the masks of a sample in the order of its
-``[SEG]`` tokens across its conversations.
+``original_size``, ``sam_input_size`` and ``image_keys`` are per sample, the masks of a sample in
+the order of its ``[SEG]`` tokens across its conversations.
+
+:func:`prepare_image` makes an image's inputs for both models (:class:`ImageInputs`); a
+:class:`~model.image_cache.FeatureCache` keeps them for follow-up questions, keyed by
+:func:`image_key`.
 """
 
 from __future__ import annotations
