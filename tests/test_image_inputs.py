@@ -138,3 +138,25 @@ def test_a_sam_embedding_is_not_served_after_the_model_changes_dtype(tiny_vlm_di
         ask(model, dog, "And its tail?")
     assert cache.stats["image_hits"] == 1, "the preprocessed image does not depend on the model's dtype"
     assert cache.stats["sam_hits"] == 0 and cache.stats["sam_misses"] == 2
+
+
+def test_a_batch_of_two_cached_images_is_answered_as_without_the_cache(model, dog):
+    """Two requests in one left-padded batch, asked again: both images' inputs and SAM
+    embeddings come from the cache (keyed per image), and the answers are those of no cache."""
+    truck = load_photo("truck.jpg")
+    questions = ["Where is the dog?", "Where is the truck?"]
+
+    def ask_both():
+        batch = model.collate([model.prepare(image, [(q, None)]) for image, q in zip((dog, truck), questions)], "left")
+        return model.generate(batch, 8, decoding="eager", logits_processor=forced(model, batch, "It is [SEG]."))
+
+    fresh = ask_both()
+    cache = FeatureCache(max_items=4)
+    with cache.attached(model):
+        ask_both()
+        again = ask_both()
+    assert cache.stats["image_hits"] == 2 and cache.stats["sam_hits"] == 2 and cache.stats["sam_misses"] == 2
+    for mine, theirs in zip(again, fresh):
+        assert mine.token_ids == theirs.token_ids
+        torch.testing.assert_close(mine.seg_states, theirs.seg_states, atol=1e-5, rtol=0)
+        assert all(np.array_equal(a, b) for a, b in zip(mine.masks, theirs.masks))
