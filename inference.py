@@ -66,7 +66,33 @@ def main() -> int:
     check_inference_arguments(args, parser)
     setup_logging(args.verbose)
     session = session_from_args(args, one_request=args.image is not None)
-    return run_requests(session, args)
+    if args.input_jsonl is None and args.image is None:  # the interactive loop reads the terminal
+        take_bytes_that_are_not_utf8()
+    return run_requests(session, args, say, say_error, ask_on_stderr if args.format == "json" else input)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def say_error(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def ask_on_stderr(question: str) -> str:
+    """``input`` with its question on stderr (under ``--format json`` stdout carries JSON only)."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return input()
+
+
+def take_bytes_that_are_not_utf8() -> None:
+    """A strict-UTF-8 stdin (a UTF-8 locale other than C.UTF-8) given other bytes (a Latin-1 file
+    name) raises UnicodeDecodeError, and drops whatever else it had read with them (the next lines
+    of a piped input). Read them as Python reads file names (surrogateescape: such a path still
+    opens; ``check_prompt`` refuses such a request), and print them escaped rather than fail."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace")):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
 
 
 if __name__ == "__main__":

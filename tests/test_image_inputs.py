@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from conftest import load_photo
-from test_decoding import forced
+from test_decoding import forced, model  # noqa: F401 (model: the LoRA segmenter of each family)
 from model import decoding, image_cache
 from model.batch import image_key
 from model.decoding import PrefixCache
 from model.image_cache import FeatureCache
 from model.image_tokens import pixel_limits, set_pixel_limits
 from model.segmenter import ReasonSegmenter
-from model.vlm import LoraSettings
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def model(request, tiny_vlm_dir):
-    torch.manual_seed(0)
-    return ReasonSegmenter.from_components(tiny_vlm_dir(request.param), "tiny", lora=LoraSettings()).eval()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shlex
-import sys
 import threading
 import time
 import warnings
@@ -885,20 +884,21 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
     )
 
 
-def run_requests(session: InferenceSession, args: argparse.Namespace) -> int:
+def run_requests(
+    session: InferenceSession,
+    args: argparse.Namespace,
+    say: Callable[[str], None],
+    say_error: Callable[[str], None],
+    ask: Callable[[str], str],
+) -> int:
     """inference.py once the model is loaded: the batch (``--input_jsonl``), the one-shot request
     (``--image`` / ``--prompt``) or the interactive loop that ``args`` name (checked by
     :func:`check_inference_arguments`). Returns the exit status.
 
-    Answers go to stdout; under ``--format json`` stdout carries JSON only, and the loop's
-    questions and its goodbye go to stderr.
+    ``say`` writes answers (stdout), ``say_error`` what must not mix with them (stderr), ``ask``
+    puts a question and reads the reply (under ``--format json`` its question goes to stderr, so
+    that stdout carries JSON only); the entry point owns the terminal.
     """
-    def say(text: str) -> None:
-        print(text, flush=True)
-
-    def say_error(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     if args.input_jsonl:
         summary = run_batch(session, args.input_jsonl, args.output_jsonl, args.image_root, progress=not args.no_progress)
         if summary.interrupted:
@@ -916,24 +916,6 @@ def run_requests(session: InferenceSession, args: argparse.Namespace) -> int:
         return 0
     if args.image is not None:
         return one_shot(session, args.image, args.prompt, args.vis_save_path, say, say_error, args.format)
-    json_only = args.format == "json"
-    _take_bytes_that_are_not_utf8()
-    answered = interactive_loop(session, args.vis_save_path, say, _ask_on_stderr if json_only else input, args.format)
-    (say_error if json_only else say)(f"bye ({answered} requests answered; files in {args.vis_save_path})")
+    answered = interactive_loop(session, args.vis_save_path, say, ask, args.format)
+    (say_error if args.format == "json" else say)(f"bye ({answered} requests answered; files in {args.vis_save_path})")
     return 0
-
-
-def _take_bytes_that_are_not_utf8() -> None:
-    """A strict-UTF-8 stdin (a UTF-8 locale other than C.UTF-8) given other bytes (a Latin-1 file
-    name) raises UnicodeDecodeError, and drops whatever else it had read with them (the next lines
-    of a piped input). Read them as Python reads file names (surrogateescape: such a path still
-    opens; :func:`check_prompt` refuses such a request), and print them escaped rather than fail."""
-    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "backslashreplace")):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors=errors)
-
-
-def _ask_on_stderr(question: str) -> str:
-    """``input`` with its question on stderr (stdout carries JSON only)."""
-    print(question, end="", file=sys.stderr, flush=True)
-    return input()
