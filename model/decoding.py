@@ -210,7 +210,10 @@ class GreedyDecoder:
         logits = self.lm.lm_head(hidden).float()
         first_positions = attention_mask.sum(dim=1) + rope_delta.view(-1).to(device)
 
-        tokens = torch.zeros((batch_size, max_new_tokens), dtype=torch.long, device=device)
+        # Prompt and answer in one buffer: a logits processor sees ``sequence[:, :prompt + step]``
+        # as a view, with no concatenation (one more kernel launch) per token.
+        sequence = torch.cat([input_ids, input_ids.new_zeros((batch_size, max_new_tokens))], dim=1)
+        tokens = sequence[:, prompt_length:]
         states = hidden.new_zeros((batch_size, max_new_tokens + 1, hidden.shape[-1]))
         states[:, 0] = hidden
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -218,7 +221,7 @@ class GreedyDecoder:
         check_every = 1 if device.type == "cpu" else self.sync_every
         steps = 0
         for step in range(max_new_tokens):
-            token = self._choose(logits, input_ids, tokens[:, :step], logits_processor)
+            token = self._choose(logits, sequence[:, : prompt_length + step], logits_processor)
             tokens[:, step] = token
             steps = step + 1
             finished |= torch.isin(token, stop)
@@ -339,9 +342,9 @@ class GreedyDecoder:
             return self._forward_step(token, positions, attention_mask, cache)
 
     @staticmethod
-    def _choose(logits, prompt_ids, generated, logits_processor) -> torch.Tensor:
+    def _choose(logits, sequence, logits_processor) -> torch.Tensor:
         if logits_processor is not None:
-            logits = logits_processor(torch.cat([prompt_ids, generated], dim=1), logits)
+            logits = logits_processor(sequence, logits)
         return logits.argmax(dim=-1)
 
     def _cache(self, batch_size: int, length: int):

@@ -80,6 +80,32 @@ def test_eager_loop_equals_transformers_generate_on_a_left_padded_batch(model, p
         assert all(len(result.token_ids) == 20 for result in ours)
 
 
+class Recording(LogitsProcessor):
+    """Keeps a copy of every sequence a logits processor is shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(input_ids.clone())
+        return scores
+
+
+def test_a_logits_processor_sees_what_transformers_shows_it(model, photos):
+    """Prompt and answer so far, left padding included, at every step (ours keeps them in one
+    buffer and shows a view of it)."""
+    batch = left_padded_batch(model, photos)
+    seen = {}
+    for mode in ("transformers", "eager"):
+        recording = Recording()
+        model.generate(batch, 8, decoding=mode, logits_processor=LogitsProcessorList([recording, *forced(model, batch)]))
+        seen[mode] = recording.seen
+    # transformers' path generates one token more, for the state of a [SEG] chosen last.
+    assert len(seen["eager"]) == 8 and len(seen["transformers"]) >= 8
+    for ours, theirs in zip(seen["eager"], seen["transformers"]):
+        assert torch.equal(ours, theirs)
+
+
 def test_a_seg_at_the_token_limit_gets_its_state(model, photos):
     batch = model.collate([model.prepare(photos[0], [("Where?", None)])], "left")
     limit = len(model.processor.tokenizer("Sure, [SEG]", add_special_tokens=False)["input_ids"])
