@@ -191,7 +191,7 @@ def vlm_inputs(batch: dict) -> dict:
     """The fields of a batch that go to the Qwen-VL model (labels excluded), each image once.
 
     When conversations share images (see :func:`shares_images`), call the VLM through
-    :func:`model.image_cache.shared_images` instead, which runs the vision tower once per image.
+    :func:`model.shared_images.shared_images` instead, which runs the vision tower once per image.
     """
     return {k: batch[k] for k in VLM_INPUT_FIELDS if k in batch}
 

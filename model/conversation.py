@@ -5,7 +5,7 @@ Training asks the questions of a sample either as one conversation of several tu
 default, ``multi_turn``) or as several single-turn conversations (``single_turn``, LISA's way;
 ``model.batch.encode_sample``'s ``conversation_mode``); either way the image is processed once
 (:func:`encode_image`, then each conversation through the processor with those fields), a batch
-holds it once and the encoders run once per image (``model.image_cache.shared_images``).
+holds it once and the encoders run once per image (``model.shared_images.shared_images``).
 
 Labels are -100 everywhere except the assistant replies. The reply spans are found from the chat
 template itself: the token sequence that opens an assistant turn (the template's generation prompt)

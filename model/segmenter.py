@@ -42,7 +42,7 @@ from .config import ADAPTER_DIR, HEAD_WEIGHTS, SAM_WEIGHTS, VLM_DIR, SegmenterCo
 from .constants import SEG_STATES, SEG_TOKEN
 from .conversation import IGNORE_INDEX
 from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
-from .image_cache import shared_images
+from .shared_images import shared_images
 from .losses import mask_bce_loss, mask_dice_loss
 from .mask_decoding import decode_low_res_masks, postprocess_by_image
 from .image_tokens import image_token_counts

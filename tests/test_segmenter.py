@@ -541,7 +541,7 @@ def test_single_turn_training_forward_equals_separate_samples(tiny_vlm_dir, fami
 def full_logits_seg_states(model, batch):
     """The training forward before the LM head was restricted to labelled positions (reference)."""
     from model.batch import row_images
-    from model.image_cache import shared_images
+    from model.shared_images import shared_images
     from model.segmenter import TeacherForcedOutput
 
     with model.hidden_states.capture() as captured, shared_images(model.vlm, batch) as inputs:
