@@ -82,8 +82,7 @@ def check_lora_overrides(settings: dict, overrides: dict) -> dict:
         if value is None:
             continue
         saved = settings.get(name)
-        if name == "target_modules":
-            value = [module.strip() for module in value if module.strip()]  # "q_proj, v_proj" as typed
+        if name == "target_modules":  # parsed already (model.vlm.parse_target_modules)
             same = saved is not None and sorted(value) == sorted(saved if isinstance(saved, list) else [saved])
         else:
             same = saved is not None and float(value) == float(saved)

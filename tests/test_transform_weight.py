@@ -23,7 +23,7 @@ from model.processor import load_processor
 from model.sam import build_sam
 from model.segmenter import ReasonSegmenter
 from model.tiny import save_tiny_vlm
-from model.vlm import LoraSettings
+from model.vlm import LoraSettings, parse_target_modules
 from utils.checkpoint import best_checkpoint, checkpoint_name, latest_checkpoint, mark_best
 
 LAST, FIRST = checkpoint_name(2), checkpoint_name(1)
@@ -158,7 +158,7 @@ def test_lora_alpha_flag_overrides_the_scaling_with_a_warning(run, merged, tmp_p
 def test_lora_flags_that_cannot_apply_are_refused(caplog):
     saved = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     assert check_lora_overrides(saved, {"r": 8, "alpha": 16.0, "target_modules": ["v_proj", "q_proj"]}) == {}
-    assert check_lora_overrides(saved, {"target_modules": "q_proj, v_proj".split(",")}) == {}  # spaces as typed
+    assert check_lora_overrides(saved, {"target_modules": parse_target_modules("q_proj, v_proj")}) == {}  # as typed
     with pytest.raises(MergeError, match="--lora_r 16 differs from the checkpoint's 8"):
         check_lora_overrides(saved, {"r": 16})
     with pytest.raises(MergeError, match="--lora_target_modules"):
