@@ -147,7 +147,7 @@ def merge_checkpoint(
     Returns:
         ``out``.
     """
-    from .segmenter import FinalHiddenStates, ReasonSegmenter
+    from .segmenter import FinalStateCapture, ReasonSegmenter
 
     directory = resolve_checkpoint(ckpt, pick)
     out = Path(out)
@@ -181,7 +181,7 @@ def merge_checkpoint(
         if "alpha" in to_apply:
             set_lora_alpha(model.vlm, to_apply["alpha"])
         model.vlm = model.vlm.merge_and_unload()
-        model.hidden_states = FinalHiddenStates(model.vlm)
+        model.capture_final_states = FinalStateCapture(model.vlm)
         model.config.lora = {}  # no LoRA left; the trained settings go to merged_from
         _check_no_peft_left(model.vlm)
     model.cast_for_run(dtype, trainable_dtype=dtype)  # everything in dtype, as it is written

@@ -9,7 +9,7 @@ token before it (``"preceding_token"``, LISA's: the position whose next-token pr
 ``[SEG]``). :attr:`ReasonSegmenter.seg_state_offset` is that choice as an offset (0 or -1), which
 :func:`state_positions` applies to a teacher-forced batch and :meth:`ReasonSegmenter.generate` to
 the decoding steps. Training and teacher-forced evaluation read the states from the full forward
-pass (a hook on the final norm, :class:`FinalHiddenStates`); generation from the KV-cache decoding
+pass (a hook on the final norm, :class:`FinalStateCapture`); generation from the KV-cache decoding
 steps (:mod:`model.decoding` takes the language model's post-norm output of each step, the state
 of the token it consumes; transformers' ``generate`` goes through the same hook, and after a beam
 search one forward over the answers kept does). Tests check that all give the same vectors.
@@ -123,19 +123,19 @@ class SegmentationResult:
     image_tokens: int | None = None
 
 
-class FinalHiddenStates:
-    """Captures the language model's final-norm outputs ([B, t, H] per forward call)."""
+class FinalStateCapture:
+    """``with capture() as states:`` collects the language model's final-norm outputs ([B, t, H],
+    one per forward call inside the block) into the list ``states``, through a forward hook."""
 
     def __init__(self, vlm: nn.Module) -> None:
         self.norm = _final_norm(vlm)
-        self.outputs: list[torch.Tensor] = []
 
     @contextmanager
-    def capture(self) -> Iterator[list[torch.Tensor]]:
-        self.outputs = []
-        handle = self.norm.register_forward_hook(lambda _m, _i, output: self.outputs.append(output))
+    def __call__(self) -> Iterator[list[torch.Tensor]]:
+        outputs: list[torch.Tensor] = []
+        handle = self.norm.register_forward_hook(lambda _m, _i, output: outputs.append(output))
         try:
-            yield self.outputs
+            yield outputs
         finally:
             handle.remove()
 
@@ -167,7 +167,7 @@ class ReasonSegmenter(nn.Module):
         self.projection = SegProjection(config.hidden_size, config.prompt_dim).to(decoder_device)
         self.sam_transform = SamTransform.from_sam(sam)
         self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
-        self.hidden_states = FinalHiddenStates(vlm)
+        self.capture_final_states = FinalStateCapture(vlm)
         self._decoders: dict[str, GreedyDecoder] = {}  # by decoding mode, built on first use
         freeze_for_segmentation(sam)
         # Frozen here, not by freeze_for_segmentation (LISA's setup, which trains the whole decoder):
@@ -508,7 +508,7 @@ class ReasonSegmenter(nn.Module):
     def teacher_forced(self, batch: dict) -> TeacherForcedOutput:
         """Run the VLM on a right-padded batch with labels (the vision tower once per image)."""
         keep, targets = labelled_next_tokens(batch["labels"])
-        with self.hidden_states.capture() as captured, shared_images(self.vlm, batch) as inputs:
+        with self.capture_final_states() as captured, shared_images(self.vlm, batch) as inputs:
             # The LM head runs only where the next token is labelled: logits [n, V], not [R, T, V].
             output = self.vlm(**inputs, logits_to_keep=keep)
         hidden = captured[-1]
@@ -610,7 +610,7 @@ class ReasonSegmenter(nn.Module):
             )
         rows, prompt_length = inputs["input_ids"].shape
         options = {"do_sample": False, "pad_token_id": self.processor.tokenizer.pad_token_id, **generate_kwargs}
-        with self.hidden_states.capture() as captured:
+        with self.capture_final_states() as captured:
             # One step past the limit: a last [SEG] gets its state.
             sequences = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens + 1, **options)
         tokens = sequences[:, prompt_length : prompt_length + max_new_tokens]
@@ -630,7 +630,7 @@ class ReasonSegmenter(nn.Module):
         full["attention_mask"] = torch.cat([attention_mask, torch.ones_like(tokens, dtype=attention_mask.dtype)], dim=1)
         if inputs.get("mm_token_type_ids") is not None:  # answer tokens are text
             full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, tokens.shape[1]))
-        with self.hidden_states.capture() as captured:
+        with self.capture_final_states() as captured:
             self.vlm(**full, logits_to_keep=1)
         return captured[-1][:, prompt_length - 1 :]
 

@@ -153,7 +153,7 @@ def test_published_generation_recomputes_everything_and_matches_ours(small_model
         return LogitsProcessorList([ScriptedAnswer(ids, prompt_length)])
 
     lengths = []
-    handle = model.hidden_states.norm.register_forward_hook(lambda _m, _i, out: lengths.append(out.shape[1]))
+    handle = model.capture_final_states.norm.register_forward_hook(lambda _m, _i, out: lengths.append(out.shape[1]))
     try:
         ours = model.generate(batch, num_tokens, logits_processor=script())
         ours_lengths, lengths[:] = list(lengths), []

@@ -544,7 +544,7 @@ def full_logits_seg_states(model, batch):
     from model.shared_images import shared_images
     from model.segmenter import TeacherForcedOutput
 
-    with model.hidden_states.capture() as captured, shared_images(model.vlm, batch) as inputs:
+    with model.capture_final_states() as captured, shared_images(model.vlm, batch) as inputs:
         output = model.vlm(**inputs, labels=batch["labels"])
     hidden = captured[-1]
     seg_positions = batch["labels"] == model.seg_token_id

@@ -61,7 +61,7 @@ def published_generate(
     full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(generated)], dim=1)
     if "mm_token_type_ids" in inputs:
         full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated)], dim=1)
-    with model.hidden_states.capture() as captured:
+    with model.capture_final_states() as captured:
         model.vlm(**full, use_cache=False)
     hidden = captured[-1]
     image_embeddings = model.encode_images(batch["sam_pixel_values"], batch["sam_input_size"])
