@@ -7,8 +7,10 @@ import json
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 import data_fixtures as fx
 from utils.data import CorruptSampleError, EmptySampleError, GRefCocoDataset, HybridDataset, ReasonSegDataset
@@ -239,3 +241,112 @@ def test_reason_seg_fill_order_counts_outline_pixels_not_geometric_area() -> Non
     shapes = [{"label": "ignore", "points": fx.rect(0, 0, 10, 10)}, {"label": "target", "points": fx.rect(5, 0, 6, 60)}]
     mask = rasterize_shapes(shapes, 70, 40)
     assert mask[5, 5] == 255 and mask[30, 5] == 1
+
+
+def _full_size_area(polygon: np.ndarray, height: int, width: int) -> int:
+    """The reference's ranking area: the shape drawn on a mask of the whole image."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    cv2.polylines(mask, polygon, True, 1, 1)
+    cv2.fillPoly(mask, polygon, 1)
+    return int(mask.sum())
+
+
+def _full_size_rasterization(shapes: list[dict], height: int, width: int) -> np.ndarray:
+    drawable = []
+    for shape in shapes:
+        polygon = np.array([shape["points"]], dtype=np.int32)
+        drawable.append((_full_size_area(polygon, height, width), polygon, 255 if shape["label"] == "ignore" else 1))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for index in np.argsort([area for area, _, _ in drawable])[::-1]:
+        _, polygon, value = drawable[index]
+        cv2.polylines(mask, polygon, True, value, 1)
+        cv2.fillPoly(mask, polygon, value)
+    return mask
+
+
+def _edge_case_polygons(height: int, width: int) -> list[list[list[float]]]:
+    big = 2**31 - 1
+    return [
+        [[3, 4]], [[-5, 4]], [[width, height]], [[width - 1, height - 1]], [[0, 0]],  # one point
+        [[2, 3], [17, 9]], [[-20, -7], [width + 9, height + 3]], [[5, -3], [5, height + 8]],  # two points
+        [[0, 5], [10, 5], [25, 5]], [[-3, -3], [4, 4], [12, 12]],  # straight lines
+        fx.rect(-10, -10, 5, 5), fx.rect(width - 4, height - 4, width + 20, height + 20), fx.rect(-10, 3, width + 10, 6),
+        fx.rect(width, 0, width + 9, 9), fx.rect(-9, 0, -1, 9), fx.rect(0, height, 9, height + 9), fx.rect(0, -9, 9, -1),  # outside
+        fx.rect(-50, -50, width + 50, height + 50),  # around the whole image
+        [[-big - 1, 0], [big, 5], [3, big]], [[1e9, 2.7], [-1e9, 5.2], [3.9, 2e9]],  # extreme coordinates
+        [[0, 0], [20, 20], [20, 0], [0, 20]],  # self-intersecting
+        [[2.9, 3.1], [14.99, 3.5], [9.5, 12.7]],  # truncated like the reference
+    ]
+
+
+def test_reason_seg_area_in_the_bounding_box_equals_the_full_size_drawing() -> None:
+    """Ranking areas are drawn in each polygon's box clipped to the image: the same integer as
+    drawing it on the whole image for any polygon, and so the same fill order and mask."""
+    from utils.data.reason_seg import _drawn_area, _polygon, rasterize_shapes
+
+    rng = np.random.default_rng(0)
+    shapes_by_image = []
+    for trial in range(600):
+        height, width = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+        polygons = _edge_case_polygons(height, width) if trial % 50 == 0 else []
+        for _ in range(int(rng.integers(1, 6))):
+            span = int(rng.choice([3, 40, 200, 5000]))
+            points = rng.integers(-span, span + 50, (int(rng.integers(1, 9)), 2))
+            polygons.append((points + rng.random(points.shape) if rng.random() < 0.3 else points).tolist())
+        for points in polygons:
+            polygon = _polygon(points)
+            assert _drawn_area(polygon, height, width) == _full_size_area(polygon, height, width), (points, height, width)
+        labels = rng.choice(["target", "ignore"], len(polygons))
+        shapes_by_image.append(([{"label": str(l), "points": p} for l, p in zip(labels, polygons)], height, width))
+    for shapes, height, width in shapes_by_image:
+        np.testing.assert_array_equal(rasterize_shapes(shapes, height, width), _full_size_rasterization(shapes, height, width))
+
+
+# --- ReasonSeg photographs with an EXIF orientation: the size labelme recorded decides -----------
+
+
+def _sideways_reason_seg(root: Path, recorded: tuple[int, int] | None, on_stored_pixels: bool) -> tuple[Path, np.ndarray]:
+    """A val image stored 30 x 40 with EXIF orientation 6 (upright 40 x 30) and a bright block,
+    and a JSON whose polygon outlines that block on the stored or on the upright pixels."""
+    folder = root / "reason_seg" / "ReasonSeg" / "val"
+    folder.mkdir(parents=True)
+    stored = np.zeros((fx.HEIGHT, fx.WIDTH, 3), np.uint8)
+    stored[2:12, 4:16] = 255  # not symmetric: a turned image moves it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turn 90 degrees clockwise to view
+    Image.fromarray(stored).save(folder / "r.jpg", quality=100, exif=exif)
+    block = np.argwhere(stored[..., 0] if on_stored_pixels else np.rot90(stored[..., 0], k=-1))
+    (y0, x0), (y1, x1) = block.min(axis=0).tolist(), block.max(axis=0).tolist()
+    content = {"text": ["the block"], "is_sentence": False, "shapes": [{"label": "target", "points": fx.rect(x0, y0, x1, y1)}]}
+    if recorded is not None:
+        content.update(imageHeight=recorded[0], imageWidth=recorded[1])
+    return Path(_write_json(folder / "r.json", content)), stored
+
+
+@pytest.mark.parametrize("recorded", [(fx.WIDTH, fx.HEIGHT), None])  # the upright size; none recorded
+def test_reason_seg_json_of_the_upright_image_gets_it_upright(tmp_path: Path, recorded, caplog) -> None:
+    _sideways_reason_seg(tmp_path, recorded, on_stored_pixels=False)
+    with caplog.at_level(logging.WARNING, logger="utils.data.reason_seg"):
+        sample = ReasonSegDataset(str(tmp_path), "val", mode="val")[0]
+    assert sample.image.shape == (fx.WIDTH, fx.HEIGHT, 3)
+    np.testing.assert_array_equal(sample.masks[0] == 1, sample.image[..., 0] > 128)
+    assert "stored size" not in caplog.text
+
+
+def test_reason_seg_json_of_the_stored_pixels_gets_them_with_one_warning(tmp_path: Path, caplog) -> None:
+    """Labelme before EXIF support annotated the stored pixels: image and mask both as stored."""
+    _, stored = _sideways_reason_seg(tmp_path, (fx.HEIGHT, fx.WIDTH), on_stored_pixels=True)
+    dataset = ReasonSegDataset(str(tmp_path), "val", mode="val")
+    with caplog.at_level(logging.WARNING, logger="utils.data.reason_seg"):
+        samples = [dataset[0], dataset[0]]
+    for sample in samples:
+        assert sample.image.shape == stored.shape
+        np.testing.assert_array_equal(sample.masks[0] == 1, sample.image[..., 0] > 128)
+    assert caplog.text.count("r.json records the stored size 30x40") == 1
+
+
+def test_reason_seg_json_of_another_size_is_corrupt_naming_file_and_sizes(tmp_path: Path) -> None:
+    _sideways_reason_seg(tmp_path, (50, 60), on_stored_pixels=False)
+    dataset = ReasonSegDataset(str(tmp_path), "val", mode="val")
+    with pytest.raises(CorruptSampleError, match=r"r\.json records an image of 50x60 .* image is 40x30 \(30x40 as stored\)"):
+        dataset[0]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,10 @@ from utils.data.sample import CorruptSampleError
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+
+EXIF_ORIENTATION_TAG = 0x0112
+SIDE_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that turn the image by 90 or 270 degrees (``ImageOps.exif_transpose``)."""
 
 JSON_FALLBACK_ENCODINGS = ("utf-8", "utf-8-sig", "cp1252", "latin-1")
 """Encodings tried in order when reading annotation JSON (some ReasonSeg files are cp1252)."""
@@ -32,7 +37,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image_rgb(path: PathLike, exif_orientation: bool = True) -> np.ndarray:
+def load_image_rgb(
+    path: PathLike,
+    exif_orientation: bool = True,
+    choose_orientation: Callable[[tuple[int, int], tuple[int, int]], bool] | None = None,
+) -> np.ndarray:
     """Read an image as an ``H x W x 3`` uint8 RGB array.
 
     ``exif_orientation``: turn it upright as its EXIF orientation says (what a viewer shows, and
@@ -40,14 +49,25 @@ def load_image_rgb(path: PathLike, exif_orientation: bool = True) -> np.ndarray:
     RLE masks and label maps index (refCOCO and the other COCO-based sources, semantic label
     maps, LLaVA's VQA, all of which were made on the stored pixels).
 
+    ``choose_orientation``, when given, decides instead of ``exif_orientation``: it is called
+    before the pixels are decoded with the ``(height, width)`` of the stored pixels and of the
+    upright image, and returns whether to turn the image upright. A :class:`CorruptSampleError`
+    it raises passes through.
+
     Raises:
         CorruptSampleError: the file is missing or cannot be decoded (the message names it).
     """
     try:
         with Image.open(path) as image:
+            if choose_orientation is not None:
+                stored = (image.height, image.width)
+                turned = image.getexif().get(EXIF_ORIENTATION_TAG) in SIDE_SWAPPING_ORIENTATIONS
+                exif_orientation = choose_orientation(stored, stored[::-1] if turned else stored)
             if exif_orientation:
                 image = ImageOps.exif_transpose(image)
             return np.asarray(to_rgb(image), dtype=np.uint8).copy()
+    except CorruptSampleError:
+        raise
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
         raise CorruptSampleError(f"cannot read image {os.fspath(path)}: {error}") from error
 

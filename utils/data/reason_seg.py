@@ -10,6 +10,8 @@ short phrase) and ``shapes`` (``{"label": "target"|"ignore"|"flag", "points": [[
 An optional ``target_names`` (one per query of ``text``) says what a ``"named"`` answer to that
 query calls the target: a short phrase that needs no looking ("the red shape" for "Which shape
 has the colour of a ripe tomato?"). The real ReasonSeg files have none (the synthetic ones do).
+Labelme's ``imageHeight`` and ``imageWidth``, when given, say whether the polygons were drawn on the
+EXIF-upright image or on the stored pixels (:meth:`ReasonSegDataset._turn_upright`).
 """
 
 from __future__ import annotations
@@ -88,16 +90,41 @@ def rasterize_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> n
             continue
         polygon = _polygon(points)
         value = IGNORE_LABEL if "ignore" in label else 1
-        area_mask = np.zeros((height, width), dtype=np.uint8)
-        cv2.polylines(area_mask, polygon, True, 1, 1)
-        cv2.fillPoly(area_mask, polygon, 1)
-        drawable.append((int(area_mask.sum()), polygon, value))
+        drawable.append((_drawn_area(polygon, height, width), polygon, value))
     mask = np.zeros((height, width), dtype=np.uint8)
     for index in np.argsort([area for area, _, _ in drawable])[::-1]:
         _, polygon, value = drawable[index]
         cv2.polylines(mask, polygon, True, value, 1)
         cv2.fillPoly(mask, polygon, value)
     return mask
+
+
+def _drawn_area(polygon: np.ndarray, height: int, width: int) -> int:
+    """Pixels that outline plus fill of ``polygon`` set in an ``height x width`` image.
+
+    The reference ranks shapes by drawing each on a full-size mask; ReasonSeg photographs reach
+    4000 x 3000, so the same two calls draw into the polygon's bounding box clipped to the image
+    instead. Every drawn pixel lies inside that box, and OpenCV clips lines and fills only at the
+    image's borders, which the box shares where the polygon crosses them, so integer points
+    translated by the box's corner set the same pixels, shifted.
+    """
+    if polygon.ndim != 3 or polygon.shape[2] != 2:
+        # Not labelme's [[x, y], ...]: whatever OpenCV makes of it (or the error it raises) is
+        # what the reference gets, so draw it as the reference does.
+        full = np.zeros((height, width), dtype=np.uint8)
+        cv2.polylines(full, polygon, True, 1, 1)
+        cv2.fillPoly(full, polygon, 1)
+        return int(full.sum())
+    points = polygon.reshape(-1, 2)
+    left, top = max(int(points[:, 0].min()), 0), max(int(points[:, 1].min()), 0)
+    right, bottom = min(int(points[:, 0].max()), width - 1), min(int(points[:, 1].max()), height - 1)
+    if left > right or top > bottom:
+        return 0
+    box = np.zeros((bottom - top + 1, right - left + 1), dtype=np.uint8)
+    shifted = polygon - np.array([left, top], dtype=np.int32)
+    cv2.polylines(box, shifted, True, 1, 1)
+    cv2.fillPoly(box, shifted, 1)
+    return int(box.sum())
 
 
 def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotation:
@@ -107,7 +134,11 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
         CorruptSampleError: unreadable file, missing keys or malformed values (the message names
             the file).
     """
-    content = read_json_lenient(json_path)
+    return parse_annotation(read_json_lenient(json_path), json_path, height, width)
+
+
+def parse_annotation(content: Any, json_path: str, height: int, width: int) -> ReasonSegAnnotation:
+    """:func:`read_annotation` of the already parsed ``content`` of ``json_path``."""
     try:
         queries = _queries(content)
         names = content.get("target_names")
@@ -121,6 +152,21 @@ def read_annotation(json_path: str, height: int, width: int) -> ReasonSegAnnotat
             target_names=None if names is None else [str(names[index] or "").strip() or None for index in kept],
         )
     except (*MALFORMED_ANNOTATION_ERRORS, cv2.error) as error:
+        raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
+
+
+def recorded_size(content: Any, json_path: str) -> tuple[int, int] | None:
+    """The ``(imageHeight, imageWidth)`` labelme recorded in ``content``, None without both.
+
+    Raises:
+        CorruptSampleError: a size that is not a number (the message names the file).
+    """
+    try:
+        height, width = content.get("imageHeight"), content.get("imageWidth")
+        if height is None or width is None:
+            return None
+        return int(height), int(width)
+    except MALFORMED_ANNOTATION_ERRORS as error:
         raise CorruptSampleError(f"malformed ReasonSeg annotation {json_path}: {error!r}") from error
 
 
@@ -207,6 +253,7 @@ class ReasonSegDataset(RawDataset):
         self.image_paths = self._index_images(split)
         self.explanations: dict[str, str] = {}
         self._warned_no_target: set[str] = set()
+        self._warned_stored_pixels: set[str] = set()
         if self.is_train and (explanatory_rate > 0 or text_only_rate > 0):
             self.explanations = self._read_explanations()
         # val items: (image index, query index)
@@ -260,18 +307,23 @@ class ReasonSegDataset(RawDataset):
             image_index, query = self.val_items[index]
             query_indices = [query]
         image_path = self.image_paths[image_index]
-        image = load_image_rgb(image_path)
-        annotation = read_annotation(_json_path(image_path), *image.shape[:2])
+        json_path = _json_path(image_path)
+        content = read_json_lenient(json_path)
+        image = load_image_rgb(
+            image_path,
+            choose_orientation=lambda stored, upright: self._turn_upright(json_path, content, stored, upright),
+        )
+        annotation = parse_annotation(content, json_path, *image.shape[:2])
         if not annotation.queries:
-            raise EmptySampleError(f"ReasonSeg annotation {_json_path(image_path)} has no query")
+            raise EmptySampleError(f"ReasonSeg annotation {json_path} has no query")
         if not (annotation.mask == 1).any():
-            self._no_target_pixel(_json_path(image_path))
+            self._no_target_pixel(json_path)
         if query_indices is None:
             query_indices = sample_without_replacement(
                 rng, self.num_questions_per_image, len(annotation.queries)
             )
         elif query_indices[0] >= len(annotation.queries):
-            raise CorruptSampleError(f"{_json_path(image_path)} changed since indexing")
+            raise CorruptSampleError(f"{json_path} changed since indexing")
         requests = [annotation.queries[i] for i in query_indices]
         answer_kind, explanation = self._answer_kind(os.path.basename(image_path), rng)
         turns, masks = [], []
@@ -310,6 +362,35 @@ class ReasonSegDataset(RawDataset):
                 "answer_kind": answer_kind,
                 "no_target": [False] * len(turns),
             },
+        )
+
+    def _turn_upright(
+        self, json_path: str, content: Any, stored: tuple[int, int], upright: tuple[int, int]
+    ) -> bool:
+        """Whether to apply the image's EXIF orientation, judged by the size labelme recorded.
+
+        Labelme annotates the image it displays, normally turned upright (as LISA's evaluation,
+        through ``cv2.imread``, reads it). Older versions ignored the EXIF orientation and
+        annotated the stored pixels: a sideways photograph's polygons then fit only those, and the
+        recorded size is the stored one. A size that fits neither means the JSON belongs to
+        another image (or a resized copy), whose polygons would be drawn in the wrong place.
+        """
+        recorded = recorded_size(content, json_path)
+        if recorded is None or recorded == upright:
+            return True
+        if recorded == stored:
+            if json_path not in self._warned_stored_pixels:
+                self._warned_stored_pixels.add(json_path)
+                logger.warning(
+                    "%s: %s records the stored size %dx%d, not the EXIF-upright %dx%d (annotated "
+                    "without the EXIF orientation): the image is read as stored",
+                    self.name, json_path, *stored, *upright,
+                )
+            return False
+        as_stored = "" if stored == upright else f" ({stored[0]}x{stored[1]} as stored)"
+        raise CorruptSampleError(
+            f"ReasonSeg annotation {json_path} records an image of {recorded[0]}x{recorded[1]} "
+            f"(imageHeight x imageWidth), but the image is {upright[0]}x{upright[1]}{as_stored}"
         )
 
     def _no_target_pixel(self, json_path: str) -> None:
