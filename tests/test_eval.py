@@ -156,6 +156,43 @@ def test_two_processes_give_the_numbers_of_one(single_run, tiny_segmenter_dir, s
     assert (tmp_path / "predictions.jsonl").read_text() == (single_out / "predictions.jsonl").read_text()
 
 
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_run_leaves_no_part_file(tiny_segmenter_dir, synthetic_root, tmp_path, monkeypatch, failure):
+    """An error (or Ctrl-C) mid-evaluation: no predictions file, and no part left beside it."""
+    import utils.eval_cli
+    from utils.evaluation import evaluate
+
+    parts_while_running = []
+
+    def failing_evaluate(*args, on_prediction, **kwargs):
+        def write_then_fail(record):
+            on_prediction(record)
+            parts_while_running.extend(tmp_path.glob("*.part"))
+            raise failure("stopped mid-evaluation")
+
+        return evaluate(*args, on_prediction=write_then_fail, **kwargs)
+
+    monkeypatch.setattr(utils.eval_cli, "evaluate", failing_evaluate)
+    predictions = tmp_path / "predictions.jsonl"
+    with pytest.raises(failure):
+        utils.eval_cli.main(["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(synthetic_root),
+                             "--val_dataset", "synthetic|val", "--max_samples", "2", "--workers", "0",
+                             "--no_progress", "--log_dir", str(tmp_path), "--save_predictions", str(predictions)])
+    assert parts_while_running == [tmp_path / "predictions.jsonl.rank0.part"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_merge_leaves_neither_parts_nor_a_final_file(tmp_path):
+    from utils.eval_report import PredictionWriter
+
+    writer = PredictionWriter(tmp_path / "predictions.jsonl", rank=0)
+    writer.sink("synthetic|val")({"protocol": "teacher_forced", "index": 0, "turn": 0})
+    (tmp_path / "predictions.jsonl.rank1.part").write_text("{not json\n")  # rank 1's part, unreadable
+    with pytest.raises(json.JSONDecodeError):
+        writer.merge(world_size=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 class ForcedAnswer(LogitsProcessor):
     """Greedy decoding produces a scripted answer; finds where each generate call starts."""
 

@@ -15,7 +15,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -159,26 +159,36 @@ def _gather(records: list) -> list:
     return [record for part in gathered for record in part]
 
 
-def coco_ap_of_split(raw_dataset, evaluated: int, detections: list, path: Path) -> dict:
+def coco_ap_of_split(
+    raw_dataset, evaluated: int, detections: list, path: Path, unreadable: Iterable[int] = ()
+) -> dict:
     """Write ``detections`` (COCO results) to ``path`` and score them with COCOeval, over the
-    images every item of which was evaluated (the first ``evaluated`` items of the split)."""
+    images every item of which was evaluated (the first ``evaluated`` items of the split) and
+    read: an image with an item in ``unreadable`` (item indices of the split) is left out and
+    counted (``unreadable_images``), as its unanswered requests would count as the model's misses."""
     from utils.metrics import coco_average_precision
 
     detections = sorted(detections, key=lambda d: (d["image_id"], d["category_id"]))  # stable: answer order kept
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(detections) + "\n", encoding="utf-8")
-    images = sorted(image for image, items in raw_dataset.image_items().items() if max(items) < evaluated)
+    unreadable = set(unreadable)
+    evaluated_images = {image: items for image, items in raw_dataset.image_items().items() if max(items) < evaluated}
+    left_out = {image for image, items in evaluated_images.items() if unreadable.intersection(items)}
+    images = sorted(evaluated_images.keys() - left_out)
     if not images:
-        logger.warning("%s: no image had all its requests answered (--max_samples %d); no COCO AP", path, evaluated)
+        logger.warning("%s: no image had all its requests answered (--max_samples %d, %d images with an "
+                       "unreadable item); no COCO AP", path, evaluated, len(left_out))
     result = {
         iou_type: coco_average_precision(raw_dataset.annotation_file, str(path), iou_type, images)
         for iou_type in ("bbox", "segm")
     }
-    logger.info("%d detections written to %s; COCO box AP %s, mask AP %s over %d images",
-                len(detections), path, result["bbox"]["AP"], result["segm"]["AP"], len(images))
+    logger.info("%d detections written to %s; COCO box AP %s, mask AP %s over %d images "
+                "(%d left out: an item of theirs was unreadable)",
+                len(detections), path, result["bbox"]["AP"], result["segm"]["AP"], len(images), len(left_out))
     return {
         **result,
         "images": len(images),
+        "unreadable_images": len(left_out),
         "detections": len(detections),
         "detections_file": str(path.resolve()),
         "annotation_file": str(Path(raw_dataset.annotation_file).resolve()),
@@ -286,6 +296,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
             reason_seg = split_kind(name) == "reason_seg"
             for protocol in protocols:
                 detections = [] if protocol == GENERATE and name in detection_files else None
+                unreadable: list[int] = []
                 if dist_info.is_main:
                     logger.info("scoring %s (%d items) under %s", name, len(dataset), protocol)
                 try:
@@ -306,6 +317,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                         max_new_tokens=args.max_new_tokens,
                         generate_kwargs={"decoding": args.decoding},
                         on_detections=detections.extend if detections is not None else None,
+                        on_unreadable=unreadable.extend,
                     )
                 except NothingScoredError as error:
                     # Under both protocols a split that only generation can score (no-target
@@ -326,23 +338,28 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
                 entry = result_entry(name, protocol, scores, split_items, len(dataset))
                 if detections is not None:
                     detections = _gather(detections)
+                    unreadable = _gather(unreadable)
                     if dist_info.is_main:
-                        raw = splits[name]
-                        entry["coco_ap"] = coco_ap_of_split(raw, len(dataset), detections, detection_files[name])
+                        # ``dataset`` is a prefix of the split: its item indices are the split's.
+                        entry["coco_ap"] = coco_ap_of_split(
+                            splits[name], len(dataset), detections, detection_files[name], unreadable
+                        )
                 results.append(entry)
                 if scores["excluded_no_target"] and GENERATE not in protocols and dist_info.is_main:
                     logger.warning(
                         "%s: %d no-target expressions are not scored under teacher forcing; "
                         "--protocol generate (or both) scores them and N-acc", name, scores["excluded_no_target"],
                     )
-    finally:
         if writer is not None:
             writer.close()
-    if writer is not None:
-        barrier()
-        if dist_info.is_main:
-            count = writer.merge(dist_info.world_size)
-            logger.info("%d predictions written to %s", count, args.save_predictions)
+            barrier()
+            if dist_info.is_main:
+                count = writer.merge(dist_info.world_size)
+                logger.info("%d predictions written to %s", count, args.save_predictions)
+    except BaseException:  # Ctrl-C too: nothing of a failed run stays beside --save_predictions
+        if writer is not None:
+            writer.discard()
+        raise
     if not dist_info.is_main:
         return None
     run_info = {

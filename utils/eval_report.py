@@ -67,7 +67,9 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "to a no-target request with no box counts): gRefCOCO's GREC Pr@(F1=1, IoU>=0.5)",
     "coco_ap": "generate on a COCO-format split only: COCO AP (IoU 0.50:0.95), AP50 and AP75 of boxes (bbox) and "
     "masks (segm) from pycocotools' COCOeval on the detections file the run wrote (one detection per non-empty mask, "
-    "score = mean mask probability inside the mask), over the images every request of which was answered",
+    "score = mean mask probability inside the mask), over the images every request of which was answered; "
+    "an image with an unreadable item is left out (counted in coco_ap.unreadable_images): its unanswered requests "
+    "are a data problem, not the model's misses",
 }
 
 _COUNT_KEYS = ("items", "questions", "no_target_questions", "excluded_no_target", "unreadable")
@@ -248,9 +250,11 @@ def format_summary(report: dict) -> str:
         for entry in results:
             coco = entry.get("coco_ap")
             if coco:
+                unreadable = coco.get("unreadable_images")
+                left_out = f", {unreadable} images with an unreadable item left out" if unreadable else ""
                 lines.append(
-                    f"  {entry['split']}: COCO AP over {coco['images']} images, {coco['detections']} detections "
-                    f"({coco['detections_file']})"
+                    f"  {entry['split']}: COCO AP over {coco['images']} images{left_out}, {coco['detections']} "
+                    f"detections ({coco['detections_file']})"
                 )
     for name, text in report["protocols"].items():
         lines.append(f"protocol {name}: {text}")
@@ -271,7 +275,8 @@ def format_summary(report: dict) -> str:
 
 class PredictionWriter:
     """Writes prediction records of one rank to ``PATH.rank<R>.part``; :meth:`merge` (rank 0,
-    after a barrier) joins all parts into ``PATH`` in split order and removes them. Under torchrun
+    after a barrier) joins all parts into ``PATH`` in split order and removes them. A failed run
+    calls :meth:`discard` on every rank, so that no part is left beside ``PATH``. Under torchrun
     on several nodes, ``PATH`` must be on a filesystem every node sees."""
 
     def __init__(self, path: str | os.PathLike, rank: int = 0) -> None:
@@ -299,19 +304,30 @@ class PredictionWriter:
         if not self._file.closed:
             self._file.close()
 
-    def merge(self, world_size: int) -> int:
-        """Join the parts of every rank into the final file; returns the number of records."""
+    def discard(self) -> None:
+        """Close and remove this rank's part: a failed run's predictions are partial, and the
+        part would otherwise stay beside ``PATH`` for good."""
         self.close()
-        records = []
-        for rank in range(world_size):
-            part = self._part(rank)
-            with open(part, encoding="utf-8") as handle:
-                records.extend(json.loads(line) for line in handle if line.strip())
-        order = {name: i for i, name in enumerate(self.split_order)}
-        records.sort(key=lambda r: (order.get(r["split"], len(order)), PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
-        write_text_atomically(self.path, (json.dumps(record) + "\n" for record in records))
-        for rank in range(world_size):
-            self._part(rank).unlink(missing_ok=True)
+        self.part.unlink(missing_ok=True)
+
+    def merge(self, world_size: int) -> int:
+        """Join the parts of every rank into the final file; returns the number of records.
+
+        The parts are removed whether or not the merge succeeds: after the barrier no rank
+        writes them any more, and a failed merge leaves no final file (it is written atomically).
+        """
+        self.close()
+        try:
+            records = []
+            for rank in range(world_size):
+                with open(self._part(rank), encoding="utf-8") as handle:
+                    records.extend(json.loads(line) for line in handle if line.strip())
+            order = {name: i for i, name in enumerate(self.split_order)}
+            records.sort(key=lambda r: (order.get(r["split"], len(order)), PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
+            write_text_atomically(self.path, (json.dumps(record) + "\n" for record in records))
+        finally:
+            for rank in range(world_size):
+                self._part(rank).unlink(missing_ok=True)
         return len(records)
 
 

@@ -65,6 +65,7 @@ QUERY_LENGTH_GROUPS: tuple[str, ...] = ("short", "long")
 GroupOf = Callable[[dict], Sequence[str]]
 PredictionSink = Callable[[dict], None]
 DetectionSink = Callable[[list], None]
+UnreadableSink = Callable[[list[int]], None]
 
 
 def query_length_group(meta: dict) -> list[str]:
@@ -339,8 +340,9 @@ def _group_order(declared: Sequence[str]):
 
 class EncodedDataset(Dataset):
     """A raw dataset seen through the sample encoder: every item is a list of encoded samples
-    (one; empty when the item is unreadable, logged and counted by the collate function). Each
-    question is its own conversation (``single_turn``) about the one encoded image.
+    (one). An unreadable item is logged and becomes ``{"unreadable": True, "extra": {"index": ...}}``,
+    which the collate function counts and names (``unreadable``). Each question is its own
+    conversation (``single_turn``) about the one encoded image.
 
     ``open_prompts=False``: every question with its reference answer (teacher forcing); ``extra``
     also carries ``index`` and ``turns``. ``open_prompts=True``: every question an open prompt
@@ -369,7 +371,8 @@ class EncodedDataset(Dataset):
             return [sample]
         except CorruptSampleError as error:
             logger.warning("evaluation sample %d unreadable, not scored: %s", index, error)
-            return []
+            # Its index travels on: COCO AP leaves out the images of unreadable items (``evaluate``).
+            return [{"unreadable": True, "extra": {"index": index}}]
 
     @staticmethod
     def _without_forward_sample(raw, index: int) -> dict:
@@ -434,13 +437,15 @@ def merge_same_images(samples: list[dict]) -> list[dict]:
 
 
 def _collate_present(model, items: list[list[dict]], padding_side: str, merge_images: bool = False) -> dict:
-    """One batch of every sample of the readable items (an unreadable item is an empty list).
+    """One batch of every sample of the readable items.
 
     The samples that need no forward (see :meth:`EncodedDataset._without_forward_sample`) are
-    listed apart, in ``without_forward``; ``batch`` is None when no other sample is left.
+    listed apart, in ``without_forward``; ``batch`` is None when no other sample is left;
+    ``unreadable``: the indices of the unreadable items.
     """
-    read = [sample for samples in items for sample in samples]
-    readable = sum(1 for samples in items if samples)
+    samples = [sample for item in items for sample in item]
+    unreadable = [sample["extra"]["index"] for sample in samples if sample.get("unreadable")]
+    read = [sample for sample in samples if not sample.get("unreadable")]
     # A gRefCOCO split (or a COCO-format one, which asks about absent categories too) would
     # otherwise pay a forward of the model per no-target expression.
     without_forward = [sample for sample in read if sample.get("without_forward")]
@@ -448,7 +453,8 @@ def _collate_present(model, items: list[list[dict]], padding_side: str, merge_im
     if merge_images:
         present = merge_same_images(present)
     batch = model.collate(present, padding_side=padding_side) if present else None
-    return {"batch": batch, "without_forward": without_forward, "unreadable": len(items) - readable, "items": readable}
+    return {"batch": batch, "without_forward": without_forward, "unreadable": unreadable,
+            "items": len(items) - len(unreadable)}
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -531,6 +537,7 @@ def evaluate(
     generate_kwargs: dict | None = None,
     on_detections: DetectionSink | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_unreadable: UnreadableSink | None = None,
 ) -> dict:
     """Score a whole split under ``protocol`` (this rank's shard, reduced over all ranks).
 
@@ -542,6 +549,9 @@ def evaluate(
         max_new_tokens, generate_kwargs: ``generate`` only (e.g. a logits processor).
         on_detections: ``generate`` on a COCO-format split: receives this rank's COCO results
             records, one call per answer (see :class:`SplitScorer`).
+        on_unreadable: receives the indices (in ``raw_dataset``) of this rank's unreadable
+            items, one call per batch that has some: their questions have no answer and no
+            detection, which COCO AP must not count as the model's (see ``utils.eval_cli``).
         should_stop: checked before each batch; true stops this rank's evaluation there (a
             training run's SIGTERM: torchrun kills its workers 30 s after forwarding it), and the
             result is ``{"interrupted": True, ...}`` on every rank.
@@ -580,7 +590,9 @@ def evaluate(
             if should_stop is not None and should_stop():
                 scorer.counters["interrupted"] = 1
                 break
-            scorer.counters["unreadable"] += item["unreadable"]
+            scorer.counters["unreadable"] += len(item["unreadable"])
+            if item["unreadable"] and on_unreadable is not None:
+                on_unreadable(item["unreadable"])
             scorer.counters["items"] += item["items"]
             for sample in item["without_forward"]:  # no given [SEG]: no mask predicted, none to score
                 _add_teacher_forced_sample(scorer, sample["extra"], [], [], sample["original_size"])
