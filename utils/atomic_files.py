@@ -43,11 +43,15 @@ def write_text_atomically(path: str | os.PathLike, text: str | Iterable[str], du
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines([text] if isinstance(text, str) else text)
-    if durable:
-        fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines([text] if isinstance(text, str) else text)
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a failing generator, Ctrl-C: no hidden half-file stays
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         fsync_path(path.parent)
     return path
