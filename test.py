@@ -21,7 +21,10 @@ from utils.cli import setup_environment
 
 setup_environment()
 
-from utils.eval_cli import main  # noqa: E402
+from utils.eval_args import parse_args  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(say=partial(print, flush=True)))
+    args = parse_args()  # before the evaluation code imports torch: --help and a wrong flag answer at once
+    from utils.eval_cli import main
+
+    sys.exit(main(say=partial(print, flush=True), args=args))

@@ -14,12 +14,14 @@ from utils.cli import setup_environment
 
 setup_environment(offline_hub=False)
 
-from utils.distributed import cleanup_distributed, init_distributed  # noqa: E402
 from utils.train_args import parse_args  # noqa: E402
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # After parsing: torch takes seconds to import, --help and a wrong flag need none of it.
+    from utils.distributed import cleanup_distributed, init_distributed
+
     dist_info = init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist_info.is_main else logging.WARNING,

@@ -35,3 +35,10 @@ conversation (``--conversation_mode``, see :mod:`model.batch`)."""
 DECODING_MODES: tuple[str, ...] = ("auto", "compiled", "eager", "transformers")
 """How answers are decoded (``--decoding``; :mod:`model.decoding`): here, without torch, for the
 parsers."""
+
+TEACHER_FORCED = "teacher_forced"
+GENERATE = "generate"
+EVAL_PROTOCOLS: tuple[str, ...] = (TEACHER_FORCED, GENERATE)
+"""How an evaluation asks (``test.py --protocol``, :mod:`utils.evaluation`): ``teacher_forced``,
+the reference answer with its ``[SEG]`` is given and only the masks are the model's (the published
+numbers); ``generate``, the model writes its own answer."""

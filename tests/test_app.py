@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import gradio_client
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from conftest import DATA, REPO, load_photo
 from model.segmenter import ReasonSegmenter
 from test_inference import scripted
-from utils.gradio_app import _json_file, examples_in, handle_request
+from utils.gradio_app import _json_file, build_demo, examples_in, handle_request
 from utils.distributed import free_port
 from utils.inference import NO_MASK_MESSAGE, InferenceSession, InputError
 
@@ -153,6 +154,51 @@ def test_answer_file_names_are_safe_and_unique(tmp_path):
     assert len(os.listdir(tmp_path)) == 8
 
 
+def test_an_answer_that_cannot_be_serialised_leaves_no_file(tmp_path):
+    with pytest.raises(TypeError):
+        _json_file({"score": object()}, "dog.jpg", tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_request_failing_in_gradio_after_the_handler_leaves_no_answer_file(tiny_segmenter_dir, tmp_path, monkeypatch):
+    """The answer's JSON used to be written by the handler: when Gradio then failed on an output
+    (here writing the overlay PNG), the JSON was never handed to Gradio's cache clean-up and
+    stayed until the server stopped. Run through Gradio's own request processing, no server."""
+    import asyncio
+
+    import gradio as gr
+
+    cache = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    (cache / "upload").mkdir(parents=True)
+    Image.fromarray(load_photo("dog.jpg")).save(cache / "upload" / "dog.jpg")
+    payload = {"path": str(cache / "upload" / "dog.jpg"), "orig_name": "dog.jpg", "meta": {"_type": "gradio.FileData"}}
+    session = InferenceSession(ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval(), max_new_tokens=4)
+    demo = build_demo(session, "tiny", [])
+    segment = next(fn for fn in demo.fns.values() if fn.api_name == "segment")
+
+    def request():
+        return asyncio.run(demo.process_api(segment, [payload, "Where is the dog?"]))
+
+    def answers():
+        return sorted(cache.rglob("*.json"))
+
+    def disk_full(self, value):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gr.Image, "postprocess", disk_full)
+        with pytest.raises(Exception, match="No space left on device"):
+            request()
+    assert answers() == []
+    # The same request, once the overlay can be written: its answer is written and Gradio's to delete.
+    download = request()["data"][4]
+    assert answers() == [Path(download["path"])]
+    assert json.loads(Path(download["path"]).read_text(encoding="utf-8"))["image"] == "dog.jpg"
+    assert any(download["path"] in files for files in demo.temp_file_sets)
+    session.close()
+
+
 def test_request_files_are_deleted_when_old_and_at_exit(tiny_segmenter_dir, tmp_path):
     """--cache_max_age: a request's upload, overlay and JSON answer go once they are that old,
     and the answers' folder when the server stops; before, a public demo kept them all for good."""
@@ -232,13 +278,14 @@ def test_missing_model_directory_is_a_message(tmp_path, monkeypatch):
     assert exit_info.value.code == f"error: model directory {tmp_path / 'no_model'} does not exist"
 
 
-def test_handler_draws_one_mask_and_box_per_seg(tiny_segmenter_dir, monkeypatch):
+def test_handler_draws_one_mask_and_box_per_seg(tiny_segmenter_dir, monkeypatch, tmp_path):
     model = ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval()
     session = InferenceSession(model, max_new_tokens=24)
     ask = session.ask
     monkeypatch.setattr(session, "ask", lambda image, prompt: ask(image, prompt, logits_processor=scripted(model, "Sure, the dog [SEG] and [SEG].")))
     payload = {"path": str(DATA / "dog.jpg"), "orig_name": "dog.jpg"}
-    overlay, text, boxes, status, download = handle_request(session, payload, "Where is the dog and the grass?")
+    overlay, text, boxes, status, record = handle_request(session, payload, "Where is the dog and the grass?")
+    download = _json_file(record, record["image"], tmp_path)
     assert text == "Sure, the dog [SEG] and [SEG]." and status == "2 masks; 28 image tokens"
     assert [b["mask"] for b in boxes] == [0, 1] and overlay.shape == (534, 800, 3)
     assert [b["label"] for b in boxes] == ["the dog", None] and all("bbox_2d" in b and "score" in b for b in boxes)

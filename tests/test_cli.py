@@ -1,6 +1,7 @@
 """The command-line pieces the entry points share (utils/cli.py) and the names behind them."""
 
 import argparse
+import json
 import os
 import runpy
 import subprocess
@@ -30,7 +31,7 @@ def inference_parser() -> argparse.ArgumentParser:
 
 
 def test_the_precision_names_are_those_of_the_dtypes_and_of_every_parser():
-    from utils.eval_cli import build_parser as eval_parser
+    from utils.eval_args import build_parser as eval_parser
     from utils.train_args import build_parser as train_parser
 
     assert tuple(PRECISIONS) == PRECISION_NAMES
@@ -46,7 +47,7 @@ def test_conversation_modes_are_one_list():
 
 
 def test_inference_and_test_py_share_the_model_flags():
-    from utils.eval_cli import build_parser
+    from utils.eval_args import build_parser
 
     shared = ("--version", "--pick", "--base_model", "--vision_pretrained", "--precision", "--compile_sam",
               "--min_pixels", "--max_pixels")
@@ -76,6 +77,40 @@ def test_the_training_flags_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# Run in a fresh interpreter: the entry point's --help, then a flag it does not have, each to its
+# SystemExit; prints the exit codes and which heavy libraries got imported on the way.
+_FLAGS_ONLY = """
+import contextlib, io, json, runpy, sys
+codes = []
+for flags in (["--help"], ["--no_such_flag"]):
+    sys.argv = [SCRIPT, *flags]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            runpy.run_path(SCRIPT, run_name="__main__")
+        except SystemExit as exit:
+            codes.append(exit.code)
+heavy = sorted({"torch", "transformers", "peft", "gradio", "cv2"} & set(sys.modules))
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("script", [
+    "inference.py",
+    "test.py",
+    "train_ddp.py",
+    "transform_weight.py",
+    "tools/app.py",
+])
+def test_help_and_flag_errors_import_no_heavy_library(script):
+    """--help and a wrong flag answer at once: torch alone takes seconds to import."""
+    code = f"SCRIPT = {script!r}\n" + _FLAGS_ONLY
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report == {"codes": [0, 2], "heavy": []}, report
 
 
 @pytest.mark.parametrize("script", ["inference.py", "test.py", "transform_weight.py", "train_ddp.py"])

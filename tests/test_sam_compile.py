@@ -85,7 +85,7 @@ def test_a_compiler_failure_falls_back_to_eager(caplog):
 
 
 def test_the_flag_on_every_entry_point(tiny_segmenter_dir, tmp_path):
-    from utils.eval_cli import build_parser as eval_parser
+    from utils.eval_args import build_parser as eval_parser
 
     train = train_parser()
     assert train.parse_args(["--compile_sam"]).compile_sam and not train.parse_args([]).compile_sam

@@ -20,97 +20,19 @@ from typing import Callable, Iterable
 import torch
 
 from model.config import SegmenterConfig
+from model.constants import EVAL_PROTOCOLS, GENERATE, TEACHER_FORCED
 from model.decoding import resolve_decoding
 from model.image_tokens import pixel_limits
 from model.sam_compile import compile_image_encoder
-from utils.cli import add_model_arguments, check_pixel_arguments
-from utils.data.builders import build_val_dataset, split_names, val_split_kind
+from utils.data.builders import build_val_dataset
 from utils.data.sample import CorruptSampleError
+from utils.dataset_names import split_names, val_split_kind
 from utils.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from utils.eval_args import DETECTIONS_NAME, REPORT_NAME, TABLE_NAME, parse_args
 from utils.eval_report import PredictionWriter, build_report, format_summary, result_entry, write_json
-from utils.evaluation import (
-    GENERATE,
-    PROTOCOLS,
-    QUERY_LENGTH_GROUPS,
-    TEACHER_FORCED,
-    NothingScoredError,
-    evaluate,
-    query_length_group,
-)
+from utils.evaluation import QUERY_LENGTH_GROUPS, NothingScoredError, evaluate, query_length_group
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LOG_DIR = "./runs/test"
-REPORT_NAME = "report.json"
-TABLE_NAME = "results.txt"
-DETECTIONS_NAME = "detections.json"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="test.py",
-        description="Score a reasoning segmenter on benchmark splits (gIoU, cIoU, precision@IoU, mask-derived "
-        "boxes, N-acc), teacher-forced and/or generated; python test.py or torchrun ... test.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_model_arguments(p, auto_decoding="compiled on CUDA, else eager. Only --protocol generate decodes")
-    data = p.add_argument_group("data")
-    data.add_argument("--val_dataset", default="ReasonSeg|val",
-                      help="one or several splits joined by '||': ReasonSeg|val, ReasonSeg|test, refcoco|unc|val, "
-                      "refcoco|unc|testA, refcoco+|unc|testB, refcocog|umd|test, grefcoco|unc|val, synthetic|val, "
-                      "synthetic|refer_val, synthetic|grefer_val; your own COCO-format file: coco|instances.json|image_dir "
-                      "(every category asked about every image, one [SEG] per instance, COCO AP under generate; "
-                      "add |present to ask only the categories an image has) ...")
-    data.add_argument("--dataset_dir", default="./dataset")
-    data.add_argument("--reason_seg_queries", choices=["first", "all"], default="first",
-                      help="ReasonSeg: score the first query of each image (LISA's published protocol) or every query")
-    data.add_argument("--max_samples", type=int, default=0,
-                      help="score only the first N items of each split (quick runs; marked partial; 0: all)")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
-    run = p.add_argument_group("evaluation")
-    run.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default=TEACHER_FORCED,
-                     help="teacher_forced: the answer with [SEG] is given (published numbers); generate: the model answers")
-    run.add_argument("--batch_size", type=int, default=1, help="per process")
-    run.add_argument("--max_new_tokens", type=int, default=64, help="generate: answer length limit")
-    out = p.add_argument_group("output")
-    out.add_argument("--log_dir", default=DEFAULT_LOG_DIR,
-                     help=f"where {REPORT_NAME} and {TABLE_NAME} go ({TABLE_NAME} goes beside --report when that is given)")
-    out.add_argument("--report", help=f"JSON report path (default: LOG_DIR/{REPORT_NAME})")
-    out.add_argument("--save_predictions", help="JSONL of every prediction (COCO RLE masks, boxes, answers, targets)")
-    out.add_argument("--save_detections",
-                     help="COCO-format splits under generate: the detections file (COCO results format: image_id, "
-                     "category_id, bbox [x, y, w, h], score, segmentation RLE; re-score it with pycocotools alone) "
-                     f"that COCO AP is computed from (default: LOG_DIR/{DETECTIONS_NAME}; several COCO splits: "
-                     "NAME_1.json, NAME_2.json ... in --val_dataset order)")
-    out.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.max_samples < 0 or args.workers < 0:
-        parser.error("--max_samples and --workers must be >= 0")
-    check_pixel_arguments(args, parser)
-    if not split_names(args.val_dataset):
-        parser.error("--val_dataset is empty: name at least one split, e.g. 'ReasonSeg|val'")
-    if not Path(args.dataset_dir).is_dir():
-        parser.error(f"--dataset_dir {args.dataset_dir}: directory not found (see dataset/README.md)")
-    if args.save_detections:
-        if not any(val_split_kind(name) == "coco" for name in split_names(args.val_dataset)):
-            parser.error("--save_detections needs a COCO-format split in --val_dataset "
-                         "('coco|<instances.json>|<image_dir>'): detections are written for those only")
-        if args.protocol == TEACHER_FORCED:
-            parser.error("--save_detections needs --protocol generate (or both): teacher forcing gives the model "
-                         "the number of instances, so its masks are not detections")
-    return args
-
-
-split_kind = val_split_kind  # ``reason_seg``, ``refer_seg`` or ``coco``: the source kind behind a split name
-
 
 def build_splits(names: str, dataset_dir: str, reason_seg_queries: str, answer_style: str = "plain") -> dict:
     """Every requested split, checked before the model loads (a wrong name costs no model load).
@@ -141,7 +63,7 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 def detections_paths(args: argparse.Namespace, names: list[str]) -> dict[str, Path]:
     """Split name -> its detections file, for the COCO-format splits among ``names``."""
-    coco = [name for name in names if split_kind(name) == "coco"]
+    coco = [name for name in names if val_split_kind(name) == "coco"]
     base = Path(args.save_detections) if args.save_detections else output_dir(args) / DETECTIONS_NAME
     if len(coco) == 1:
         return {coco[0]: base}
@@ -284,7 +206,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     resolved, splits = model_and_splits(args)
     model, checkpoint, model_info = load_model(args, dist_info.device, resolved)
     precision = args.precision or ("bf16" if dist_info.device.type == "cuda" else "fp32")
-    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    protocols = list(EVAL_PROTOCOLS) if args.protocol == "both" else [args.protocol]
     writer = PredictionWriter(args.save_predictions, dist_info.rank) if args.save_predictions else None
     detection_files = detections_paths(args, list(splits)) if GENERATE in protocols else {}
     results = []
@@ -293,7 +215,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
             split_items = len(dataset)
             if args.max_samples:
                 dataset = torch.utils.data.Subset(dataset, range(min(split_items, args.max_samples)))
-            reason_seg = split_kind(name) == "reason_seg"
+            reason_seg = val_split_kind(name) == "reason_seg"
             for protocol in protocols:
                 detections = [] if protocol == GENERATE and name in detection_files else None
                 unreadable: list[int] = []
@@ -379,10 +301,14 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     return build_report(model_info, checkpoint, run_info, results)
 
 
-def main(argv: list[str] | None = None, say: Callable[[str], None] = logger.info) -> int:
+def main(
+    argv: list[str] | None = None, say: Callable[[str], None] = logger.info, args: argparse.Namespace | None = None
+) -> int:
     """test.py: parse, evaluate, write the report; the results table goes to ``say``
-    (test.py passes ``print``)."""
-    args = parse_args(argv)
+    (test.py passes ``print``). ``args``: ``argv`` parsed already (test.py parses before it
+    imports this module, so that ``--help`` does not wait for torch)."""
+    if args is None:
+        args = parse_args(argv)
     args.command = shlex.join(["test.py", *(sys.argv[1:] if argv is None else argv)])  # pastes back into a shell
     dist_info = init_distributed()
     logging.basicConfig(

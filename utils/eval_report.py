@@ -23,8 +23,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from model.constants import EVAL_PROTOCOLS, GENERATE, TEACHER_FORCED
 from utils.atomic_files import write_text_atomically
-from utils.evaluation import GENERATE, PROTOCOLS, TEACHER_FORCED, detection_targets, scored_pairs
+from utils.evaluation import detection_targets, scored_pairs
 from utils.masks import IGNORE_LABEL, decode_rle, mask_to_box
 from utils.metrics import DetectionMeter, SegmentationMeter
 
@@ -126,7 +127,7 @@ def result_entry(
 
 def build_report(model: dict, checkpoint: str, run: dict, results: list[dict]) -> dict:
     """The whole JSON report."""
-    protocols = sorted({entry["protocol"] for entry in results}, key=PROTOCOLS.index)
+    protocols = sorted({entry["protocol"] for entry in results}, key=EVAL_PROTOCOLS.index)
     return {
         "report_version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -323,7 +324,7 @@ class PredictionWriter:
                 with open(self._part(rank), encoding="utf-8") as handle:
                     records.extend(json.loads(line) for line in handle if line.strip())
             order = {name: i for i, name in enumerate(self.split_order)}
-            records.sort(key=lambda r: (order.get(r["split"], len(order)), PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
+            records.sort(key=lambda r: (order.get(r["split"], len(order)), EVAL_PROTOCOLS.index(r["protocol"]), r["index"], r["turn"]))
             write_text_atomically(self.path, (json.dumps(record) + "\n" for record in records))
         finally:
             for rank in range(world_size):

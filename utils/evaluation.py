@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.batch import SINGLE_TURN, SampleEncoder, encode_sample, row_images, to_device
+from model.constants import EVAL_PROTOCOLS, GENERATE, TEACHER_FORCED
 from utils.data.sample import SEG_TOKEN, CorruptSampleError
 from utils.data.samplers import ShardedEvalSampler
 from utils.distributed import ignore_stop_signals
@@ -54,10 +55,6 @@ from utils.metrics import (
 )
 
 logger = logging.getLogger(__name__)
-
-TEACHER_FORCED = "teacher_forced"
-GENERATE = "generate"
-PROTOCOLS: tuple[str, ...] = (TEACHER_FORCED, GENERATE)
 
 #: ReasonSeg's columns: short phrases (``is_sentence`` False) and long queries (True).
 QUERY_LENGTH_GROUPS: tuple[str, ...] = ("short", "long")
@@ -186,8 +183,8 @@ class SplitScorer:
         on_prediction: PredictionSink | None = None,
         on_detections: DetectionSink | None = None,
     ) -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.groups = tuple(groups)
         self.group_of = group_of
@@ -561,8 +558,8 @@ def evaluate(
         ValueError: an empty split; :class:`NothingScoredError` (a ValueError): no mask scored
             (every sample unreadable, or under teacher forcing every question a no-target one).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
     if len(raw_dataset) == 0:
         raise ValueError(f"the evaluation split {description!r} is empty")
     device = model.device

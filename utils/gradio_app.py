@@ -100,29 +100,29 @@ def _safe_stem(name: str) -> str:
 def _json_file(record: dict, name: str, folder: Path | None = None) -> str:
     """Write an answer's JSON for download into ``folder``; returns its path (one file per request).
 
-    ``folder``: None writes into a folder of this process (removed when it exits).
+    ``folder``: None writes into a folder of this process (removed when it exits). A write that
+    fails (a full disk) leaves no partial file behind.
     """
+    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"  # before the file exists: may raise
     folder = _answers_dir() if folder is None else folder
     path = folder / f"{_safe_stem(name)}_{uuid.uuid4().hex[:12]}.json"
     with open(path, "x", encoding="utf-8") as file:  # "x": never overwrite another request's answer
-        file.write(json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+        try:
+            file.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     return str(path)
 
 
-def handle_request(
-    session: InferenceSession,
-    image: Any,
-    prompt: Any,
-    allowed_dirs: Sequence[Path] | None = None,
-    json_dir: Path | None = None,
-):
-    """The demo's handler, without Gradio: returns (overlay, text, boxes, status, json_path).
+def handle_request(session: InferenceSession, image: Any, prompt: Any, allowed_dirs: Sequence[Path] | None = None):
+    """The demo's handler, without Gradio: returns (overlay, text, boxes, status, record).
 
     ``allowed_dirs``: where an image payload's path may lie (see :func:`_image_path`); None: anywhere.
-    ``json_dir``: where the JSON answer is written (see :func:`_json_file`).
 
     ``boxes`` lists per ``[SEG]`` its ``bbox_2d``, ``label``, ``score`` and ``area`` (the JSON
-    objects without their RLE masks); ``json_path`` is a file with the whole answer as JSON.
+    objects without their RLE masks); ``record`` is the whole answer (its ``"image"``: the upload's
+    name), which the page's download box writes as JSON (:func:`_answer_file_component`).
 
     Raises:
         InputError: a message for the person (the upload's name, not the server's temp path).
@@ -144,7 +144,7 @@ def handle_request(
         status += f" (the {width}x{height} image was downscaled to {answer.image.array.shape[1]}x{answer.image.array.shape[0]})"
     if answer.image_tokens is not None:
         status += f"; {answer.image_tokens:,} image tokens"
-    return render_overlay(answer), answer.text, boxes, status, _json_file(record, name, json_dir)
+    return render_overlay(answer), answer.text, boxes, status, record
 
 
 def _limits_line(session: InferenceSession) -> str:
@@ -169,6 +169,32 @@ def cache_schedule(max_age: int) -> tuple[int, int]:
     return min(max(max_age // 4, 1), 300), max_age
 
 
+def _answer_file_component(gr, folder: Path):
+    """A ``gr.File`` whose value is the answer's record: it writes the JSON into ``folder`` when
+    Gradio postprocesses the outputs.
+
+    Were the handler to write it, a request that then failed in Gradio (writing the overlay,
+    serialising the boxes: the outputs before it) would leave a file Gradio never took over, which
+    nothing deletes before the server stops. As the last output, it is written only once every
+    other output is done, and Gradio takes it over (for its ``delete_cache`` schedule) right after.
+    """
+
+    class AnswerFile(gr.File):
+        is_template = True  # Gradio's way of subclassing a component: the page shows a gr.File
+
+        def postprocess(self, value):
+            if value is None:
+                return None
+            path = _json_file(value, value["image"], folder)
+            try:
+                return super().postprocess(path)
+            except BaseException:
+                Path(path).unlink(missing_ok=True)
+                raise
+
+    return AnswerFile
+
+
 def build_demo(
     session: InferenceSession,
     model_name: str,
@@ -189,15 +215,15 @@ def build_demo(
     # Uploads (and the examples Gradio copies) live in its upload folder; the examples themselves too.
     allowed_dirs = [upload_folder, *{Path(path).parent for path, _ in examples}]
     # The answers go into Gradio's own cache: it serves them from there without a copy and
-    # deletes them on the schedule above; the folder itself (with any answer Gradio never took
-    # over, from a request that failed after writing it) goes when the process exits.
+    # deletes them on the schedule above; the folder itself goes when the process exits.
     upload_folder.mkdir(parents=True, exist_ok=True)
     json_dir = Path(tempfile.mkdtemp(prefix="answers_", dir=upload_folder))
     atexit.register(shutil.rmtree, json_dir, ignore_errors=True)
+    AnswerFile = _answer_file_component(gr, json_dir)
 
     def segment(image, prompt):
         try:
-            return handle_request(session, image, prompt, allowed_dirs, json_dir)
+            return handle_request(session, image, prompt, allowed_dirs)
         except InputError as err:
             raise gr.Error(str(err), title="Cannot answer this request") from None
         except Exception as err:  # noqa: BLE001 - the person gets a message, the log the traceback
@@ -219,7 +245,7 @@ def build_demo(
                 answer = gr.Textbox(label="Answer", interactive=False)
                 status = gr.Textbox(label="Masks", interactive=False)
                 boxes = gr.JSON(label="Boxes: bbox_2d [x1, y1, x2, y2] in pixels (x2, y2 exclusive), label, score")
-                download = gr.File(label="Answer as JSON (boxes, labels, scores, COCO-RLE masks)")
+                download = AnswerFile(label="Answer as JSON (boxes, labels, scores, COCO-RLE masks)")
         if examples:
             gr.Examples(examples=examples, inputs=[image, prompt], label="Examples")
         # preprocess=False: the handler decodes the upload itself, so an unreadable file gets a
@@ -227,7 +253,7 @@ def build_demo(
         common = dict(
             fn=segment,
             inputs=[image, prompt],
-            outputs=[overlay, answer, boxes, status, download],
+            outputs=[overlay, answer, boxes, status, download],  # download last: see _answer_file_component
             preprocess=False,
             concurrency_limit=1,
             concurrency_id="model",

@@ -32,9 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.constants import SEG_TOKEN
 from model.lru import LRU
-from model.sam_compile import compile_image_encoder
 from utils.cli import add_model_arguments, check_pixel_arguments
-from utils.data.io import to_rgb
 from utils.grounding import answer_objects, resize_mask
 from utils.masks import mask_to_box, overlay_masks
 
@@ -150,6 +148,8 @@ def load_image(
     except Exception as err:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
         logger.warning("%s: cannot apply its EXIF orientation (%s); using the image as stored", label, err)
         upright = (width, height)
+    from utils.data.io import to_rgb  # here: utils.data loads torch, which --help must not wait for
+
     image = to_rgb(image)
     resized_from = None
     if max_side and max(upright) > max_side:
@@ -856,6 +856,7 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
     ``one_request``: the process answers one request, so ``--decoding auto`` does not compile.
     """
     from model.loading import ModelLoadError, load_segmenter
+    from model.sam_compile import compile_image_encoder
 
     try:
         model = load_segmenter(

@@ -44,6 +44,7 @@ from utils.data.sample import RawSample
 from utils.data.sem_seg import Ade20kDataset, CocoStuffDataset, MapillaryDataset
 from utils.data.synthetic_writer import MARKER_FILE, is_synthetic_root
 from utils.data.vqa import LlavaVqaDataset
+from utils.dataset_names import SYNTHETIC_VAL_SPLITS, split_names, val_split_kind
 
 SOURCE_KINDS: tuple[str, ...] = ("sem_seg", "refer_seg", "vqa", "reason_seg", "coco")
 SEM_SEG_DATASETS: dict[str, Callable[..., RawDataset]] = {
@@ -54,17 +55,6 @@ SEM_SEG_DATASETS: dict[str, Callable[..., RawDataset]] = {
     "mapillary": MapillaryDataset,
 }
 REFER_SEG_DATASETS: tuple[str, ...] = ("refclef", "refcoco", "refcoco+", "refcocog", "grefcoco")
-SYNTHETIC_VAL_SPLITS: dict[str, tuple[str, str, str]] = {
-    # name -> (source kind, spec, dataset label)
-    "synthetic|val": ("reason_seg", "ReasonSeg|val", "synthetic_reason_seg"),
-    "synthetic|refer_val": ("refer_seg", "refcoco|unc|val", "synthetic_refer"),
-    "synthetic|grefer_val": ("refer_seg", "grefcoco|unc|val", "synthetic_grefer"),
-}
-
-
-def split_names(spec: str, separator: str = "||") -> list[str]:
-    """``"a||b||c"`` -> ``["a", "b", "c"]`` (blank entries dropped)."""
-    return [part.strip() for part in spec.split(separator) if part.strip()]
 
 
 def parse_sample_rates(spec: str | Sequence[float]) -> list[float]:
@@ -240,16 +230,6 @@ def build_train_dataset(
     )
     dataset.check_sources()
     return dataset
-
-
-def val_split_kind(name: str) -> str:
-    """``reason_seg``, ``refer_seg`` or ``coco``: the source kind behind a validation split name."""
-    name = name.strip()
-    if name in SYNTHETIC_VAL_SPLITS:
-        return SYNTHETIC_VAL_SPLITS[name][0]
-    if name.split("|")[0] == "coco":
-        return "coco"
-    return "reason_seg" if len(name.split("|")) == 2 else "refer_seg"
 
 
 def coco_detection_dataset(name: str, dataset_dir: str, **options: Any) -> CocoDetectionDataset:
