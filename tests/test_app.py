@@ -160,10 +160,11 @@ def test_an_answer_that_cannot_be_serialised_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_request_failing_in_gradio_after_the_handler_leaves_no_answer_file(tiny_segmenter_dir, tmp_path, monkeypatch):
-    """The answer's JSON used to be written by the handler: when Gradio then failed on an output
-    (here writing the overlay PNG), the JSON was never handed to Gradio's cache clean-up and
-    stayed until the server stopped. Run through Gradio's own request processing, no server."""
+def test_an_answer_left_by_a_request_failing_in_gradio_goes_on_the_cache_schedule(tiny_segmenter_dir, tmp_path, monkeypatch):
+    """When Gradio fails on an output after the handler wrote the answer's JSON (here writing the
+    overlay PNG), Gradio never takes the JSON over for its clean-up: it used to stay until the
+    server stopped. It now goes once it is --cache_max_age old, as every other file of a request.
+    Run through Gradio's own request processing, no server."""
     import asyncio
 
     import gradio as gr
@@ -174,7 +175,7 @@ def test_a_request_failing_in_gradio_after_the_handler_leaves_no_answer_file(tin
     Image.fromarray(load_photo("dog.jpg")).save(cache / "upload" / "dog.jpg")
     payload = {"path": str(cache / "upload" / "dog.jpg"), "orig_name": "dog.jpg", "meta": {"_type": "gradio.FileData"}}
     session = InferenceSession(ReasonSegmenter.from_pretrained(tiny_segmenter_dir("qwen2_5_vl")).eval(), max_new_tokens=4)
-    demo = build_demo(session, "tiny", [])
+    demo = build_demo(session, "tiny", [], cache_max_age=600)
     segment = next(fn for fn in demo.fns.values() if fn.api_name == "segment")
 
     def request():
@@ -190,12 +191,16 @@ def test_a_request_failing_in_gradio_after_the_handler_leaves_no_answer_file(tin
         patch.setattr(gr.Image, "postprocess", disk_full)
         with pytest.raises(Exception, match="No space left on device"):
             request()
-    assert answers() == []
-    # The same request, once the overlay can be written: its answer is written and Gradio's to delete.
+    [orphan] = answers()
+    assert not any(str(orphan) in files for files in demo.temp_file_sets)  # Gradio will not delete it
     download = request()["data"][4]
-    assert answers() == [Path(download["path"])]
-    assert json.loads(Path(download["path"]).read_text(encoding="utf-8"))["image"] == "dog.jpg"
-    assert any(download["path"] in files for files in demo.temp_file_sets)
+    assert answers() == sorted([orphan, Path(download["path"])])  # younger than the age: kept
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    latest = request()["data"][4]
+    assert answers() == sorted([Path(download["path"]), Path(latest["path"])])
+    assert json.loads(Path(latest["path"]).read_text(encoding="utf-8"))["image"] == "dog.jpg"
+    assert any(latest["path"] in files for files in demo.temp_file_sets)
     session.close()
 
 

@@ -19,6 +19,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -122,7 +123,7 @@ def handle_request(session: InferenceSession, image: Any, prompt: Any, allowed_d
 
     ``boxes`` lists per ``[SEG]`` its ``bbox_2d``, ``label``, ``score`` and ``area`` (the JSON
     objects without their RLE masks); ``record`` is the whole answer (its ``"image"``: the upload's
-    name), which the page's download box writes as JSON (:func:`_answer_file_component`).
+    name), which the page offers as a JSON file (:func:`_json_file`).
 
     Raises:
         InputError: a message for the person (the upload's name, not the server's temp path).
@@ -169,30 +170,15 @@ def cache_schedule(max_age: int) -> tuple[int, int]:
     return min(max(max_age // 4, 1), 300), max_age
 
 
-def _answer_file_component(gr, folder: Path):
-    """A ``gr.File`` whose value is the answer's record: it writes the JSON into ``folder`` when
-    Gradio postprocesses the outputs.
-
-    Were the handler to write it, a request that then failed in Gradio (writing the overlay,
-    serialising the boxes: the outputs before it) would leave a file Gradio never took over, which
-    nothing deletes before the server stops. As the last output, it is written only once every
-    other output is done, and Gradio takes it over (for its ``delete_cache`` schedule) right after.
-    """
-
-    class AnswerFile(gr.File):
-        is_template = True  # Gradio's way of subclassing a component: the page shows a gr.File
-
-        def postprocess(self, value):
-            if value is None:
-                return None
-            path = _json_file(value, value["image"], folder)
-            try:
-                return super().postprocess(path)
-            except BaseException:
-                Path(path).unlink(missing_ok=True)
-                raise
-
-    return AnswerFile
+def remove_files_older_than(folder: Path, max_age: float) -> None:
+    """Delete the files in ``folder`` last written more than ``max_age`` seconds ago."""
+    cutoff = time.time() - max_age
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:  # Gradio's own clean-up got there first
+            pass
 
 
 def build_demo(
@@ -219,11 +205,14 @@ def build_demo(
     upload_folder.mkdir(parents=True, exist_ok=True)
     json_dir = Path(tempfile.mkdtemp(prefix="answers_", dir=upload_folder))
     atexit.register(shutil.rmtree, json_dir, ignore_errors=True)
-    AnswerFile = _answer_file_component(gr, json_dir)
 
     def segment(image, prompt):
+        # Gradio deletes only the files it took over: an answer whose request then failed in
+        # Gradio (writing the overlay on a full disk) is ours to delete, on the same schedule.
+        remove_files_older_than(json_dir, cache_max_age)
         try:
-            return handle_request(session, image, prompt, allowed_dirs)
+            *shown, record = handle_request(session, image, prompt, allowed_dirs)
+            return (*shown, _json_file(record, record["image"], json_dir))
         except InputError as err:
             raise gr.Error(str(err), title="Cannot answer this request") from None
         except Exception as err:  # noqa: BLE001 - the person gets a message, the log the traceback
@@ -245,7 +234,7 @@ def build_demo(
                 answer = gr.Textbox(label="Answer", interactive=False)
                 status = gr.Textbox(label="Masks", interactive=False)
                 boxes = gr.JSON(label="Boxes: bbox_2d [x1, y1, x2, y2] in pixels (x2, y2 exclusive), label, score")
-                download = AnswerFile(label="Answer as JSON (boxes, labels, scores, COCO-RLE masks)")
+                download = gr.File(label="Answer as JSON (boxes, labels, scores, COCO-RLE masks)")
         if examples:
             gr.Examples(examples=examples, inputs=[image, prompt], label="Examples")
         # preprocess=False: the handler decodes the upload itself, so an unreadable file gets a
@@ -253,7 +242,7 @@ def build_demo(
         common = dict(
             fn=segment,
             inputs=[image, prompt],
-            outputs=[overlay, answer, boxes, status, download],  # download last: see _answer_file_component
+            outputs=[overlay, answer, boxes, status, download],
             preprocess=False,
             concurrency_limit=1,
             concurrency_id="model",
