@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from utils.masks import mask_score, mask_to_box
 
-from .batch import collate, encode_sample, row_images, to_device
+from .batch import collate, encode_sample, map_in_threads, row_images, to_device
 from .config import ADAPTER_DIR, HEAD_WEIGHTS, SAM_WEIGHTS, VLM_DIR, SegmenterConfig
 from .constants import SEG_STATES, SEG_TOKEN
 from .conversation import IGNORE_INDEX
@@ -657,10 +657,11 @@ class ReasonSegmenter(nn.Module):
     def predict(
         self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs
     ) -> list[SegmentationResult]:
-        """Answer one request per image (a batch, generated together)."""
+        """Answer one request per image (a batch, generated together; the images are
+        preprocessed on parallel threads, :func:`model.batch.map_in_threads`)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        samples = [self.prepare(image, [(prompt, None)]) for image, prompt in zip(images, prompts)]
+        samples = map_in_threads(lambda image, prompt: self.prepare(image, [(prompt, None)]), images, prompts)
         batch = self.collate(samples, padding_side="left")
         return self.generate(to_device(batch, self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
 

@@ -3,6 +3,9 @@ prepare_image through FeatureCache), and the caches key on the image's key inste
 model inputs again; the answers stay exactly those of a fresh request, on all three Qwen-VL
 generations."""
 
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +154,43 @@ def test_a_batch_of_two_cached_images_is_answered_as_without_the_cache(model, do
         assert mine.token_ids == theirs.token_ids
         torch.testing.assert_close(mine.seg_states, theirs.seg_states, atol=1e-5, rtol=0)
         assert all(np.array_equal(a, b) for a, b in zip(mine.masks, theirs.masks))
+
+
+def test_predict_prepares_its_images_in_parallel_into_the_batch_one_at_a_time_makes(model, monkeypatch):
+    """predict preprocesses on several threads: the batch it decodes is exactly the one made by
+    preparing the requests one after another, in request order."""
+    images = [load_photo("dog.jpg"), load_photo("truck.jpg"), load_photo("dog.jpg")[::2, ::3].mean(-1).astype(np.uint8)]
+    prompts = ["Where is the dog?", "Find the front wheel of the truck.", "And here?"]
+    threads, decoded = set(), []
+    prepare = model.prepare
+
+    def recording_prepare(image, turns, *args, **kwargs):
+        threads.add(threading.get_ident())
+        return prepare(image, turns, *args, **kwargs)
+
+    def recording_generate(batch, *args, **kwargs):
+        decoded.append(batch)
+        return []
+
+    monkeypatch.setattr(model, "prepare", recording_prepare)
+    monkeypatch.setattr(model, "generate", recording_generate)
+    model.predict(images, prompts)
+    serial = model.collate([prepare(image, [(prompt, None)]) for image, prompt in zip(images, prompts)], "left")
+    [parallel] = decoded
+    assert len(threads) == min(3, os.cpu_count() or 1)
+    assert parallel.keys() == serial.keys()
+    for key, value in serial.items():
+        assert identical(parallel[key], value), key
+
+
+def identical(a, b) -> bool:
+    """Equal to the element, through lists, tuples and dicts of tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b
