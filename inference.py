@@ -39,7 +39,7 @@ from utils.cli import setup_environment, setup_logging
 
 setup_environment()
 
-from utils.inference import (  # noqa: E402
+from utils.inference_cli import (  # noqa: E402
     OUTPUT_FORMATS,
     add_session_arguments,
     check_inference_arguments,

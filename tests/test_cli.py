@@ -23,7 +23,7 @@ def flags(parser: argparse.ArgumentParser) -> dict:
 
 
 def inference_parser() -> argparse.ArgumentParser:
-    from utils.inference import add_session_arguments
+    from utils.inference_cli import add_session_arguments
 
     parser = argparse.ArgumentParser()
     add_session_arguments(parser)

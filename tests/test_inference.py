@@ -1,4 +1,4 @@
-"""inference.py and its library (utils/inference.py, model/image_cache.py, model/loading.py).
+"""inference.py and its library (utils/inference.py, utils/inference_cli.py, model/image_cache.py, model/loading.py).
 
 Library tests force the answer with a logits processor (a random tiny model rarely says [SEG]);
 the entry point runs as a subprocess, as people run it, with whatever the random model says.
@@ -32,12 +32,10 @@ from utils.inference import (
     LoadedImage,
     describe,
     describe_box,
-    interactive_loop,
     load_image,
-    one_shot,
-    run_batch,
     save_visuals,
 )
+from utils.inference_cli import interactive_loop, one_shot, run_batch
 from utils.masks import decode_rle, mask_to_box
 
 DOG = DATA / "dog.jpg"

@@ -24,7 +24,7 @@ setup_environment()
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from utils.gradio_app import build_demo, cache_schedule, examples_in  # noqa: E402
-from utils.inference import add_session_arguments, check_session_arguments, session_from_args  # noqa: E402
+from utils.inference_cli import add_session_arguments, check_session_arguments, session_from_args  # noqa: E402
 
 
 def _interrupt(signum, frame):
