@@ -7,7 +7,7 @@ One request:
     python inference.py --version MODEL_DIR --image photo.jpg --prompt "Where is the dog?"
 
 A batch ({"image": PATH, "prompt": TEXT} per line -> one JSON answer per line):
-    python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl
+    python inference.py --version MODEL_DIR --input_jsonl requests.jsonl --output_jsonl answers.jsonl [--batch_size 8]
 Each answer line carries the request's other fields (an "id"...) unchanged; one named like a field
 the answer writes (line, text, objects, width, height, image_tokens, downscaled_to, error, input)
 is kept in the line's "input" object instead.
@@ -57,6 +57,9 @@ def main() -> int:
     parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line (other fields are copied to the answer)')
     parser.add_argument("--output_jsonl", help="batch: where the answers go (default: INPUT.out.jsonl)")
     parser.add_argument("--image_root", help="batch: base of relative image paths (default: the input file's directory)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="batch: requests answered together as one batch (on a GPU several times the requests "
+                        "per second; a batch that fails, e.g. out of memory, is answered one request at a time)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="text",
                         help="text: answers for people; json: one JSON object per request on stdout, one line each "
                         "(batch lines are always JSON)")

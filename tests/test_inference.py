@@ -450,6 +450,62 @@ def test_batch_writes_rle_masks_and_keeps_going_past_bad_lines(session, monkeypa
             assert obj["bbox_2d"] == (list(mask_to_box(mask)) if mask.any() else None)
 
 
+def test_a_batch_answered_in_batches_writes_what_one_at_a_time_writes(session, monkeypatch, tmp_path):
+    """--batch_size 3: the same lines in the same order, a bad line inside a batch is still its
+    own line's error, and the masks are those of one request at a time (up to float rounding:
+    left padding changes the shapes of the matrix products)."""
+    always_answer(monkeypatch, session, TWO_MASKS)
+    ask_batch, batch_sizes = session.ask_batch, []
+
+    def scripted_batch(images, prompts):
+        batch_sizes.append(len(images))
+        return ask_batch(images, prompts, logits_processor=scripted(session.model, TWO_MASKS))
+
+    monkeypatch.setattr(session, "ask_batch", scripted_batch)
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    Image.fromarray(load_photo("truck.jpg")).save(tmp_path / "truck.jpg")
+    lines = [
+        {"image": "dog.jpg", "prompt": "Where is the dog?", "id": 1},
+        {"image": "missing.jpg", "prompt": "Where?", "id": 2},
+        {"image": "truck.jpg", "prompt": "Find the front wheel of the truck, please.", "id": 3},
+        {"image": "truck.jpg", "prompt": "The cab?", "id": 4},
+        {"image": "dog.jpg", "prompt": "", "id": 5},
+    ]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    written = {}
+    for size in (1, 3):
+        summary = run_batch(session, tmp_path / "requests.jsonl", tmp_path / f"out{size}.jsonl", progress=False, batch_size=size)
+        assert (summary.total, summary.succeeded, summary.failed) == (5, 3, 2)
+        written[size] = [json.loads(line) for line in (tmp_path / f"out{size}.jsonl").read_text().splitlines()]
+    assert batch_sizes == [2]  # lines 1-3 (one unreadable); then line 4 alone, through ask (line 5 is empty)
+    one, three = written[1], written[3]
+    assert [r["id"] for r in three] == [1, 2, 3, 4, 5] and [r["error"] for r in three] == [r["error"] for r in one]
+    assert "missing.jpg does not exist" in three[1]["error"] and "request is empty" in three[4]["error"]
+    for alone, together in zip(one, three):
+        assert together.get("text") == alone.get("text") and together.get("width") == alone.get("width")
+        for a, b in zip(alone.get("objects", []), together.get("objects", [])):
+            assert (decode_rle(a["mask"]) == decode_rle(b["mask"])).mean() >= 0.99
+
+
+def test_a_batch_that_fails_whole_is_answered_one_request_at_a_time(session, monkeypatch, tmp_path, caplog):
+    always_answer(monkeypatch, session, TWO_MASKS)
+
+    def out_of_memory(images, prompts):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(session, "ask_batch", out_of_memory)
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    (tmp_path / "requests.jsonl").write_text(
+        "".join(json.dumps({"image": "dog.jpg", "prompt": f"Where is dog {k}?"}) + "\n" for k in range(3))
+    )
+    with caplog.at_level("ERROR"):
+        summary = run_batch(session, tmp_path / "requests.jsonl", tmp_path / "out.jsonl", progress=False, batch_size=4)
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    assert "a batch of 3 requests failed; answering them one at a time" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == [TWO_MASKS] * 3 and all(r["error"] is None for r in records)
+
+
 # ------------------------------------------------------------------------------- the entry point
 
 
@@ -570,7 +626,8 @@ def test_batch_entry_point(tiny_segmenter_dir, tmp_path):
 
 
 def test_batch_exit_status_is_0_when_every_request_is_answered(tiny_segmenter_dir, tmp_path):
-    """Paths with spaces and non-ASCII characters, relative (to the input file) and absolute."""
+    """Paths with spaces and non-ASCII characters, relative (to the input file) and absolute;
+    both requests answered as one batch (--batch_size 2)."""
     (tmp_path / "fotos und Bilder").mkdir()
     shutil.copy(DOG, tmp_path / "fotos und Bilder" / "der Hund é.jpg")
     (tmp_path / "in.jsonl").write_text(
@@ -581,7 +638,7 @@ def test_batch_exit_status_is_0_when_every_request_is_answered(tiny_segmenter_di
     )
     result = run_entry(
         ["inference.py", "--version", tiny_segmenter_dir("qwen2_5_vl"), "--input_jsonl", tmp_path / "in.jsonl",
-         "--max_new_tokens", "4", "--no_progress"]
+         "--max_new_tokens", "4", "--no_progress", "--batch_size", "2"]
     )
     assert result.returncode == 0, result.stderr
     assert "2 of 2 requests answered, 0 failed" in result.stdout and "ERROR" not in result.stderr
@@ -807,6 +864,8 @@ def test_clear_messages_instead_of_tracebacks(tiny_segmenter_dir, monkeypatch, e
         (["--max_image_side", "-1"], "--max_image_side must be at least 0 (0: no downscale), got -1"),
         (["--cache_size", "-1"], "--cache_size must be at least 0 (0: no reuse), got -1"),
         (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+        (["--input_jsonl", "{tmp}/in.jsonl", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--image", str(DOG), "--prompt", "Where?", "--batch_size", "4"], "--batch_size is for a batch (--input_jsonl)"),
     ],
 )
 def test_unusable_paths_and_values_are_refused_before_the_model_loads(tiny_segmenter_dir, tmp_path, monkeypatch, capsys, extra, message):

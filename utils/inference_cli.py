@@ -201,6 +201,7 @@ def run_batch(
     output_jsonl: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> BatchSummary:
     """Answer every ``{"image": PATH, "prompt": TEXT}`` line of ``input_jsonl``.
 
@@ -213,11 +214,17 @@ def run_batch(
     lines already written (``interrupted`` in the summary). Relative image paths are read from
     ``image_root`` (default: the directory of ``input_jsonl``).
 
+    ``batch_size``: consecutive requests answered as one batch (:meth:`InferenceSession.ask_batch`);
+    should the batch fail as a whole (out of memory), its requests are answered one at a time, so
+    that each error is its own line's.
+
     Raises:
         InputError: see :func:`read_batch_lines`.
     """
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     requests = read_batch_lines(input_jsonl)
     output_jsonl = Path(output_jsonl)
     root = Path(image_root) if image_root else Path(input_jsonl).parent
@@ -227,34 +234,69 @@ def run_batch(
         total=len(requests), desc="segmenting", unit="request", disable=not progress
     ) as bar:
         try:
-            for number, line in requests:
-                record: dict[str, Any] = {"line": number}
-                try:
-                    fields = _parse_object(line, number)
-                    record.update(_carried(fields))
-                    request = _check_request(fields, number)
-                    path = Path(request["image"]).expanduser()
-                    answer = session.ask(path if path.is_absolute() else root / path, request["prompt"])
-                    record.update(answer.record())
-                    record["error"] = None
-                    summary.succeeded += 1
-                except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
-                    if not isinstance(err, InputError):
-                        logger.exception("line %d failed", number)
-                    message = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-                    record["error"] = message
-                    summary.failed += 1
-                    summary.failures.append(f"line {number}: {message}")
-                    bar.write(f"line {number}: {message}")
-                if "input" in record:  # last, whatever the answer wrote before it
-                    record["input"] = record.pop("input")
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(1)
+            for start in range(0, len(requests), batch_size):
+                records, pending = [], []
+                for number, line in requests[start : start + batch_size]:
+                    record: dict[str, Any] = {"line": number}
+                    records.append(record)
+                    try:
+                        fields = _parse_object(line, number)
+                        record.update(_carried(fields))
+                        request = _check_request(fields, number)
+                        path = Path(request["image"]).expanduser()
+                        pending.append((record, session.load(path if path.is_absolute() else root / path),
+                                        check_prompt(request["prompt"])))
+                    except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
+                        record["error"] = err
+                for (record, _, _), answer in zip(pending, _answer_together(session, pending)):
+                    if isinstance(answer, Exception):
+                        record["error"] = answer
+                    else:
+                        record.update(answer.record())
+                        record["error"] = None
+                # The lines of a batch are written once it is answered: Ctrl-C loses the whole batch.
+                for record in records:
+                    _write_line(out, record, summary, bar)
         except KeyboardInterrupt:
-            # The line being answered is not written; those before it are, and the caller reports them.
+            # The lines being answered are not written; those before them are, and the caller reports them.
             summary.interrupted = True
     return summary
+
+
+def _answer_together(session: InferenceSession, pending: list[tuple[dict, Any, str]]) -> list:
+    """Per pending request (record, image, prompt), its Answer or the Exception it raised."""
+    if len(pending) > 1:
+        try:
+            return session.ask_batch([image for _, image, _ in pending], [prompt for _, _, prompt in pending])
+        except Exception:  # noqa: BLE001 - e.g. out of memory: one at a time tells whose fault it is
+            logger.exception("a batch of %d requests failed; answering them one at a time", len(pending))
+    answers: list = []
+    for _, image, prompt in pending:
+        try:
+            answers.append(session.ask(image, prompt))
+        except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
+            answers.append(err)
+    return answers
+
+
+def _write_line(out, record: dict, summary: BatchSummary, bar) -> None:
+    """Write one output line, its failure (an exception in ``record["error"]``) told and counted."""
+    error = record["error"]
+    if error is None:
+        summary.succeeded += 1
+    else:
+        if not isinstance(error, InputError):
+            logger.error("line %d failed", record["line"], exc_info=error)
+        message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+        record["error"] = message
+        summary.failed += 1
+        summary.failures.append(f"line {record['line']}: {message}")
+        bar.write(f"line {record['line']}: {message}")
+    if "input" in record:  # last, whatever the answer wrote before it
+        record["input"] = record.pop("input")
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.flush()
+    bar.update(1)
 
 
 def _parse_object(line: bytes, number: int) -> dict:
@@ -335,6 +377,10 @@ def check_inference_arguments(args: argparse.Namespace, parser: argparse.Argumen
         parser.error("a one-shot request needs both --image and --prompt")
     if one and args.input_jsonl:
         parser.error("choose a one-shot request (--image/--prompt) or a batch (--input_jsonl), not both")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.batch_size > 1 and not args.input_jsonl:
+        parser.error("--batch_size is for a batch (--input_jsonl): the other modes answer one request at a time")
     # Paths that cannot work are refused here, before the model loads (minutes for a large one).
     if args.input_jsonl:
         if not Path(args.input_jsonl).exists():
@@ -408,7 +454,8 @@ def run_requests(
     that stdout carries JSON only); the entry point owns the terminal.
     """
     if args.input_jsonl:
-        summary = run_batch(session, args.input_jsonl, args.output_jsonl, args.image_root, progress=not args.no_progress)
+        summary = run_batch(session, args.input_jsonl, args.output_jsonl, args.image_root,
+                            progress=not args.no_progress, batch_size=args.batch_size)
         if summary.interrupted:
             say(f"interrupted after {summary.done} of {summary.total} requests: {summary.succeeded} answered, "
                 f"{summary.failed} failed; their answers are in {args.output_jsonl}")
