@@ -241,8 +241,9 @@ def test_data_loading_row_uses_sam_1024_and_qwen_default_pixels(smoke, tmp_path)
 
 def test_preprocessing_rows_check_that_both_ways_give_the_same_inputs(smoke):
     rows = bench_preprocessing(smoke)
-    assert [row.details.get("conversations") for row in rows] == [1, 3, 1, None]
-    assert rows[-1].details["threads"] == min(8, os.cpu_count() or 1)  # the 8-request batch, on threads
+    assert [row.details.get("conversations") for row in rows] == [1, 3, 1, None, None]
+    assert rows[3].details["threads"] == min(8, os.cpu_count() or 1)  # the 8-request batch, on threads
+    assert rows[4].details["image_grid_thw"] == [[1, 60, 82]]  # the phone photo's tokens, both ways
     for row in rows:
         assert row.check_passed, row.check
         assert row.ours > 0 and row.baseline > 0 and row.unit == "ms"

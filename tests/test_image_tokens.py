@@ -192,7 +192,8 @@ def test_inference_entry_point_prints_and_writes_the_image_tokens(huge_dir, tmp_
     result = run_entry(["inference.py", "--version", huge_dir, "--image", tmp_path / "big.jpg", "--prompt", "Where?",
                         "--max_new_tokens", "2", "--vis_save_path", tmp_path / "vis"])
     assert result.returncode == 0, result.stderr
-    assert "image: 4000x3000, 1,230 image tokens" in result.stdout
+    # Decoded at half scale (what the model takes: 1,003,520 pixels), with the whole photo's tokens.
+    assert "image: 4000x3000 (seen downscaled to 2000x1500), 1,230 image tokens" in result.stdout
     assert "capped at 1,003,520" in result.stderr
     (tmp_path / "in.jsonl").write_text(json.dumps({"image": "big.jpg", "prompt": "Where?"}) + "\n")
     result = run_entry(["inference.py", "--version", huge_dir, "--input_jsonl", tmp_path / "in.jsonl",

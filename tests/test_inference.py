@@ -108,6 +108,63 @@ def test_exif_orientation_is_applied(tmp_path):
     assert loaded.name == "sideways" and loaded.resized_from is None
 
 
+@pytest.fixture(scope="module")
+def phone_photo(tmp_path_factory):
+    """A 4000x3000 JPEG, as phones take them, and the same photo stored sideways (EXIF 6)."""
+    folder = tmp_path_factory.mktemp("phone")
+    photo = Image.open(DOG).convert("RGB").resize((4000, 3000), Image.BILINEAR)
+    photo.save(folder / "photo.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(folder / "sideways.jpg", quality=90, exif=exif)
+    photo.save(folder / "photo.png", compress_level=1)
+    return folder
+
+
+QWEN25_DEFAULT_TAKE = (1280 * 28 * 28, 1024)  # Qwen2.5-VL at 1,280 tokens, SAM at 1024
+
+
+def test_a_large_jpeg_is_decoded_no_larger_than_the_models_take(phone_photo):
+    """4000x3000 at 1,280 tokens: the decoder's 1/2 scale keeps 3 MP (>= 1 MP for Qwen, a 2000-pixel
+    side >= 1024 for SAM); at a 4 MP budget it may not halve, and it never goes below a 1024-pixel
+    side (1/4 would be 1000). PNG has no reduced decode."""
+    loaded = load_image(phone_photo / "photo.jpg", models_take=QWEN25_DEFAULT_TAKE)
+    assert loaded.array.shape == (1500, 2000, 3) and loaded.resized_from == (3000, 4000)
+    assert load_image(phone_photo / "photo.jpg", models_take=(4_000_000, 1024)).array.shape == (3000, 4000, 3)
+    assert load_image(phone_photo / "photo.jpg", models_take=(100_000, 3000)).array.shape == (3000, 4000, 3)
+    assert load_image(phone_photo / "photo.jpg", models_take=(100_000, 512)).array.shape == (1500, 2000, 3)  # 1024 at least
+    whole = load_image(phone_photo / "photo.jpg")
+    assert whole.array.shape == (3000, 4000, 3) and whole.resized_from is None
+    png = load_image(phone_photo / "photo.png", models_take=QWEN25_DEFAULT_TAKE)
+    assert png.array.shape == (3000, 4000, 3) and png.resized_from is None
+    sideways = load_image(phone_photo / "sideways.jpg", models_take=QWEN25_DEFAULT_TAKE)
+    assert sideways.array.shape == (2000, 1500, 3) and sideways.resized_from == (4000, 3000)
+    # The decoder's reduction is a good downscale: the same picture, pixel for pixel nearly.
+    halved = np.asarray(Image.fromarray(whole.array).resize((2000, 1500), Image.BOX), dtype=np.float32)
+    assert np.abs(halved - loaded.array.astype(np.float32)).mean() < 2.0
+
+
+def test_a_session_answers_a_phone_photo_in_its_own_pixels(model, phone_photo, monkeypatch):
+    """The session decodes the photo at what the model takes; the answer is given in the photo's
+    4000x3000 pixels, with as many image tokens as the whole photo would have made."""
+    session = InferenceSession(model, max_new_tokens=8)
+    try:
+        always_answer(monkeypatch, session, TWO_MASKS)
+        pixels, side = session.models_take()
+        answer = session.ask(phone_photo / "photo.jpg", "Where is the dog?")
+        assert max(answer.image.array.shape[:2]) < 4000 and answer.image.resized_from == (3000, 4000)
+        assert answer.image.array.shape[0] * answer.image.array.shape[1] >= pixels
+        assert max(answer.image.array.shape[:2]) >= side
+        record = answer.record()
+        assert (record["width"], record["height"]) == (4000, 3000)
+        assert record["downscaled_to"] == {"width": answer.image.array.shape[1], "height": answer.image.array.shape[0]}
+        assert all(mask.shape == (3000, 4000) for mask in answer.original_masks) and len(answer.original_masks) == 2
+        whole = session.ask(load_image(phone_photo / "photo.jpg"), "Where is the dog?")
+        assert answer.image_tokens == whole.image_tokens
+    finally:
+        session.close()
+
+
 @pytest.mark.parametrize("suffix", ["png", "jpg"])
 def test_huge_image_is_downscaled_with_a_message(tmp_path, caplog, suffix):
     Image.new("RGB", (5000, 300), (0, 90, 200)).save(tmp_path / f"wide.{suffix}")

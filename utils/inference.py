@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import math
 import os
 import re
 import threading
@@ -65,6 +66,10 @@ class LoadedImage:
     resized_from: tuple[int, int] | None = None
 
 
+MIN_DECODED_SIDE = 1024
+"""A reduced decode (:func:`load_image`'s ``models_take``) keeps at least this longest side: the
+overlays people look at are drawn on the decoded image."""
+
 MAX_ASPECT_RATIO = 200
 """Qwen-VL's image processors refuse a longer side more than this many times the shorter."""
 
@@ -82,6 +87,7 @@ def load_image(
     source: str | os.PathLike | bytes | Image.Image | np.ndarray,
     max_side: int = DEFAULT_MAX_IMAGE_SIDE,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    models_take: tuple[int, int] | None = None,
 ) -> LoadedImage:
     """Decode an image with PIL, upright, as RGB; downscale it so its longest side is ``max_side``.
 
@@ -89,6 +95,14 @@ def load_image(
         source: a file path, encoded bytes, a PIL image or an HxWx3 / HxW uint8 array.
         max_side: longer images are resized (aspect kept) and a message is logged; 0 disables.
         max_pixels: larger images (width x height as stored) are refused.
+        models_take: (pixels, longest side): the most the models take from an image (Qwen-VL's
+            ``max_pixels``, SAM's input size). A JPEG file larger than both is decoded at a
+            reduced scale (its decoder's 1/2, 1/4 or 1/8) that keeps at least that much, and a
+            longest side of :data:`MIN_DECODED_SIDE`: a
+            4000x3000 photo becomes 2000x1500 at Qwen2.5-VL's 1,280 tokens in a third of the
+            time, and everything after it runs on a quarter of the pixels, while each model still
+            shrinks the image to the size it would have made of the full one. ``resized_from``
+            keeps the original size, in which the answer's masks and boxes are given.
     Raises:
         InputError: missing or unreadable file, not an image, too many pixels.
     """
@@ -142,8 +156,10 @@ def load_image(
     except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
         orientation = 1
     upright = (width, height) if orientation not in (5, 6, 7, 8) else (height, width)
-    if opened_here and max_side and max(width, height) > max_side and image.format == "JPEG":
-        image.draft("RGB", (max_side, max_side))  # decode at a reduced scale: faster, less memory
+    if opened_here and image.format == "JPEG":
+        smallest = _smallest_decode(width, height, max_side, models_take)
+        if smallest is not None:
+            image.draft("RGB", smallest)  # the decoder's reduced scale, at least this size: faster, less memory
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as err:
@@ -156,22 +172,36 @@ def load_image(
     from utils.data.io import to_rgb  # here: utils.data loads torch, which --help must not wait for
 
     image = to_rgb(image)
-    resized_from = None
     if max_side and max(upright) > max_side:
         scale = max_side / max(upright)
         size = (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale)))
         if image.size != size:
             image = image.resize(size, Image.BICUBIC, reducing_gap=2.0)
-        resized_from = (upright[1], upright[0])
         logger.info(
             "%s is %dx%d; resized to %dx%d (longest side %d, see --max_image_side)",
             label, upright[0], upright[1], image.width, image.height, max_side,
         )
+    resized_from = (upright[1], upright[0]) if image.size != upright else None
     array = np.asarray(image, dtype=np.uint8)
     height, width = array.shape[:2]
     if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
         raise InputError(f"{label} is {upright[0]}x{upright[1]}: Qwen-VL takes images up to {MAX_ASPECT_RATIO}:1; crop it")
     return LoadedImage(np.ascontiguousarray(array), name=name, source=label, resized_from=resized_from)
+
+
+def _smallest_decode(
+    width: int, height: int, max_side: int, models_take: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The smallest size a ``width`` x ``height`` image may be decoded at (None: its own): what
+    ``max_side`` keeps of it, or, with ``models_take``, what the models take, if less."""
+    fraction = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
+    if models_take is not None:
+        pixels, side = models_take
+        side = max(side, MIN_DECODED_SIDE)
+        fraction = min(fraction, max(math.sqrt(pixels / (width * height)), side / max(width, height)))
+    if fraction >= 1.0:
+        return None
+    return math.ceil(width * fraction), math.ceil(height * fraction)
 
 
 def _too_large(label: str, width: int, height: int, max_pixels: int) -> str:
@@ -433,22 +463,31 @@ class InferenceSession:
     def load(self, image: Any) -> LoadedImage:
         if isinstance(image, LoadedImage):
             return image
+        take = self.models_take()
         if not isinstance(image, (str, os.PathLike)):
-            return load_image(image, self.max_image_side, self.max_image_pixels)
+            return load_image(image, self.max_image_side, self.max_image_pixels, take)
         try:
             path = Path(image).expanduser().resolve()
             stat = path.stat()
-            key = (str(path), stat.st_mtime_ns, stat.st_size, self.max_image_side, self.max_image_pixels)
+            key = (str(path), stat.st_mtime_ns, stat.st_size, self.max_image_side, self.max_image_pixels, take)
         except (OSError, RuntimeError, ValueError):  # load_image says what is wrong with it
-            return load_image(image, self.max_image_side, self.max_image_pixels)
+            return load_image(image, self.max_image_side, self.max_image_pixels, take)
         with self._files_lock:
             loaded = self._files.get(key)
         if loaded is None:
-            loaded = load_image(image, self.max_image_side, self.max_image_pixels)
+            loaded = load_image(image, self.max_image_side, self.max_image_pixels, take)
             loaded.array.setflags(write=False)  # shared by the answers about this file
             with self._files_lock:
                 self._files.put(key, loaded)
         return loaded
+
+    def models_take(self) -> tuple[int, int]:
+        """(pixels, longest side): the most the models take from an image, Qwen-VL's
+        ``max_pixels`` and SAM's input size; a larger JPEG is decoded at a reduced scale
+        (:func:`load_image`)."""
+        from model.image_tokens import pixel_limits
+
+        return pixel_limits(self.model.processor).max_pixels, self.model.sam_transform.image_size
 
     def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
         """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).
