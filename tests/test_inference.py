@@ -139,6 +139,11 @@ def test_a_large_jpeg_is_decoded_no_larger_than_the_models_take(phone_photo):
     assert png.array.shape == (3000, 4000, 3) and png.resized_from is None
     sideways = load_image(phone_photo / "sideways.jpg", models_take=QWEN25_DEFAULT_TAKE)
     assert sideways.array.shape == (2000, 1500, 3) and sideways.resized_from == (4000, 3000)
+    # Over --max_image_side, but decoded smaller than it already: kept so, never upsized to it.
+    Image.open(phone_photo / "photo.jpg").resize((4400, 3300)).save(phone_photo / "wide.jpg", quality=90)
+    wide = load_image(phone_photo / "wide.jpg", max_side=4096, models_take=QWEN25_DEFAULT_TAKE)
+    assert wide.array.shape == (1650, 2200, 3) and wide.resized_from == (3300, 4400)
+    assert load_image(phone_photo / "wide.jpg", max_side=4096).array.shape == (3072, 4096, 3)
     # The decoder's reduction is a good downscale: the same picture, pixel for pixel nearly.
     halved = np.asarray(Image.fromarray(whole.array).resize((2000, 1500), Image.BOX), dtype=np.float32)
     assert np.abs(halved - loaded.array.astype(np.float32)).mean() < 2.0

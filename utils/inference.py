@@ -172,7 +172,7 @@ def load_image(
     from utils.data.io import to_rgb  # here: utils.data loads torch, which --help must not wait for
 
     image = to_rgb(image)
-    if max_side and max(upright) > max_side:
+    if max_side and max(image.size) > max_side:  # not when a reduced decode made it smaller already
         scale = max_side / max(upright)
         size = (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale)))
         if image.size != size:
