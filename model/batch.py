@@ -119,6 +119,7 @@ def encode_sample(
     masks: Sequence[np.ndarray] = (),
     conversation_mode: str = MULTI_TURN,
     image_inputs: ImageInputs | None = None,
+    mask_size: tuple[int, int] | None = None,
     **extra: Any,
 ) -> dict:
     """One model-ready sample.
@@ -130,6 +131,9 @@ def encode_sample(
         conversation_mode: ``multi_turn`` (one conversation with every turn) or ``single_turn``
             (one conversation per turn, each with the image; the image fields are kept once).
         image_inputs: the image's :func:`prepare_image`, when already made (a cache's).
+        mask_size: the (H, W) the predicted masks are given in, when not the image's own: a caller
+            that decoded a smaller copy of a photo passes the photo's size, and SAM's mask logits
+            are upsampled to it (``original_size``), as they would have been from the photo.
         extra: carried through untouched (request texts, dataset name, image path...).
     Returns:
         dict with ``conversations`` (per conversation the 1-D token fields ``input_ids``,
@@ -155,8 +159,8 @@ def encode_sample(
     sample["image_key"] = image_inputs.key
     sample["sam_pixel_values"] = sam_input.pixel_values
     sample["sam_input_size"] = sam_input.input_size
-    sample["original_size"] = sam_input.original_size
-    height, width = sam_input.original_size
+    sample["original_size"] = tuple(mask_size) if mask_size is not None else sam_input.original_size
+    height, width = sample["original_size"]
     for index, mask in enumerate(masks):
         if mask.shape != (height, width):
             raise ValueError(f"mask {index} has shape {mask.shape}, the image is {(height, width)}")

@@ -655,13 +655,25 @@ class ReasonSegmenter(nn.Module):
         return {i for i in ids if i is not None}
 
     def predict(
-        self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        mask_sizes: Sequence[tuple[int, int] | None] | None = None,
+        **generate_kwargs,
     ) -> list[SegmentationResult]:
         """Answer one request per image (a batch, generated together; the images are
-        preprocessed on parallel threads, :func:`model.batch.map_in_threads`)."""
+        preprocessed on parallel threads, :func:`model.batch.map_in_threads`).
+
+        ``mask_sizes``: per image, the (H, W) its masks and boxes are given in, when not the
+        image's own (the photo an image was a downscaled copy of; None: the image's).
+        """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        samples = map_in_threads(lambda image, prompt: self.prepare(image, [(prompt, None)]), images, prompts)
+        sizes = list(mask_sizes) if mask_sizes is not None else [None] * len(images)
+        samples = map_in_threads(
+            lambda image, prompt, size: self.prepare(image, [(prompt, None)], mask_size=size), images, prompts, sizes
+        )
         batch = self.collate(samples, padding_side="left")
         return self.generate(to_device(batch, self.device), max_new_tokens=max_new_tokens, **generate_kwargs)
 

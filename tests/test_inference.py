@@ -33,6 +33,7 @@ from utils.inference import (
     describe,
     describe_box,
     load_image,
+    render_overlay,
     save_visuals,
 )
 from utils.inference_cli import interactive_loop, one_shot, run_batch
@@ -163,9 +164,13 @@ def test_a_session_answers_a_phone_photo_in_its_own_pixels(model, phone_photo, m
         record = answer.record()
         assert (record["width"], record["height"]) == (4000, 3000)
         assert record["downscaled_to"] == {"width": answer.image.array.shape[1], "height": answer.image.array.shape[0]}
-        assert all(mask.shape == (3000, 4000) for mask in answer.original_masks) and len(answer.original_masks) == 2
+        assert [mask.shape for mask in answer.masks] == [(3000, 4000)] * 2  # SAM's logits upsampled to the photo
+        assert [mask.shape for mask in answer.seen_masks] == [answer.image.array.shape[:2]] * 2  # for overlays
+        assert answer.boxes == [mask_to_box(mask) for mask in answer.masks]
         whole = session.ask(load_image(phone_photo / "photo.jpg"), "Where is the dog?")
         assert answer.image_tokens == whole.image_tokens
+        for reduced, full in zip(answer.masks, whole.masks):  # made the same way, from nearly the same pixels
+            assert (reduced == full).mean() >= 0.98
     finally:
         session.close()
 
@@ -396,30 +401,33 @@ def test_a_downscaled_image_gets_its_boxes_and_mask_files_in_its_own_pixels(sess
     assert all(describe_box(box) in text for box in answer.boxes)
 
 
-def test_a_downscaled_answer_resizes_each_mask_once(monkeypatch, tmp_path):
-    """The boxes, the JSON objects, the text and the mask files all read the same original-size masks."""
-    import utils.grounding
+def test_a_downscaled_answer_is_in_the_originals_pixels_and_drawn_on_the_seen_image(monkeypatch, tmp_path):
+    """The model's masks and boxes are in the original image's pixels (the session asks for them
+    at that size); the overlays, drawn on the smaller image the model saw, resize each mask once."""
     import utils.inference
 
     sizes = []
-    resize = utils.grounding.resize_mask
+    resize = utils.inference.resize_mask
 
     def counted(mask, height, width):
         sizes.append((height, width))
         return resize(mask, height, width)
 
-    monkeypatch.setattr(utils.grounding, "resize_mask", counted)
     monkeypatch.setattr(utils.inference, "resize_mask", counted)
-    mask = np.zeros((267, 400), bool)
-    mask[10:60, 20:120] = True
-    result = SimpleNamespace(text="the dog [SEG] and [SEG].", masks=[mask, np.zeros_like(mask)], scores=[0.9, None])
+    mask = np.zeros((534, 800), bool)
+    mask[20:120, 40:240] = True
+    result = SimpleNamespace(text="the dog [SEG] and [SEG].", masks=[mask, np.zeros_like(mask)], scores=[0.9, None],
+                             boxes=[mask_to_box(mask), None])
     image = LoadedImage(np.zeros((267, 400, 3), np.uint8), name="dog", resized_from=(534, 800))
     answer = Answer("Where is the dog?", image, result)
     record = answer.record()
-    describe(answer, save_visuals(answer, tmp_path, "dog"))
-    assert sizes == [(534, 800)] * 2
+    saved = save_visuals(answer, tmp_path, "dog")
+    describe(answer, saved)
+    render_overlay(answer)
+    assert sizes == [(267, 400)] * 2
     assert [decode_rle(obj["mask"]).shape for obj in record["objects"]] == [(534, 800)] * 2
     assert answer.boxes == [(40, 20, 240, 120), None] == [obj["bbox_2d"] and tuple(obj["bbox_2d"]) for obj in record["objects"]]
+    assert [np.asarray(Image.open(path)).shape[:2] for pair in saved for path in pair] == [(534, 800), (267, 400)] * 2
 
 
 def test_saving_an_answer_removes_the_files_of_an_earlier_one_with_the_same_name(session, tmp_path):

@@ -114,7 +114,7 @@ def answer_objects(
 ) -> list[dict[str, Any]]:
     """One object per ``[SEG]`` (see the module docstring): ``bbox_2d``, ``label``, ``score``,
     ``area``, ``mask``; the masks at the size the boxes are wanted in (the original image's: see
-    ``utils.inference.Answer.original_masks``)."""
+    ``utils.inference.Answer.masks``)."""
     labels = seg_labels(text)
     objects = []
     for index, mask in enumerate(masks):

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.constants import SEG_TOKEN
 from model.lru import LRU
 from utils.grounding import answer_objects, resize_mask
-from utils.masks import mask_to_box, overlay_masks
+from utils.masks import overlay_masks
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class LoadedImage:
     Attributes:
         name: a short name for output files (the file's stem, or "image").
         source: where it came from (a path, or a description).
-        resized_from: (H, W) before the downscale to ``max_side``, or None when not resized.
+        resized_from: (H, W) of the original, upright image when ``array`` is smaller (a downscale
+            to ``max_side``, or a reduced decode of a large JPEG); None when it is the original.
     """
 
     array: np.ndarray
@@ -102,7 +103,8 @@ def load_image(
             4000x3000 photo becomes 2000x1500 at Qwen2.5-VL's 1,280 tokens in a third of the
             time, and everything after it runs on a quarter of the pixels, while each model still
             shrinks the image to the size it would have made of the full one. ``resized_from``
-            keeps the original size, in which the answer's masks and boxes are given.
+            keeps the original size, in which :class:`InferenceSession` has the masks and boxes
+            made (SAM's mask logits upsampled to it, as from the full image).
     Raises:
         InputError: missing or unreadable file, not an image, too many pixels.
     """
@@ -235,8 +237,10 @@ class Answer:
     """One answered request.
 
     Attributes:
-        result: the model's :class:`~model.segmenter.SegmentationResult` (text, masks, boxes...).
-        image: the image the masks refer to (after any downscale).
+        result: the model's :class:`~model.segmenter.SegmentationResult` (text, masks, boxes...),
+            its masks and boxes in pixels of the original image (the session asks for them at
+            that size, also when the model saw a downscaled copy).
+        image: the image the model saw (after any downscale; ``resized_from`` is the original size).
         features_reused: the image's encoded features came from the cache.
     """
 
@@ -251,23 +255,20 @@ class Answer:
 
     @property
     def masks(self) -> list[np.ndarray]:
+        """Per ``[SEG]``, its mask in pixels of the original image."""
         return self.result.masks
 
     @property
     def boxes(self) -> list[tuple[int, int, int, int] | None]:
         """Per mask, its box in pixels of the original image."""
-        if not self.image.resized_from:
-            return self.result.boxes
-        return [mask_to_box(mask) for mask in self.original_masks]
+        return self.result.boxes
 
     @cached_property
-    def original_masks(self) -> list[np.ndarray]:
-        """The masks in pixels of the original image (the model's own are of the copy it saw
-        when the image was downscaled, ``--max_image_side``). Resized once: the boxes, the JSON
-        objects and the mask files all read them."""
-        if not self.image.resized_from:
-            return list(self.masks)
-        return [resize_mask(np.asarray(mask, dtype=bool), *self.image.resized_from) for mask in self.masks]
+    def seen_masks(self) -> list[np.ndarray]:
+        """The masks in pixels of the image the model saw (``image.array``), to draw them on it."""
+        height, width = self.image.array.shape[:2]
+        return [mask if mask.shape == (height, width) else resize_mask(np.asarray(mask, dtype=bool), height, width)
+                for mask in self.masks]
 
     @property
     def scores(self) -> list[float | None]:
@@ -282,7 +283,7 @@ class Answer:
     def objects(self) -> list[dict]:
         """One object per ``[SEG]``: ``bbox_2d``, ``label``, ``score``, ``area``, ``mask`` (see
         :mod:`utils.grounding`), in pixels of the original image."""
-        return answer_objects(self.text, self.original_masks, self.scores)
+        return answer_objects(self.text, self.masks, self.scores)
 
     def record(self) -> dict:
         """The answer as JSON (the schema of :mod:`utils.grounding`): prompt, text, objects, the
@@ -342,7 +343,7 @@ def render_overlay(answer: Answer) -> np.ndarray:
     if not answer.masks:
         return answer.image.array.copy()
     labels = [f"{index}" for index in range(len(answer.masks))]
-    return overlay_masks(answer.image.array, answer.masks, labels=labels)
+    return overlay_masks(answer.image.array, answer.seen_masks, labels=labels)
 
 
 def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> list[tuple[Path, Path]]:
@@ -361,7 +362,7 @@ def save_visuals(answer: Answer, out_dir: str | os.PathLike, prefix: str) -> lis
         if ours.fullmatch(stale.name):
             stale.unlink()
     saved = []
-    for index, (mask, full) in enumerate(zip(answer.masks, answer.original_masks)):
+    for index, (full, mask) in enumerate(zip(answer.masks, answer.seen_masks)):
         mask_path = out_dir / f"{prefix}_mask_{index}.png"
         overlay_path = out_dir / f"{prefix}_overlay_{index}.png"
         Image.fromarray(full.astype(np.uint8) * 255).save(mask_path)
@@ -569,7 +570,8 @@ class InferenceSession:
         processors = LogitsProcessorList([*(given if isinstance(given, list) else [given]),
                                           EndTurnAfter(None, self.model.processor.tokenizer.eos_token_id, stop)])
         results = self.model.predict(
-            [image.array for image in loaded], prompts, **{**options, **generate_kwargs, "logits_processor": processors}
+            [image.array for image in loaded], prompts, mask_sizes=[image.resized_from for image in loaded],
+            **{**options, **generate_kwargs, "logits_processor": processors},
         )
         stats = self.cache.stats
         vision_reused = stats["vision_hits"] > before["vision_hits"] or self.prefixes.stats["hits"] > before["prefix_hits"]
