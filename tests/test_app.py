@@ -204,6 +204,20 @@ def test_an_answer_left_by_a_request_failing_in_gradio_goes_on_the_cache_schedul
     session.close()
 
 
+def test_the_answers_clean_up_never_fails_a_request(tmp_path, caplog):
+    """A temp cleaner removed the answers' folder: it is made again, with a warning at most."""
+    from utils.gradio_app import remove_files_older_than
+
+    folder = tmp_path / "answers"
+    remove_files_older_than(folder, 60)
+    assert folder.is_dir()
+    (folder / "old.json").write_text("{}")
+    os.utime(folder / "old.json", (time.time() - 120, time.time() - 120))
+    (folder / "new.json").write_text("{}")
+    remove_files_older_than(folder, 60)
+    assert sorted(p.name for p in folder.iterdir()) == ["new.json"]
+
+
 def test_request_files_are_deleted_when_old_and_at_exit(tiny_segmenter_dir, tmp_path):
     """--cache_max_age: a request's upload, overlay and JSON answer go once they are that old,
     and the answers' folder when the server stops; before, a public demo kept them all for good."""

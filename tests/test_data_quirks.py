@@ -345,8 +345,17 @@ def test_reason_seg_json_of_the_stored_pixels_gets_them_with_one_warning(tmp_pat
     assert caplog.text.count("r.json records the stored size 30x40") == 1
 
 
-def test_reason_seg_json_of_another_size_is_corrupt_naming_file_and_sizes(tmp_path: Path) -> None:
+def test_reason_seg_json_of_another_size_is_refused_in_training_and_warned_in_evaluation(tmp_path: Path, caplog) -> None:
+    """Training: a corrupt sample naming the file and both sizes. Evaluation: scored as LISA's
+    evaluation scores it (polygons on the upright image), with one warning, so that a split keeps
+    the items of the published numbers."""
     _sideways_reason_seg(tmp_path, (50, 60), on_stored_pixels=False)
-    dataset = ReasonSegDataset(str(tmp_path), "val", mode="val")
+    training = ReasonSegDataset(str(tmp_path), "val", mode="train")
     with pytest.raises(CorruptSampleError, match=r"r\.json records an image of 50x60 .* image is 40x30 \(30x40 as stored\)"):
-        dataset[0]
+        training.get_sample(0, np.random.default_rng(0))
+    evaluation = ReasonSegDataset(str(tmp_path), "val", mode="val")
+    with caplog.at_level("WARNING"):
+        sample = evaluation[0]
+        evaluation[0]
+    assert sample.image.shape[:2] == (fx.WIDTH, fx.HEIGHT)  # upright
+    assert caplog.text.count("records an image of 50x60") == 1

@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -156,9 +157,10 @@ def test_two_processes_give_the_numbers_of_one(single_run, tiny_segmenter_dir, s
     assert (tmp_path / "predictions.jsonl").read_text() == (single_out / "predictions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt, SystemExit], ids=["error", "ctrl_c", "sigterm"])
 def test_a_failed_run_leaves_no_part_file(tiny_segmenter_dir, synthetic_root, tmp_path, monkeypatch, failure):
-    """An error (or Ctrl-C) mid-evaluation: no predictions file, and no part left beside it."""
+    """An error, Ctrl-C or SIGTERM (torchrun stopping the other ranks) mid-evaluation: no
+    predictions file, and no part left beside it."""
     import utils.eval_cli
     from utils.evaluation import evaluate
 
@@ -168,18 +170,24 @@ def test_a_failed_run_leaves_no_part_file(tiny_segmenter_dir, synthetic_root, tm
         def write_then_fail(record):
             on_prediction(record)
             parts_while_running.extend(tmp_path.glob("*.part"))
+            if failure is SystemExit:  # as torchrun stops the other ranks when one fails
+                os.kill(os.getpid(), signal.SIGTERM)
             raise failure("stopped mid-evaluation")
 
         return evaluate(*args, on_prediction=write_then_fail, **kwargs)
 
     monkeypatch.setattr(utils.eval_cli, "evaluate", failing_evaluate)
     predictions = tmp_path / "predictions.jsonl"
-    with pytest.raises(failure):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(failure) as raised:
         utils.eval_cli.main(["--version", str(tiny_segmenter_dir()), "--dataset_dir", str(synthetic_root),
                              "--val_dataset", "synthetic|val", "--max_samples", "2", "--workers", "0",
                              "--no_progress", "--log_dir", str(tmp_path), "--save_predictions", str(predictions)])
     assert parts_while_running == [tmp_path / "predictions.jsonl.rank0.part"]
     assert list(tmp_path.iterdir()) == []
+    if failure is SystemExit:
+        assert raised.value.code == 128 + signal.SIGTERM  # as a shell reports a process ended by SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
 
 
 def test_a_failed_merge_leaves_neither_parts_nor_a_final_file(tmp_path):

@@ -30,6 +30,7 @@ from utils.inference import (
     InferenceSession,
     InputError,
     LoadedImage,
+    ModelInputSizes,
     describe,
     describe_box,
     load_image,
@@ -119,30 +120,37 @@ def phone_photo(tmp_path_factory):
     exif[0x0112] = 6
     photo.save(folder / "sideways.jpg", quality=90, exif=exif)
     photo.save(folder / "photo.png", compress_level=1)
+    photo.save(folder / "photo_mpo.jpg", format="MPO", quality=90)  # how many phones write their JPEGs
+    photo.resize((4489, 2494)).save(folder / "odd.jpg", quality=90)
     return folder
 
 
-QWEN25_DEFAULT_TAKE = (1280 * 28 * 28, 1024)  # Qwen2.5-VL at 1,280 tokens, SAM at 1024
+QWEN25_DEFAULT_TAKE = ModelInputSizes(56 * 56, 1280 * 28 * 28, 28, 1024)  # Qwen2.5-VL at 1,280 tokens, SAM at 1024
 
 
-def test_a_large_jpeg_is_decoded_no_larger_than_the_models_take(phone_photo):
+def test_a_large_jpeg_is_decoded_as_small_as_gives_the_models_the_same_inputs(phone_photo):
     """4000x3000 at 1,280 tokens: the decoder's 1/2 scale keeps 3 MP (>= 1 MP for Qwen, a 2000-pixel
     side >= 1024 for SAM); at a 4 MP budget it may not halve, and it never goes below a 1024-pixel
     side (1/4 would be 1000). PNG has no reduced decode."""
-    loaded = load_image(phone_photo / "photo.jpg", models_take=QWEN25_DEFAULT_TAKE)
+    loaded = load_image(phone_photo / "photo.jpg", model_inputs=QWEN25_DEFAULT_TAKE)
     assert loaded.array.shape == (1500, 2000, 3) and loaded.resized_from == (3000, 4000)
-    assert load_image(phone_photo / "photo.jpg", models_take=(4_000_000, 1024)).array.shape == (3000, 4000, 3)
-    assert load_image(phone_photo / "photo.jpg", models_take=(100_000, 3000)).array.shape == (3000, 4000, 3)
-    assert load_image(phone_photo / "photo.jpg", models_take=(100_000, 512)).array.shape == (1500, 2000, 3)  # 1024 at least
+    assert load_image(phone_photo / "photo_mpo.jpg", model_inputs=QWEN25_DEFAULT_TAKE).array.shape == (1500, 2000, 3)
+    # At a 4 MP budget Qwen would take more than 2000x1500 holds; SAM at 3000 likewise (it would
+    # enlarge the copy); at 512 the decoder could go to 1000x750, but stops at a 1024-pixel side.
+    for sizes, shape in (((3136, 4_000_000, 28, 1024), (3000, 4000, 3)), ((3136, 100_000, 28, 3000), (3000, 4000, 3)),
+                         ((3136, 100_000, 28, 512), (1500, 2000, 3))):
+        assert load_image(phone_photo / "photo.jpg", model_inputs=ModelInputSizes(*sizes)).array.shape == shape
+    # 4489x2494: halved, SAM's input would be 569x1024 instead of 568x1024 (rounding): decoded whole.
+    assert load_image(phone_photo / "odd.jpg", max_side=0, model_inputs=QWEN25_DEFAULT_TAKE).array.shape == (2494, 4489, 3)
     whole = load_image(phone_photo / "photo.jpg")
     assert whole.array.shape == (3000, 4000, 3) and whole.resized_from is None
-    png = load_image(phone_photo / "photo.png", models_take=QWEN25_DEFAULT_TAKE)
+    png = load_image(phone_photo / "photo.png", model_inputs=QWEN25_DEFAULT_TAKE)
     assert png.array.shape == (3000, 4000, 3) and png.resized_from is None
-    sideways = load_image(phone_photo / "sideways.jpg", models_take=QWEN25_DEFAULT_TAKE)
+    sideways = load_image(phone_photo / "sideways.jpg", model_inputs=QWEN25_DEFAULT_TAKE)
     assert sideways.array.shape == (2000, 1500, 3) and sideways.resized_from == (4000, 3000)
     # Over --max_image_side, but decoded smaller than it already: kept so, never upsized to it.
     Image.open(phone_photo / "photo.jpg").resize((4400, 3300)).save(phone_photo / "wide.jpg", quality=90)
-    wide = load_image(phone_photo / "wide.jpg", max_side=4096, models_take=QWEN25_DEFAULT_TAKE)
+    wide = load_image(phone_photo / "wide.jpg", max_side=4096, model_inputs=QWEN25_DEFAULT_TAKE)
     assert wide.array.shape == (1650, 2200, 3) and wide.resized_from == (3300, 4400)
     assert load_image(phone_photo / "wide.jpg", max_side=4096).array.shape == (3072, 4096, 3)
     # The decoder's reduction is a good downscale: the same picture, pixel for pixel nearly.
@@ -156,11 +164,9 @@ def test_a_session_answers_a_phone_photo_in_its_own_pixels(model, phone_photo, m
     session = InferenceSession(model, max_new_tokens=8)
     try:
         always_answer(monkeypatch, session, TWO_MASKS)
-        pixels, side = session.models_take()
         answer = session.ask(phone_photo / "photo.jpg", "Where is the dog?")
-        assert max(answer.image.array.shape[:2]) < 4000 and answer.image.resized_from == (3000, 4000)
-        assert answer.image.array.shape[0] * answer.image.array.shape[1] >= pixels
-        assert max(answer.image.array.shape[:2]) >= side
+        assert answer.image.array.shape == (1500, 2000, 3) and answer.image.resized_from == (3000, 4000)
+        assert session.model_input_sizes().same_from((3000, 4000), (1500, 2000))
         record = answer.record()
         assert (record["width"], record["height"]) == (4000, 3000)
         assert record["downscaled_to"] == {"width": answer.image.array.shape[1], "height": answer.image.array.shape[0]}
@@ -184,6 +190,12 @@ def test_huge_image_is_downscaled_with_a_message(tmp_path, caplog, suffix):
     assert loaded.resized_from == (300, 5000)
     assert "resized to 1000x60" in caplog.text
     assert load_image(tmp_path / f"wide.{suffix}").array.shape == (246, 4096, 3)  # the default 4096
+    # Exactly twice the side: the JPEG decoder's 1/2 scale is the whole downscale, and says so too.
+    Image.new("RGB", (2000, 100), (0, 90, 200)).save(tmp_path / f"twice.{suffix}")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert load_image(tmp_path / f"twice.{suffix}", max_side=1000).array.shape == (50, 1000, 3)
+    assert "resized to 1000x50" in caplog.text
 
 
 def test_too_many_pixels_is_refused(tmp_path):

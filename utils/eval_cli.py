@@ -13,7 +13,9 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -301,6 +303,10 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> dict | None:
     return build_report(model_info, checkpoint, run_info, results)
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(
     argv: list[str] | None = None, say: Callable[[str], None] = logger.info, args: argparse.Namespace | None = None
 ) -> int:
@@ -309,6 +315,10 @@ def main(
     imports this module, so that ``--help`` does not wait for torch)."""
     if args is None:
         args = parse_args(argv)
+    # torchrun stops the other ranks with SIGTERM when one fails (a cluster cancels a job so): as
+    # an exception, it lets each rank clean up (its --save_predictions part) on the way out.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     args.command = shlex.join(["test.py", *(sys.argv[1:] if argv is None else argv)])  # pastes back into a shell
     dist_info = init_distributed()
     logging.basicConfig(
@@ -328,4 +338,6 @@ def main(
             say(f"report: {report_path}")
     finally:
         cleanup_distributed()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0

@@ -171,14 +171,24 @@ def cache_schedule(max_age: int) -> tuple[int, int]:
 
 
 def remove_files_older_than(folder: Path, max_age: float) -> None:
-    """Delete the files in ``folder`` last written more than ``max_age`` seconds ago."""
+    """Delete the files in ``folder`` last written more than ``max_age`` seconds ago. A clean-up
+    that cannot run (the folder removed by a temp cleaner, a file it may not delete) is logged,
+    never a reason to refuse a request; a missing folder is made again."""
     cutoff = time.time() - max_age
-    for path in folder.iterdir():
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = list(folder.iterdir())
+    except OSError as err:
+        logger.warning("cannot clean up the answers in %s: %s", folder, err)
+        return
+    for path in paths:
         try:
             if path.is_file() and path.stat().st_mtime < cutoff:
                 path.unlink()
         except FileNotFoundError:  # Gradio's own clean-up got there first
             pass
+        except OSError as err:
+            logger.warning("cannot delete the old answer %s: %s", path, err)
 
 
 def build_demo(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import io
 import logging
-import math
 import os
 import re
 import threading
@@ -68,8 +67,40 @@ class LoadedImage:
 
 
 MIN_DECODED_SIDE = 1024
-"""A reduced decode (:func:`load_image`'s ``models_take``) keeps at least this longest side: the
+"""A reduced decode (:func:`load_image`'s ``model_inputs``) keeps at least this longest side: the
 overlays people look at are drawn on the decoded image."""
+
+
+@dataclass(frozen=True)
+class ModelInputSizes:
+    """How the two models resize an image: Qwen-VL's pixel limits and resize factor (patch size x
+    merge size), SAM's input side (:meth:`same_from` tells whether a smaller copy of an image
+    gives both models inputs of the same sizes, each made by shrinking)."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int
+    sam_side: int
+
+    def of(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(Qwen-VL's resized (h, w), SAM's resized (h, w)) for a ``height`` x ``width`` image."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from model.sam import get_preprocess_shape
+
+        qwen = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return tuple(qwen), get_preprocess_shape(height, width, self.sam_side)
+
+    def same_from(self, whole: tuple[int, int], smaller: tuple[int, int]) -> bool:
+        """Whether both models make inputs of the same sizes of a ``smaller`` (h, w) copy of an
+        image as of the ``whole`` (h, w), neither enlarging the copy to get there (SAM enlarges
+        any image to its side, so sizes alone would not tell)."""
+        qwen, sam = self.of(*whole)
+        return (
+            self.of(*smaller) == (qwen, sam)
+            and smaller[0] >= qwen[0] and smaller[1] >= qwen[1]
+            and max(smaller) >= min(self.sam_side, max(whole))
+        )
 
 MAX_ASPECT_RATIO = 200
 """Qwen-VL's image processors refuse a longer side more than this many times the shorter."""
@@ -88,7 +119,7 @@ def load_image(
     source: str | os.PathLike | bytes | Image.Image | np.ndarray,
     max_side: int = DEFAULT_MAX_IMAGE_SIDE,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    models_take: tuple[int, int] | None = None,
+    model_inputs: ModelInputSizes | None = None,
 ) -> LoadedImage:
     """Decode an image with PIL, upright, as RGB; downscale it so its longest side is ``max_side``.
 
@@ -96,15 +127,14 @@ def load_image(
         source: a file path, encoded bytes, a PIL image or an HxWx3 / HxW uint8 array.
         max_side: longer images are resized (aspect kept) and a message is logged; 0 disables.
         max_pixels: larger images (width x height as stored) are refused.
-        models_take: (pixels, longest side): the most the models take from an image (Qwen-VL's
-            ``max_pixels``, SAM's input size). A JPEG file larger than both is decoded at a
-            reduced scale (its decoder's 1/2, 1/4 or 1/8) that keeps at least that much, and a
-            longest side of :data:`MIN_DECODED_SIDE`: a
-            4000x3000 photo becomes 2000x1500 at Qwen2.5-VL's 1,280 tokens in a third of the
-            time, and everything after it runs on a quarter of the pixels, while each model still
-            shrinks the image to the size it would have made of the full one. ``resized_from``
-            keeps the original size, in which :class:`InferenceSession` has the masks and boxes
-            made (SAM's mask logits upsampled to it, as from the full image).
+        model_inputs: how the models resize images. A JPEG file is then decoded at a reduced
+            scale (its decoder's 1/2, 1/4 or 1/8) when both models make the same input sizes of
+            the smaller image as of the whole one (after ``max_side``), and its longest side is
+            still :data:`MIN_DECODED_SIDE`: a 4000x3000 photo at Qwen2.5-VL's 1,280 tokens is
+            decoded at 2000x1500 in a third of the time, and all that follows runs on a quarter
+            of the pixels. ``resized_from`` keeps the original size, in which
+            :class:`InferenceSession` has the masks and boxes made (SAM's mask logits upsampled
+            to it, as from the full image).
     Raises:
         InputError: missing or unreadable file, not an image, too many pixels.
     """
@@ -158,10 +188,10 @@ def load_image(
     except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
         orientation = 1
     upright = (width, height) if orientation not in (5, 6, 7, 8) else (height, width)
-    if opened_here and image.format == "JPEG":
-        smallest = _smallest_decode(width, height, max_side, models_take)
-        if smallest is not None:
-            image.draft("RGB", smallest)  # the decoder's reduced scale, at least this size: faster, less memory
+    if opened_here and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra pictures
+        request = _reduced_decode(width, height, max_side, model_inputs)
+        if request is not None:
+            image.draft("RGB", request)  # the decoder's reduced scale: faster, less memory
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as err:
@@ -174,11 +204,12 @@ def load_image(
     from utils.data.io import to_rgb  # here: utils.data loads torch, which --help must not wait for
 
     image = to_rgb(image)
-    if max_side and max(image.size) > max_side:  # not when a reduced decode made it smaller already
-        scale = max_side / max(upright)
-        size = (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale)))
-        if image.size != size:
-            image = image.resize(size, Image.BICUBIC, reducing_gap=2.0)
+    if max_side and max(upright) > max_side:
+        if max(image.size) > max_side:  # not when a reduced decode made it smaller already
+            scale = max_side / max(upright)
+            image = image.resize(
+                (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale))), Image.BICUBIC, reducing_gap=2.0
+            )
         logger.info(
             "%s is %dx%d; resized to %dx%d (longest side %d, see --max_image_side)",
             label, upright[0], upright[1], image.width, image.height, max_side,
@@ -191,19 +222,33 @@ def load_image(
     return LoadedImage(np.ascontiguousarray(array), name=name, source=label, resized_from=resized_from)
 
 
-def _smallest_decode(
-    width: int, height: int, max_side: int, models_take: tuple[int, int] | None
+def _reduced_decode(
+    width: int, height: int, max_side: int, model_inputs: ModelInputSizes | None
 ) -> tuple[int, int] | None:
-    """The smallest size a ``width`` x ``height`` image may be decoded at (None: its own): what
-    ``max_side`` keeps of it, or, with ``models_take``, what the models take, if less."""
-    fraction = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
-    if models_take is not None:
-        pixels, side = models_take
-        side = max(side, MIN_DECODED_SIDE)
-        fraction = min(fraction, max(math.sqrt(pixels / (width * height)), side / max(width, height)))
-    if fraction >= 1.0:
-        return None
-    return math.ceil(width * fraction), math.ceil(height * fraction)
+    """The size to ask a JPEG decoder for (``draft``; it then decodes at 1/k, k the largest of 8,
+    4, 2 whose result is at least that size), or None to decode every pixel.
+
+    1/k is taken when the image it gives is at least what ``max_side`` keeps (it is resized to
+    that after), or, with ``model_inputs``, when both models make the same input sizes of it as of
+    the image ``max_side`` keeps, and its longest side is :data:`MIN_DECODED_SIDE` or more.
+    """
+    kept = (width, height)
+    if max_side and max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        kept = (max(1, round(width * scale)), max(1, round(height * scale)))
+    for k in (8, 4, 2):
+        if width // k < 1 or height // k < 1:
+            continue
+        decoded = (-(-width // k), -(-height // k))  # the decoder rounds up
+        large_enough = decoded[0] >= kept[0] and decoded[1] >= kept[1]
+        same_for_models = (
+            model_inputs is not None and max(decoded) >= MIN_DECODED_SIDE
+            and model_inputs.same_from((kept[1], kept[0]), (decoded[1], decoded[0]))
+        )
+        if large_enough or same_for_models:
+            # Asking for w // k (not the size it gives) makes the decoder choose exactly 1/k.
+            return width // k, height // k
+    return None
 
 
 def _too_large(label: str, width: int, height: int, max_pixels: int) -> str:
@@ -464,31 +509,32 @@ class InferenceSession:
     def load(self, image: Any) -> LoadedImage:
         if isinstance(image, LoadedImage):
             return image
-        take = self.models_take()
+        sizes = self.model_input_sizes()
         if not isinstance(image, (str, os.PathLike)):
-            return load_image(image, self.max_image_side, self.max_image_pixels, take)
+            return load_image(image, self.max_image_side, self.max_image_pixels, sizes)
         try:
             path = Path(image).expanduser().resolve()
             stat = path.stat()
-            key = (str(path), stat.st_mtime_ns, stat.st_size, self.max_image_side, self.max_image_pixels, take)
+            key = (str(path), stat.st_mtime_ns, stat.st_size, self.max_image_side, self.max_image_pixels, sizes)
         except (OSError, RuntimeError, ValueError):  # load_image says what is wrong with it
-            return load_image(image, self.max_image_side, self.max_image_pixels, take)
+            return load_image(image, self.max_image_side, self.max_image_pixels, sizes)
         with self._files_lock:
             loaded = self._files.get(key)
         if loaded is None:
-            loaded = load_image(image, self.max_image_side, self.max_image_pixels, take)
+            loaded = load_image(image, self.max_image_side, self.max_image_pixels, sizes)
             loaded.array.setflags(write=False)  # shared by the answers about this file
             with self._files_lock:
                 self._files.put(key, loaded)
         return loaded
 
-    def models_take(self) -> tuple[int, int]:
-        """(pixels, longest side): the most the models take from an image, Qwen-VL's
-        ``max_pixels`` and SAM's input size; a larger JPEG is decoded at a reduced scale
-        (:func:`load_image`)."""
+    def model_input_sizes(self) -> ModelInputSizes:
+        """How the session's models resize images (their limits now): a JPEG they would take
+        smaller is decoded at a reduced scale (:func:`load_image`)."""
         from model.image_tokens import pixel_limits
 
-        return pixel_limits(self.model.processor).max_pixels, self.model.sam_transform.image_size
+        limits = pixel_limits(self.model.processor)
+        factor = int(round(limits.pixels_per_token**0.5))
+        return ModelInputSizes(limits.min_pixels, limits.max_pixels, factor, self.model.sam_transform.image_size)
 
     def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
         """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).

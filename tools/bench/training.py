@@ -447,23 +447,25 @@ def bench_preprocessing(settings: BenchSettings) -> list[BenchRow]:
 
 def _bench_phone_photo(processor, transform, settings: BenchSettings, repeats: int) -> BenchRow:
     """A first request about a 4000x3000 JPEG file (a phone photo): decoding it and preprocessing
-    it, as an InferenceSession does. Ours decodes it at what the models take (load_image's
-    ``models_take``: the JPEG decoder's 1/2 scale here); the baseline decodes every pixel. Checked:
+    it, as an InferenceSession does. Ours decodes it as small as gives the models inputs of the
+    same sizes (load_image's ``model_inputs``: the JPEG decoder's 1/2 scale here); the baseline
+    decodes every pixel. Checked:
     the same image tokens (Qwen's grid) and SAM input size; how far the pixels moved is reported."""
     from PIL import Image
 
     from model.batch import image_key, prepare_image
     from model.image_tokens import pixel_limits
-    from utils.inference import load_image
+    from utils.inference import ModelInputSizes, load_image
 
     image, _, _ = scene(settings.seed + 50)
-    take = (pixel_limits(processor).max_pixels, transform.image_size)
+    limits = pixel_limits(processor)
+    take = ModelInputSizes(limits.min_pixels, limits.max_pixels, round(limits.pixels_per_token**0.5), transform.image_size)
     with tempfile.TemporaryDirectory(prefix="bench_photo_") as folder:
         path = Path(folder) / "photo.jpg"
         Image.fromarray(image).resize((4000, 3000), Image.BICUBIC).save(path, quality=90)
 
-        def first_request(models_take):
-            loaded = load_image(path, models_take=models_take)
+        def first_request(model_inputs):
+            loaded = load_image(path, model_inputs=model_inputs)
             return prepare_image(processor, transform, loaded.array, image_key(processor, transform, loaded.array))
 
         times, last = interleaved({"ours": lambda: first_request(take), "baseline": lambda: first_request(None)},
@@ -484,10 +486,10 @@ def _bench_phone_photo(processor, transform, settings: BenchSettings, repeats: i
         check=(f"same image tokens and SAM input size; pixels moved by {qwen_moved:.4f} (Qwen, normalised) and "
                f"{sam_moved:.2f}/255 (SAM) on average" if same else "image tokens or SAM size DIFFER"),
         check_passed=same,
-        ours_is="load_image(models_take=(Qwen's max_pixels, SAM's size)): the JPEG decoder's reduced scale",
+        ours_is="load_image(model_inputs=...): the JPEG decoder's reduced scale that gives both models the same input sizes",
         baseline_is="every pixel decoded",
         details={"ms_ours": [t * 1e3 for t in times["ours"]], "ms_baseline": [t * 1e3 for t in times["baseline"]],
-                 "models_take": list(take), "image_grid_thw": ours.fields["image_grid_thw"].tolist(),
+                 "model_inputs": vars(take), "image_grid_thw": ours.fields["image_grid_thw"].tolist(),
                  "qwen_mean_abs_diff": qwen_moved, "sam_mean_abs_diff": sam_moved},
     )
 

@@ -253,7 +253,7 @@ class ReasonSegDataset(RawDataset):
         self.image_paths = self._index_images(split)
         self.explanations: dict[str, str] = {}
         self._warned_no_target: set[str] = set()
-        self._warned_stored_pixels: set[str] = set()
+        self._warned_sizes: set[str] = set()
         if self.is_train and (explanatory_rate > 0 or text_only_rate > 0):
             self.explanations = self._read_explanations()
         # val items: (image index, query index)
@@ -373,14 +373,17 @@ class ReasonSegDataset(RawDataset):
         through ``cv2.imread``, reads it). Older versions ignored the EXIF orientation and
         annotated the stored pixels: a sideways photograph's polygons then fit only those, and the
         recorded size is the stored one. A size that fits neither means the JSON belongs to
-        another image (or a resized copy), whose polygons would be drawn in the wrong place.
+        another image (or a resized copy), whose polygons would be drawn in the wrong place:
+        training refuses the sample (the sampler replaces and counts it); evaluation warns once
+        and draws them on the upright image, as LISA's evaluation does, so that a split is scored
+        on the same items as the published numbers.
         """
         recorded = recorded_size(content, json_path)
         if recorded is None or recorded == upright:
             return True
         if recorded == stored:
-            if json_path not in self._warned_stored_pixels:
-                self._warned_stored_pixels.add(json_path)
+            if json_path not in self._warned_sizes:
+                self._warned_sizes.add(json_path)
                 logger.warning(
                     "%s: %s records the stored size %dx%d, not the EXIF-upright %dx%d (annotated "
                     "without the EXIF orientation): the image is read as stored",
@@ -388,10 +391,17 @@ class ReasonSegDataset(RawDataset):
                 )
             return False
         as_stored = "" if stored == upright else f" ({stored[0]}x{stored[1]} as stored)"
-        raise CorruptSampleError(
+        message = (
             f"ReasonSeg annotation {json_path} records an image of {recorded[0]}x{recorded[1]} "
             f"(imageHeight x imageWidth), but the image is {upright[0]}x{upright[1]}{as_stored}"
         )
+        if self.is_train:
+            raise CorruptSampleError(message)
+        if json_path not in self._warned_sizes:
+            self._warned_sizes.add(json_path)
+            logger.warning("%s: %s; its polygons are drawn on the upright image, as LISA's evaluation does",
+                           self.name, message)
+        return True
 
     def _no_target_pixel(self, json_path: str) -> None:
         """A file whose shapes fill no target pixel (only ignore/flag shapes, or none that
