@@ -140,6 +140,10 @@ def test_a_large_jpeg_is_decoded_as_small_as_gives_the_models_the_same_inputs(ph
     for sizes, shape in (((3136, 4_000_000, 28, 1024), (3000, 4000, 3)), ((3136, 100_000, 28, 3000), (3000, 4000, 3)),
                          ((3136, 100_000, 28, 512), (1500, 2000, 3))):
         assert load_image(phone_photo / "photo.jpg", model_inputs=ModelInputSizes(*sizes)).array.shape == shape
+    # Qwen-VL refuses over 200:1: not a reason to fail while choosing the decode, but the image's message.
+    Image.new("RGB", (20100, 100), (0, 90, 200)).save(phone_photo / "strip.jpg", quality=80)
+    with pytest.raises(InputError, match="up to 200:1"):
+        load_image(phone_photo / "strip.jpg", max_side=0, model_inputs=QWEN25_DEFAULT_TAKE)
     # 4489x2494: halved, SAM's input would be 569x1024 instead of 568x1024 (rounding): decoded whole.
     assert load_image(phone_photo / "odd.jpg", max_side=0, model_inputs=QWEN25_DEFAULT_TAKE).array.shape == (2494, 4489, 3)
     whole = load_image(phone_photo / "photo.jpg")

@@ -95,9 +95,13 @@ class ModelInputSizes:
         """Whether both models make inputs of the same sizes of a ``smaller`` (h, w) copy of an
         image as of the ``whole`` (h, w), neither enlarging the copy to get there (SAM enlarges
         any image to its side, so sizes alone would not tell)."""
-        qwen, sam = self.of(*whole)
+        try:
+            qwen, sam = self.of(*whole)
+            same_sizes = self.of(*smaller) == (qwen, sam)
+        except ValueError:  # Qwen-VL refuses the aspect (over 200:1): load_image says so, decoded whole
+            return False
         return (
-            self.of(*smaller) == (qwen, sam)
+            same_sizes
             and smaller[0] >= qwen[0] and smaller[1] >= qwen[1]
             and max(smaller) >= min(self.sam_side, max(whole))
         )
