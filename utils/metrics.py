@@ -59,9 +59,9 @@ Exact distributed accumulation
 ------------------------------
 :class:`SegmentationMeter` keeps only Python-int sums (per-mask IoUs are
 accumulated in fixed point, ``round(iou * 2**40)``), so summing states is exact
-and order-independent: one meter over all masks and several meters merged (or
-all-reduced across ranks with :func:`reduce_state_across_ranks`) give identical
-scores. The fixed point costs < 1e-12 per mask; int64 sums hold ~8 million
+and order-independent: one meter over all masks and the states of several meters
+summed key by key (all-reduced across ranks with :func:`reduce_state_across_ranks`)
+give identical scores. The fixed point costs < 1e-12 per mask; int64 sums hold ~8 million
 masks per group.
 """
 
@@ -93,7 +93,6 @@ __all__ = [
     "compute_counts",
     "SegmentationMeter",
     "scores_from_state",
-    "merge_states",
     "reduce_state_across_ranks",
     "DETECTION_IOU_THRESHOLD",
     "BoxMatch",
@@ -342,22 +341,6 @@ def scores_from_state(state: Mapping[str, Any], group: Optional[str] = None) -> 
     return out
 
 
-def merge_states(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, int]:
-    """Key-wise sum of two states. Overall fields must match (same thresholds);
-    a group present in only one state is taken as is."""
-    overall_a = {k for k in a if "/" not in k}
-    overall_b = {k for k in b if "/" not in k}
-    if overall_a != overall_b:
-        raise ValueError(
-            "cannot merge meter states with different fields (different thresholds?): "
-            f"{sorted(overall_a ^ overall_b)}"
-        )
-    out = {k: int(v) for k, v in a.items()}
-    for k, v in b.items():
-        out[k] = out.get(k, 0) + int(v)
-    return out
-
-
 # --------------------------------------------------------------------------- meter
 
 
@@ -453,11 +436,6 @@ class SegmentationMeter:
     def state(self) -> Dict[str, int]:
         """A copy of the plain integer sums (flat; group fields are ``"<group>/<field>"``)."""
         return dict(self._state)
-
-    def merge(self, other: Union["SegmentationMeter", Mapping[str, Any]]) -> None:
-        """Add another meter (or state) into this one."""
-        other_state = other.state() if isinstance(other, SegmentationMeter) else other
-        self._state = merge_states(self._state, other_state)
 
     def scores(self, group: Optional[str] = None) -> Dict[str, Any]:
         """Scores overall (``group=None``) or for one group; see :func:`scores_from_state`."""
