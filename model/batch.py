@@ -94,6 +94,12 @@ MAX_PREPARE_THREADS = 8
 SAM resize takes one more thread beside them, see :func:`prepare_image`)."""
 
 
+def prepare_threads(count: int) -> int:
+    """Threads :func:`map_in_threads` uses for ``count`` items: no more than the items, the CPUs
+    and :data:`MAX_PREPARE_THREADS`."""
+    return min(count, os.cpu_count() or 1, MAX_PREPARE_THREADS)
+
+
 def map_in_threads(function: Callable[..., Any], *iterables: Sequence[Any]) -> list:
     """``[function(*args) for args in zip(*iterables)]``, on up to :data:`MAX_PREPARE_THREADS`
     threads (no more than the CPUs), results in order.
@@ -104,7 +110,7 @@ def map_in_threads(function: Callable[..., Any], *iterables: Sequence[Any]) -> l
     image keeps both cores busy already; more cores have more room.
     """
     arguments = list(zip(*iterables))
-    threads = min(len(arguments), os.cpu_count() or 1, MAX_PREPARE_THREADS)
+    threads = prepare_threads(len(arguments))
     if threads <= 1:
         return [function(*args) for args in arguments]
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -82,6 +82,15 @@ class ModelInputSizes:
     factor: int
     sam_side: int
 
+    @classmethod
+    def for_processor(cls, processor, sam_side: int) -> "ModelInputSizes":
+        """The sizes of a Qwen-VL ``processor`` at its pixel limits now, and SAM at ``sam_side``."""
+        from model.image_tokens import pixel_limits
+
+        limits = pixel_limits(processor)
+        factor = round(limits.pixels_per_token**0.5)  # (patch size x merge size) ** 2 pixels per token
+        return cls(limits.min_pixels, limits.max_pixels, factor, sam_side)
+
     def of(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(Qwen-VL's resized (h, w), SAM's resized (h, w)) for a ``height`` x ``width`` image."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -210,10 +219,7 @@ def load_image(
     image = to_rgb(image)
     if max_side and max(upright) > max_side:
         if max(image.size) > max_side:  # not when a reduced decode made it smaller already
-            scale = max_side / max(upright)
-            image = image.resize(
-                (max(1, round(upright[0] * scale)), max(1, round(upright[1] * scale))), Image.BICUBIC, reducing_gap=2.0
-            )
+            image = image.resize(_kept_size(*upright, max_side), Image.BICUBIC, reducing_gap=2.0)
         logger.info(
             "%s is %dx%d; resized to %dx%d (longest side %d, see --max_image_side)",
             label, upright[0], upright[1], image.width, image.height, max_side,
@@ -226,6 +232,14 @@ def load_image(
     return LoadedImage(np.ascontiguousarray(array), name=name, source=label, resized_from=resized_from)
 
 
+def _kept_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) of an image once its longest side is at most ``max_side`` (0: no limit)."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _reduced_decode(
     width: int, height: int, max_side: int, model_inputs: ModelInputSizes | None
 ) -> tuple[int, int] | None:
@@ -236,10 +250,7 @@ def _reduced_decode(
     that after), or, with ``model_inputs``, when both models make the same input sizes of it as of
     the image ``max_side`` keeps, and its longest side is :data:`MIN_DECODED_SIDE` or more.
     """
-    kept = (width, height)
-    if max_side and max(width, height) > max_side:
-        scale = max_side / max(width, height)
-        kept = (max(1, round(width * scale)), max(1, round(height * scale)))
+    kept = _kept_size(width, height, max_side)
     for k in (8, 4, 2):
         if width // k < 1 or height // k < 1:
             continue
@@ -534,11 +545,7 @@ class InferenceSession:
     def model_input_sizes(self) -> ModelInputSizes:
         """How the session's models resize images (their limits now): a JPEG they would take
         smaller is decoded at a reduced scale (:func:`load_image`)."""
-        from model.image_tokens import pixel_limits
-
-        limits = pixel_limits(self.model.processor)
-        factor = int(round(limits.pixels_per_token**0.5))
-        return ModelInputSizes(limits.min_pixels, limits.max_pixels, factor, self.model.sam_transform.image_size)
+        return ModelInputSizes.for_processor(self.model.processor, self.model.sam_transform.image_size)
 
     def ask(self, image: Any, prompt: Any, **generate_kwargs) -> Answer:
         """Answer ``prompt`` about ``image`` (a path, bytes, PIL image, array or LoadedImage).

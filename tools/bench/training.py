@@ -454,12 +454,10 @@ def _bench_phone_photo(processor, transform, settings: BenchSettings, repeats: i
     from PIL import Image
 
     from model.batch import image_key, prepare_image
-    from model.image_tokens import pixel_limits
     from utils.inference import ModelInputSizes, load_image
 
     image, _, _ = scene(settings.seed + 50)
-    limits = pixel_limits(processor)
-    take = ModelInputSizes(limits.min_pixels, limits.max_pixels, round(limits.pixels_per_token**0.5), transform.image_size)
+    take = ModelInputSizes.for_processor(processor, transform.image_size)
     with tempfile.TemporaryDirectory(prefix="bench_photo_") as folder:
         path = Path(folder) / "photo.jpg"
         Image.fromarray(image).resize((4000, 3000), Image.BICUBIC).save(path, quality=90)
@@ -494,10 +492,21 @@ def _bench_phone_photo(processor, transform, settings: BenchSettings, repeats: i
     )
 
 
+def _same_inputs(mine: dict, theirs: dict) -> bool:
+    """Two encoded samples give the models the same inputs: Qwen's image fields, SAM's input and
+    every conversation's token fields."""
+    return all(torch.equal(mine[key], theirs[key]) for key in ("pixel_values", "image_grid_thw", "sam_pixel_values")) and (
+        len(mine["conversations"]) == len(theirs["conversations"])
+    ) and all(
+        mine_turns.keys() == their_turns.keys() and all(torch.equal(mine_turns[key], their_turns[key]) for key in mine_turns)
+        for mine_turns, their_turns in zip(mine["conversations"], theirs["conversations"])
+    )
+
+
 def _bench_batch_preprocessing(processor, transform, seed: int, repeats: int) -> BenchRow:
     """The preprocessing of a batch of 8 requests about 8 different images (``predict([8 images],
     ...)``): on threads (:func:`model.batch.map_in_threads`), against one image after another."""
-    from model.batch import MAX_PREPARE_THREADS, encode_sample, map_in_threads
+    from model.batch import encode_sample, map_in_threads, prepare_threads
 
     images = [scene(seed + 40 + k)[0] for k in range(8)]
     prompts = [QUESTIONS[k % len(QUESTIONS)] for k in range(8)]
@@ -507,15 +516,11 @@ def _bench_batch_preprocessing(processor, transform, seed: int, repeats: int) ->
 
     sides = {"ours": lambda: map_in_threads(one, images, prompts), "baseline": lambda: list(map(one, images, prompts))}
     times, last = interleaved(sides, repeats, torch.device("cpu"))
-    same = all(
-        torch.equal(mine[key], theirs[key]) for mine, theirs in zip(last["ours"], last["baseline"])
-        for key in ("pixel_values", "image_grid_thw", "sam_pixel_values")
-    ) and all(
-        torch.equal(mine["conversations"][0][key], theirs["conversations"][0][key])
-        for mine, theirs in zip(last["ours"], last["baseline"]) for key in mine["conversations"][0]
+    same = len(last["ours"]) == len(last["baseline"]) and all(
+        _same_inputs(mine, theirs) for mine, theirs in zip(last["ours"], last["baseline"])
     )
     ours_ms, baseline_ms = median(times["ours"]) * 1e3, median(times["baseline"]) * 1e3
-    threads = min(8, os.cpu_count() or 1, MAX_PREPARE_THREADS)
+    threads = prepare_threads(len(images))
     return BenchRow(
         name="preprocessing of 8 requests about 8 images, 640x480",
         ours=ours_ms,
@@ -560,10 +565,7 @@ def _bench_follow_up_preprocessing(processor, transform, image, repeats: int) ->
         return sample
 
     times, last = interleaved({"ours": ours, "baseline": before}, repeats, torch.device("cpu"))
-    same = all(torch.equal(last["ours"][k], last["baseline"][k]) for k in ("pixel_values", "sam_pixel_values")) and all(
-        torch.equal(last["ours"]["conversations"][0][k], last["baseline"]["conversations"][0][k])
-        for k in last["ours"]["conversations"][0]
-    )
+    same = _same_inputs(last["ours"], last["baseline"])
     ours_ms, baseline_ms = median(times["ours"]) * 1e3, median(times["baseline"]) * 1e3
     return BenchRow(
         name="preprocessing of a follow-up on a cached image, 640x480",
