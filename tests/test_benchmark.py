@@ -339,3 +339,29 @@ def test_report_names_keep_the_two_real_size_halves_apart():
     assert name(["real_size_inference"]) == "2026-12-01-h200-real_size_inference.json"
     assert name(["real_size_training"]) == "2026-12-01-h200-real_size_training.json"
     assert name(["generation", "params"]) == "2026-12-01-h200.json"
+
+
+def test_prefill_floor_counts_grouped_query_attention_as_repeated_heads():
+    """An unmasked Qwen2.5-VL-7B prompt calls SDPA with 28 query and 4 key/value heads; the FLOP
+    counter (torch 2.11's refused the shapes, leaving the prefill row without a floor) counts it as
+    the same attention with the key and value heads repeated. Meta tensors: CUDA's op, no GPU."""
+    from tools.bench.gpu_rows import count_flops
+
+    def attention(kv_heads: int):
+        query = torch.empty(1, 28, 426, 128, device="meta", dtype=torch.bfloat16)
+        kv = torch.empty(1, kv_heads, 426, 128, device="meta", dtype=torch.bfloat16)
+        return count_flops(lambda: torch.ops.aten._scaled_dot_product_efficient_attention(query, kv, kv, None, False))[0]
+
+    assert attention(4) == attention(28) == 2 * 2 * 28 * 426 * 426 * 128
+
+
+def test_report_names_the_models_its_figures_come_from():
+    """A GPU run of the real-size rows alone said "tiny Qwen2.5-VL" (2026-11-30): the report names
+    the real-size models where they ran, the tiny one where the side-by-side rows ran."""
+    from tools.bench.report import model_description
+
+    real = BenchSettings(device="cuda", real_size="real")
+    assert model_description(real, ["real_size_inference"]) == "keyed GPU rows: Qwen2.5-VL-7B + SAM ViT-H, random weights, bf16"
+    both = model_description(real, ["generation", "real_size_training"])
+    assert both.startswith("tiny Qwen2.5-VL") and "Qwen2.5-VL-7B + SAM ViT-H" in both
+    assert model_description(BenchSettings(), ["generation"]).startswith("tiny Qwen2.5-VL")

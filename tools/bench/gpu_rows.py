@@ -142,11 +142,24 @@ def decode_weight_bytes(vlm: torch.nn.Module) -> int:
     return total
 
 
+def grouped_query_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a forward ``scaled_dot_product_attention`` whose keys and values may have fewer
+    heads than the queries (``enable_gqa``, as transformers calls it for an unmasked Qwen-VL
+    prompt): as with the key and value heads repeated. torch 2.11's own formula refuses the shapes."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    batch, heads = query_shape[:2]
+    return sdpa_flop_count(query_shape, (batch, heads, *key_shape[2:]), (batch, heads, *value_shape[2:]))
+
+
 def count_flops(fn) -> tuple[int, Any]:
     """(FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``, result) of one call."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    sdpa_ops = (aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+                aten._scaled_dot_product_cudnn_attention)
+    counter = FlopCounterMode(display=False, custom_mapping={op: grouped_query_sdpa_flops for op in sdpa_ops})
     with counter:
         result = fn()
     return int(counter.get_total_flops()), result

@@ -57,6 +57,18 @@ def expand(only: Sequence[str]) -> list[str]:
     return [name for name in BENCHMARKS if name in names]
 
 
+def model_description(settings: BenchSettings, selected: Sequence[str]) -> str:
+    """The models the report's figures come from: the tiny Qwen2.5-VL of the side-by-side rows
+    and, where they ran, the real-size (or tiny-config) models of the keyed GPU rows."""
+    tiny = (f"tiny Qwen2.5-VL (model.tiny.build_tiny_vlm), text hidden {settings.hidden_size}, "
+            f"{settings.num_layers} layers, random weights")
+    real = {"real": "Qwen2.5-VL-7B + SAM ViT-H, random weights, bf16",
+            "tiny": "the real-size code on a tiny Qwen2.5-VL + SAM config (a code-path check)"}.get(settings.real_size)
+    parts = ([tiny] if any(name not in REAL_SIZE for name in selected) else []) + (
+        [f"keyed GPU rows: {real}"] if real and set(selected) & set(REAL_SIZE) else [])
+    return "; ".join(parts) or tiny
+
+
 def run_benchmarks(
     settings: BenchSettings,
     only: Sequence[str] | None = None,
@@ -112,8 +124,7 @@ def run_benchmarks(
             "date": date.isoformat(timespec="seconds"),
             "complete": complete,
             "settings": asdict(settings),
-            "model": (f"tiny Qwen2.5-VL (model.tiny.build_tiny_vlm), text hidden {settings.hidden_size}, "
-                      f"{settings.num_layers} layers, random weights"),
+            "model": model_description(settings, selected),
             "machine": start_info,
             "load_average_end": machine_info(settings)["load_average"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
