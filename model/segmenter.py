@@ -43,6 +43,7 @@ from .constants import SEG_STATES, SEG_TOKEN
 from .conversation import IGNORE_INDEX
 from .decoding import GreedyDecoder, PrefixCache, causal_lm, greedy_decode, resolve_decoding
 from .shared_images import shared_images
+from .side_stream import SideStream
 from .losses import mask_bce_loss, mask_dice_loss
 from .mask_decoding import decode_low_res_masks, postprocess_by_image
 from .image_tokens import image_token_counts
@@ -169,6 +170,7 @@ class ReasonSegmenter(nn.Module):
         self.seg_token_id = processor.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.capture_final_states = FinalStateCapture(vlm)
         self._decoders: dict[str, GreedyDecoder] = {}  # by decoding mode, built on first use
+        self._side_stream = SideStream()
         freeze_for_segmentation(sam)
         # Frozen here, not by freeze_for_segmentation (LISA's setup, which trains the whole decoder):
         # the loss never uses the IoU head, and DDP waits for a gradient of every trainable parameter.
@@ -561,6 +563,12 @@ class ReasonSegmenter(nn.Module):
         if set(generate_kwargs) - {"logits_processor"}:
             mode = "transformers"
         stop_ids = self._stop_token_ids()
+        # SAM's encoder has no use for the answer: on a GPU it runs beside the prefill, which
+        # leaves the GPU idle most of its time (model.side_stream).
+        embeddings_ready = self._side_stream.start(
+            lambda: self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"], batch.get("image_keys")),
+            batch["sam_pixel_values"].device,
+        )
         with shared_images(self.vlm, batch) as inputs:
             if mode == "transformers":
                 tokens, states = self._generate_with_transformers(inputs, max_new_tokens, generate_kwargs)
@@ -571,7 +579,7 @@ class ReasonSegmenter(nn.Module):
                     image_keys=batch.get("image_keys"),
                 )
                 tokens, states = decoded.tokens, decoded.states
-        image_embeddings = self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"], batch.get("image_keys"))
+        image_embeddings = embeddings_ready()
         rows = row_images(batch)  # the image of each request
         image_tokens = self.image_token_counts(batch)
         results, row_states = [], []

@@ -289,6 +289,11 @@ def test_real_size_code_path_on_a_tiny_config(smoke):
         details = inference["details"][key]
         assert details.get("check_passed", True), (key, details.get("check"))
     assert {"sam_encode_flops", "prefill_flops", "decode_weight_bytes"} <= set(inference["counts"])
+    # Follow-ups: one session, warmed up first (a new session's first request would record its
+    # thread's CUDA graphs, which no user's first question pays).
+    follow_up = inference["details"]["gpu_followup_speedup"]
+    assert follow_up["warm_up_s"] > 0 and len(follow_up["first_s"]) == follow_up["rounds"]
+    assert len(follow_up["later_s"]) == 4 * follow_up["rounds"]
     # --compile_sam measured beside the default encoder: compiled (no fallback), the same embeddings.
     compiled = inference["details"]["gpu_sam_encode_ms"]["compile_sam"]
     assert compiled["compiled"] and compiled["ms"] > 0 and compiled["max_abs_difference"] <= 1e-4 * compiled["max_abs_eager"]
@@ -365,3 +370,23 @@ def test_report_names_the_models_its_figures_come_from():
     both = model_description(real, ["generation", "real_size_training"])
     assert both.startswith("tiny Qwen2.5-VL") and "Qwen2.5-VL-7B + SAM ViT-H" in both
     assert model_description(BenchSettings(), ["generation"]).startswith("tiny Qwen2.5-VL")
+
+
+def test_gpu_profile_reports_where_the_time_goes(tmp_path):
+    """tools/gpu_profile.py on a tiny config on the CPU: every call profiled (after warm-up), with
+    its wall time, host operators and the per-token difference of the two request lengths."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    out = tmp_path / "profile.json"
+    assert gpu_profile.main(["--tiny", "--device", "cpu", "--only", "inference", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["calls"]) == {"request_32", "request_128", "per_decoded_token", "prefill", "sam_encode"}
+    request_32, request_128 = report["calls"]["request_32"], report["calls"]["request_128"]
+    assert request_128["wall_ms"] > request_32["wall_ms"] > 0
+    assert any(row["name"] == "aten::mm" or row["name"] == "aten::addmm" for row in request_32["top_host"])
+    assert report["calls"]["per_decoded_token"]["wall_ms"] == pytest.approx(
+        (request_128["wall_ms"] - request_32["wall_ms"]) / 96)
+    assert request_32["gpu_kernel_ms"] == 0 and request_32["launch_total"] == 0  # no CUDA here

@@ -623,3 +623,15 @@ def test_dialogues_stay_one_conversation_and_multi_turn_is_an_option(lora_model,
     lora_model.train()
     output = lora_model(lora_model.collate([multi, single(raw)]))
     assert output.num_masks == 6 and torch.isfinite(output.loss)
+
+
+def test_side_stream_runs_work_at_once_off_cuda():
+    """model.side_stream on a CPU: the work runs when started (no stream to run it beside), and
+    its result is handed over unchanged. (On CUDA it runs on a second stream: the GPU benchmark
+    checks the masks of that path against eager decoding and the published way.)"""
+    from model.side_stream import SideStream
+
+    calls = []
+    ready = SideStream().start(lambda: calls.append("ran") or torch.arange(3), torch.device("cpu"))
+    assert calls == ["ran"]
+    assert torch.equal(ready(), torch.arange(3))
