@@ -259,3 +259,31 @@ def test_sampling_options_go_to_transformers_generate(model, photos):
     [through_transformers] = model.generate(batch, 6, num_beams=1)
     [ours] = model.generate(batch, 6, decoding="eager")
     assert through_transformers.token_ids == ours.token_ids
+
+
+def test_lagged_stop_check_answers_the_same_one_step_later(tiny_vlm_dir, photos, monkeypatch):
+    """On CUDA the loop reads the step before's "all rows stopped" flag (StopFlags, lagged) so the
+    device never waits for the host: it runs one step past the last stop, and the answers, cut at
+    each row's first stop token, are the same. Run here on the CPU with the lag forced on."""
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    batch = left_padded_batch(model, photos)
+    calls = {}
+
+    def counted(name):
+        processors = forced(model, batch, "Sure, [SEG].")
+
+        def count(input_ids, scores):
+            calls[name] = calls.get(name, 0) + 1
+            return processors(input_ids, scores)
+        return count
+
+    immediate = model.generate(batch, 20, decoding="eager", logits_processor=counted("immediate"))
+    stop_flags = decoding.StopFlags
+    monkeypatch.setattr(decoding, "StopFlags", lambda device: stop_flags(device, lagged=True))
+    lagged = model.generate(batch, 20, decoding="eager", logits_processor=counted("lagged"))
+    assert_same_answers(lagged, immediate)
+    assert all(len(result.token_ids) < 19 for result in immediate), "the answers must stop before the limit"
+    assert calls["lagged"] == calls["immediate"] + 1
+    flags = stop_flags(torch.device("cpu"), lagged=True)
+    assert [flags(torch.tensor(v)) for v in ([False, True], [True, True], [True, True])] == [False, False, True]
