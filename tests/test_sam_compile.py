@@ -12,6 +12,7 @@ from model.sam import SAM_VARIANTS, _build_from_spec, _with_attention
 from model.sam_compile import (
     compile_image_encoder,
     image_encoder_is_compiled,
+    resolve_compile_sam,
     run_image_encoder,
     uncompile_image_encoder,
 )
@@ -88,7 +89,7 @@ def test_the_flag_on_every_entry_point(tiny_segmenter_dir, tmp_path):
     from utils.eval_args import build_parser as eval_parser
 
     train = train_parser()
-    assert train.parse_args(["--compile_sam"]).compile_sam and not train.parse_args([]).compile_sam
+    assert train.parse_args(["--compile_sam"]).compile_sam and train.parse_args([]).compile_sam is None
     assert eval_parser().parse_args(["--version", "x", "--compile_sam"]).compile_sam
     # inference.py with the encoder compiled answers as without it.
     outputs = []
@@ -130,3 +131,62 @@ def test_batch_sizes_past_torchs_recompile_limit(monkeypatch, caplog):
 def _eager(encoder, pixels):
     with torch.compiler.set_stance("force_eager"):
         return encoder(pixels)
+
+
+@pytest.mark.parametrize("flag, device, one_request, expected", [
+    (None, "cuda", False, True),  # auto: a long-running process on CUDA compiles
+    (None, torch.device("cuda", 1), False, True),
+    (None, "cpu", False, False),  # auto: never on a CPU
+    (None, "cuda", True, False),  # auto: a one-shot question would pay the compile for one image
+    (False, "cuda", False, False),  # --no-compile_sam
+    (True, "cpu", False, True),  # --compile_sam, also on a CPU
+    (True, "cuda", True, True),
+])
+def test_compile_sam_auto_is_on_cuda_except_for_one_request(flag, device, one_request, expected):
+    assert resolve_compile_sam(flag, device, one_request=one_request) is expected
+
+
+def test_every_parser_leaves_compile_sam_to_auto_by_default():
+    """train_ddp.py, test.py, inference.py and the app: None (auto) unless --compile_sam / --no-compile_sam."""
+    import argparse
+
+    from utils.eval_args import build_parser as eval_parser
+    from utils.inference_cli import add_session_arguments
+
+    inference = argparse.ArgumentParser()
+    add_session_arguments(inference)
+    required = {"train": [], "eval": ["--version", "x"], "inference": ["--version", "x"]}
+    for name, parser in (("train", train_parser()), ("eval", eval_parser()), ("inference", inference)):
+        base = required[name]
+        assert parser.parse_args(base).compile_sam is None, name
+        assert parser.parse_args([*base, "--compile_sam"]).compile_sam is True, name
+        assert parser.parse_args([*base, "--no-compile_sam"]).compile_sam is False, name
+
+
+@pytest.mark.parametrize("flag, device, one_request, compiled", [
+    (None, "cuda", False, True),  # the interactive loop, batch mode, the app
+    (None, "cuda", True, False),  # inference.py --image ... --prompt ...
+    (None, "cpu", False, False),
+    (True, "cuda", True, True),
+    (False, "cuda", False, False),
+])
+def test_inference_session_resolves_compile_sam_on_the_model_device(monkeypatch, flag, device, one_request, compiled):
+    """session_from_args compiles by the model's device and whether the process answers one request."""
+    import argparse
+    import types
+
+    import model.loading
+    import model.sam_compile
+    import utils.inference_cli as inference_cli
+
+    fake = types.SimpleNamespace(device=torch.device(device), sam=types.SimpleNamespace(image_encoder="encoder"))
+    calls = []
+    monkeypatch.setattr(model.loading, "load_segmenter", lambda *a, **k: fake)
+    monkeypatch.setattr(model.sam_compile, "compile_image_encoder", calls.append)
+    monkeypatch.setattr(inference_cli, "InferenceSession", lambda model, **options: (model, options))
+    parser = argparse.ArgumentParser()
+    inference_cli.add_session_arguments(parser)
+    flags = [] if flag is None else ["--compile_sam" if flag else "--no-compile_sam"]
+    args = parser.parse_args(["--version", "x", *flags])
+    inference_cli.session_from_args(args, one_request=one_request)
+    assert calls == (["encoder"] if compiled else [])

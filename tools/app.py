@@ -53,8 +53,12 @@ def main() -> None:
         parser.error(str(err))
     setup_logging()
     session = session_from_args(args)
+    from model.sam_compile import image_encoder_is_compiled  # torch: not for --help and flag errors
+
     examples = examples_in(args.examples)
-    if session.decoding == "compiled" or args.compile_sam:  # compile now, not on the first visitor's request
+    # Compile now, not on the first visitor's request: the decoding step and (--compile_sam, by
+    # default on CUDA) SAM's image encoder, as the session resolved them.
+    if session.decoding == "compiled" or image_encoder_is_compiled(session.model.sam.image_encoder):
         for image, prompt in examples:
             logging.info("warmed up on %s in %.1f s", image, session.warm_up(image, prompt))
     demo = build_demo(session, Path(args.version).name, examples, queue_size=args.queue_size, cache_max_age=args.cache_max_age)

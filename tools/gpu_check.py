@@ -22,10 +22,11 @@ What it does, as a user would, each entry point in its own process:
 
 With ``--train_rows`` it runs, instead of 3-5, ``train_ddp.py`` alone at issue 12's batch (640x480
 photographs x 3 questions) at batch 2, batch 2 with gradient checkpointing, then 4, 8 and 16 while
-the peak stays within 80 GB, and batch 2 again with ``--compile_sam``. It reads the keyed training
-rows (step time, best samples/s, peak memory with and without checkpointing) from each run's
-``metrics.jsonl``: the training loop's own timing (data wait included) and
-``torch.cuda.max_memory_allocated``, the first steps left out.
+the peak stays within 80 GB, all with SAM's encoder eager (``--no-compile_sam``: the baseline, as
+the 2026-11-30 rows were measured), and batch 2 again with ``--compile_sam`` (the default on CUDA).
+It reads the keyed training rows (step time, best samples/s, peak memory with and without
+checkpointing) from each run's ``metrics.jsonl``: the training loop's own timing (data wait
+included) and ``torch.cuda.max_memory_allocated``, the first steps left out.
 
 Per stage it records wall time, peak GPU memory (``nvidia-smi``'s device total, sampled every
 0.2 s, minus the value before the stage) and peak host memory (the summed PSS of the stage's
@@ -500,8 +501,10 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
     entry (``stage(name, command)`` runs it), larger batches while the peak is expected to fit
     :data:`TRAIN_ROW_MEMORY_LIMIT_GB`. Returns ``{"values", "details", "counts", "errors"}`` as
     :func:`tools.bench.gpu_rows.gpu_rows` takes them, and ``"runs"``: each run's figures, or why
-    it has none (out of memory, skipped, failed). ``compile_sam``: one more run at batch 2 with
-    ``--compile_sam`` (in ``"runs"`` and the step row's details, not a row of its own).
+    it has none (out of memory, skipped, failed). Those runs pass ``--no-compile_sam``: SAM's
+    encoder eager, the baseline (``--compile_sam`` is on by default on CUDA). ``compile_sam``: one
+    more run at batch 2 with ``--compile_sam`` (in ``"runs"`` and the step row's details, not a row
+    of its own).
     ``max_batch``: larger batch sizes are not run (a card that cannot hold them)."""
     figures: dict[str, dict] = {}
     errors: dict[str, str] = {}
@@ -542,7 +545,8 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
             if larger_plain_skipped:
                 errors[name] = f"skipped: {larger_plain_skipped}"
                 continue
-        fitted = run(name, batch_size, "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing")
+        fitted = run(name, batch_size, "--gradient_checkpointing" if checkpointing else "--no-gradient_checkpointing",
+                     "--no-compile_sam")
         if checkpointing:  # checkpointing may fit where the plain run did not: it ends nothing
             continue
         peak = figures.get(name, {}).get("peak_gb")
@@ -550,9 +554,10 @@ def measure_train_rows(stage, base: list[str], runs: Path, logs: Path, warmup: i
             larger_plain_skipped = f"batch {batch_size} ran out of memory"
         elif peak is not None and peak > TRAIN_ROW_MEMORY_LIMIT_GB:
             larger_plain_skipped = f"batch {batch_size} peaked at {peak:.0f} GB, over {TRAIN_ROW_MEMORY_LIMIT_GB:.0f} GB"
-    if compile_sam and "b2" in figures:  # --compile_sam against the default, to decide its default
+    if compile_sam and "b2" in figures:  # --compile_sam (the default on CUDA) against the eager baseline
         run("b2_compile_sam", 2, "--no-gradient_checkpointing", "--compile_sam")
-    common = {"how": "train_ddp.py under torchrun --nproc_per_node=1, bf16, default LoRA + [SEG] rows; "
+    common = {"how": "train_ddp.py under torchrun --nproc_per_node=1, bf16, default LoRA + [SEG] rows, "
+                     "SAM's encoder eager (--no-compile_sam; with_compile_sam_step_s: --compile_sam); "
                      "metrics.jsonl's step_seconds (data wait included) and peak_gpu_memory_gb "
                      f"(torch.cuda.max_memory_allocated), steps after the first {warmup}",
               "batch": f"{TRAIN_ROW_IMAGE_SIZE[0]}x{TRAIN_ROW_IMAGE_SIZE[1]} photographs x 3 questions",

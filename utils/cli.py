@@ -73,10 +73,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, auto_decoding: str) 
                        help="compiled: static KV cache + a compiled step (CUDA graphs), compiled once per batch "
                        "shape; eager: the same loop uncompiled; transformers: transformers' generate. All give the "
                        f"same answers. auto: {auto_decoding}")
-    group.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=False,
+    group.add_argument("--compile_sam", action=argparse.BooleanOptionalAction, default=None,
                        help="compile SAM's image encoder block by block (torch.compile; the first batch of each size "
-                       "pays the compile; eager if compiling fails; same outputs). Off by default: its gain on a GPU "
-                       "is not measured yet")
+                       "pays the compile; eager if compiling fails; same outputs). Default auto: on on CUDA (test.py, "
+                       "the interactive loop, batch mode and the app), off on a CPU and for a one-shot inference.py "
+                       "question; --no-compile_sam turns it off. On an H200 (SAM ViT-H, bf16): 19.7 against 32.4 ms "
+                       "per 1024x1024 image, after about 7.6 s of compile once per batch size")
     add_pixel_arguments(group)
     return group
 

@@ -406,10 +406,11 @@ def check_inference_arguments(args: argparse.Namespace, parser: argparse.Argumen
 def session_from_args(args: argparse.Namespace, one_request: bool = False) -> InferenceSession:
     """Load the model named by ``args``; a loading problem exits with its message (status 1).
 
-    ``one_request``: the process answers one request, so ``--decoding auto`` does not compile.
+    ``one_request``: the process answers one request, so ``--decoding auto`` and an unset
+    ``--compile_sam`` do not compile.
     """
     from model.loading import ModelLoadError, load_segmenter
-    from model.sam_compile import compile_image_encoder
+    from model.sam_compile import compile_image_encoder, resolve_compile_sam
 
     try:
         model = load_segmenter(
@@ -426,7 +427,7 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
         )
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None
-    if args.compile_sam:
+    if resolve_compile_sam(args.compile_sam, model.device, one_request=one_request):
         compile_image_encoder(model.sam.image_encoder)
     return InferenceSession(
         model,
