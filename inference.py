@@ -57,9 +57,11 @@ def main() -> int:
     parser.add_argument("--input_jsonl", help='batch: {"image": PATH, "prompt": TEXT} per line (other fields are copied to the answer)')
     parser.add_argument("--output_jsonl", help="batch: where the answers go (default: INPUT.out.jsonl)")
     parser.add_argument("--image_root", help="batch: base of relative image paths (default: the input file's directory)")
-    parser.add_argument("--batch_size", type=int, default=1,
-                        help="batch: requests answered together as one batch (on a GPU several times the requests "
-                        "per second; a batch that fails, e.g. out of memory, is answered one request at a time)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="batch: requests answered together as one batch (default: 8 on CUDA, 1 on a CPU; on an "
+                        "H200, 8 requests of 32 tokens took 0.64 s as one batch against 2.4 s one at a time). A batch "
+                        "that fails, e.g. out of memory, is answered one request at a time; on a card that the 7B "
+                        "nearly fills (24 GB), --batch_size 1 avoids paying for that")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="text",
                         help="text: answers for people; json: one JSON object per request on stdout, one line each "
                         "(batch lines are always JSON)")
