@@ -386,8 +386,8 @@ class StopFlags:
         flag = torch.empty((), dtype=torch.bool, pin_memory=on_cuda)
         flag.copy_(finished.all(), non_blocking=on_cuda)
         event = torch.cuda.Event() if on_cuda else None
-        if event is not None:
-            event.record()
+        if event is not None:  # on the stream the copy is queued on: that of the flag's device
+            event.record(torch.cuda.current_stream(self.device))
         previous, self._previous = self._previous, (flag, event)
         if previous is None:
             return False

@@ -569,17 +569,21 @@ class ReasonSegmenter(nn.Module):
             lambda: self.encode_images(batch["sam_pixel_values"], batch["sam_input_size"], batch.get("image_keys")),
             batch["sam_pixel_values"].device,
         )
-        with shared_images(self.vlm, batch) as inputs:
-            if mode == "transformers":
-                tokens, states = self._generate_with_transformers(inputs, max_new_tokens, generate_kwargs)
-            else:
-                decoded = greedy_decode(
-                    self._decoder(mode), inputs, max_new_tokens, stop_ids,
-                    logits_processor=generate_kwargs.get("logits_processor"), prefix_cache=prefix_cache,
-                    image_keys=batch.get("image_keys"),
-                )
-                tokens, states = decoded.tokens, decoded.states
-        image_embeddings = embeddings_ready()
+        try:
+            with shared_images(self.vlm, batch) as inputs:
+                if mode == "transformers":
+                    tokens, states = self._generate_with_transformers(inputs, max_new_tokens, generate_kwargs)
+                else:
+                    decoded = greedy_decode(
+                        self._decoder(mode), inputs, max_new_tokens, stop_ids,
+                        logits_processor=generate_kwargs.get("logits_processor"), prefix_cache=prefix_cache,
+                        image_keys=batch.get("image_keys"),
+                    )
+                    tokens, states = decoded.tokens, decoded.states
+        finally:
+            # Also when decoding fails: the side stream must be done with the batch's pixels
+            # before they are freed (and a retry reuses their memory).
+            image_embeddings = embeddings_ready()
         rows = row_images(batch)  # the image of each request
         image_tokens = self.image_token_counts(batch)
         results, row_states = [], []

@@ -346,11 +346,18 @@ def test_report_names_keep_the_two_real_size_halves_apart():
     assert name(["generation", "params"]) == "2026-12-01-h200.json"
 
 
-def test_prefill_floor_counts_grouped_query_attention_as_repeated_heads():
+def test_prefill_floor_counts_grouped_query_attention_as_repeated_heads(monkeypatch):
     """An unmasked Qwen2.5-VL-7B prompt calls SDPA with 28 query and 4 key/value heads; the FLOP
     counter (torch 2.11's refused the shapes, leaving the prefill row without a floor) counts it as
-    the same attention with the key and value heads repeated. Meta tensors: CUDA's op, no GPU."""
+    the same attention with the key and value heads repeated, with our formula whatever torch's
+    own does (torch 2.13's counts these shapes too). Meta tensors: CUDA's op, no GPU."""
+    from tools.bench import gpu_rows
     from tools.bench.gpu_rows import count_flops
+
+    shapes = []
+    formula = gpu_rows.grouped_query_sdpa_flops
+    monkeypatch.setattr(gpu_rows, "grouped_query_sdpa_flops",
+                        lambda q, k, v, *a, **kw: shapes.append((tuple(q), tuple(k))) or formula(q, k, v, *a, **kw))
 
     def attention(kv_heads: int):
         query = torch.empty(1, 28, 426, 128, device="meta", dtype=torch.bfloat16)
@@ -358,6 +365,7 @@ def test_prefill_floor_counts_grouped_query_attention_as_repeated_heads():
         return count_flops(lambda: torch.ops.aten._scaled_dot_product_efficient_attention(query, kv, kv, None, False))[0]
 
     assert attention(4) == attention(28) == 2 * 2 * 28 * 426 * 426 * 128
+    assert shapes == [((1, 28, 426, 128), (1, 4, 426, 128)), ((1, 28, 426, 128), (1, 28, 426, 128))]
 
 
 def test_report_names_the_models_its_figures_come_from():

@@ -287,3 +287,34 @@ def test_lagged_stop_check_answers_the_same_one_step_later(tiny_vlm_dir, photos,
     assert calls["lagged"] == calls["immediate"] + 1
     flags = stop_flags(torch.device("cpu"), lagged=True)
     assert [flags(torch.tensor(v)) for v in ([False, True], [True, True], [True, True])] == [False, False, True]
+
+
+class EndRowAt(LogitsProcessor):
+    """Row r of a batch chooses freely until step ``steps[r]``, then the end of turn."""
+
+    def __init__(self, steps: list[int], end_id: int) -> None:
+        self.steps, self.end_id, self.prompt_length = steps, end_id, None
+
+    def __call__(self, input_ids, scores):
+        self.prompt_length = self.prompt_length or input_ids.shape[1]
+        step = input_ids.shape[1] - self.prompt_length
+        for row, end in enumerate(self.steps):
+            if step >= end:
+                scores[row] = -1e9
+                scores[row, self.end_id] = 0
+        return scores
+
+
+def test_lagged_stop_check_with_rows_that_stop_at_different_steps(tiny_vlm_dir, photos, monkeypatch):
+    """The lagged check ends a batch one step after its last row stopped, and each row's answer
+    (cut at its own first stop token) is the immediate check's."""
+    torch.manual_seed(0)
+    model = ReasonSegmenter.from_components(tiny_vlm_dir("qwen2_5_vl"), "tiny").eval()
+    batch = left_padded_batch(model, photos)
+    end_id = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    immediate = model.generate(batch, 12, decoding="eager", logits_processor=EndRowAt([2, 6], end_id))
+    stop_flags = decoding.StopFlags
+    monkeypatch.setattr(decoding, "StopFlags", lambda device: stop_flags(device, lagged=True))
+    lagged = model.generate(batch, 12, decoding="eager", logits_processor=EndRowAt([2, 6], end_id))
+    assert [len(result.token_ids) for result in immediate] == [2, 6]
+    assert_same_answers(lagged, immediate)

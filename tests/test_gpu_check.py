@@ -56,6 +56,8 @@ def _fake_train_run(runs, logs, peaks_by_batch, step_s_by_batch, out_of_memory=(
         batch = int(command[command.index("--batch_size") + 1])
         checkpointing = "--gradient_checkpointing" in command
         compiled = "--compile_sam" in command
+        # Every run says which way SAM's encoder runs: the baselines eager, whatever the default is.
+        assert compiled != ("--no-compile_sam" in command), command
         calls.append((batch, checkpointing) + (("compile_sam",) if compiled else ()))
         if (batch, checkpointing) in out_of_memory:
             (logs / f"{name}.log").write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
@@ -82,7 +84,7 @@ def test_train_rows_from_the_training_loops_metrics(tmp_path):
     # Peaks of 20 and 30 GB at batch 2 and 4: batch 8 (about 50 GB) runs, 16 (about 90 GB) is skipped.
     stage, calls = _fake_train_run(runs, logs, {2: 20.0, 4: 30.0, 8: 50.0, 16: 90.0}, {2: 0.2, 4: 0.3, 8: 0.5})
     measured = measure_train_rows(stage, ["train_ddp.py"], runs, logs, warmup=1)
-    # ... then batch 2 again with --compile_sam, to decide that flag's default.
+    # ... then batch 2 again with --compile_sam (the default on CUDA) against those eager baselines.
     assert calls == [(2, False), (2, True), (4, False), (8, False), (2, False, "compile_sam")]
     values = measured["values"]
     # The median of steps 2-6 (the slow first step left out; the validation record ignored).

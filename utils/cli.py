@@ -78,7 +78,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, auto_decoding: str) 
                        "pays the compile; eager if compiling fails; same outputs). Default auto: on on CUDA (test.py, "
                        "the interactive loop, batch mode and the app), off on a CPU and for a one-shot inference.py "
                        "question; --no-compile_sam turns it off. On an H200 (SAM ViT-H, bf16): 19.7 against 32.4 ms "
-                       "per 1024x1024 image, after about 7.6 s of compile once per batch size")
+                       "per 1024x1024 image, after 7.6-21 s of compile once per batch size")
     add_pixel_arguments(group)
     return group
 

@@ -25,7 +25,7 @@ from model.config import SegmenterConfig
 from model.constants import EVAL_PROTOCOLS, GENERATE, TEACHER_FORCED
 from model.decoding import resolve_decoding
 from model.image_tokens import pixel_limits
-from model.sam_compile import compile_image_encoder, resolve_compile_sam
+from model.sam_compile import compile_image_encoder_as_asked
 from utils.data.builders import build_val_dataset
 from utils.data.sample import CorruptSampleError
 from utils.dataset_names import split_names, val_split_kind
@@ -178,8 +178,7 @@ def load_model(
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    if resolve_compile_sam(args.compile_sam, device):  # default: on CUDA
-        compile_image_encoder(model.sam.image_encoder)
+    compile_image_encoder_as_asked(model.sam.image_encoder, args.compile_sam, device)  # default: on CUDA
     kind = "training checkpoint (LoRA adapter on a base model)" if config.adapter_path else "standalone model"
     limits = pixel_limits(model.processor)
     dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")

@@ -425,7 +425,7 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
     ``--compile_sam`` do not compile.
     """
     from model.loading import ModelLoadError, load_segmenter
-    from model.sam_compile import compile_image_encoder, resolve_compile_sam
+    from model.sam_compile import compile_image_encoder_as_asked
 
     try:
         model = load_segmenter(
@@ -442,8 +442,7 @@ def session_from_args(args: argparse.Namespace, one_request: bool = False) -> In
         )
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None
-    if resolve_compile_sam(args.compile_sam, model.device, one_request=one_request):
-        compile_image_encoder(model.sam.image_encoder)
+    compile_image_encoder_as_asked(model.sam.image_encoder, args.compile_sam, model.device, one_request=one_request)
     return InferenceSession(
         model,
         max_new_tokens=args.max_new_tokens,

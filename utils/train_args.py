@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora_target_modules", default="q_proj,v_proj", help="comma-separated language-model linear layers (all-linear: all of them, q_proj ... down_proj)")
     model.add_argument("--train_language_model", action=BOOL, default=False, help="train the whole language model instead of LoRA (small models)")
     model.add_argument("--gradient_checkpointing", action=BOOL, default=False, help="recompute the VLM's activations in backward")
-    model.add_argument("--compile_sam", action=BOOL, default=None, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile, about 7.6 s for ViT-H; eager if compiling fails; same outputs). Default auto: on on CUDA, off on a CPU; --no-compile_sam turns it off. On an H200 (Qwen2.5-VL-7B + SAM ViT-H, bf16, batch 2): step 0.263 against 0.315 s, peak 25.9 against 27.0 GB")
+    model.add_argument("--compile_sam", action=BOOL, default=None, help="compile SAM's image encoder block by block (torch.compile; the first batch of each size pays the compile, 7.6-21 s for ViT-H on an H200; eager if compiling fails; same outputs). Default auto: on on CUDA, off on a CPU; --no-compile_sam turns it off. On an H200 (Qwen2.5-VL-7B + SAM ViT-H, bf16, batch 2): step 0.263 against 0.315 s, peak 25.9 against 27.0 GB")
     model.add_argument("--ce_loss_weight", type=float, default=1.0)
     model.add_argument("--bce_loss_weight", type=float, default=2.0)
     model.add_argument("--dice_loss_weight", type=float, default=0.5)

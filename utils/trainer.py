@@ -31,7 +31,7 @@ from model.batch import SampleEncoder, to_device
 from model.config import SegmenterConfig
 from model.image_cache import FeatureCache
 from model.image_tokens import PixelLimits, apply_pixel_limits, pixel_limits
-from model.sam_compile import compile_image_encoder, resolve_compile_sam
+from model.sam_compile import compile_image_encoder_as_asked
 from model.segmenter import ReasonSegmenter
 from model.vlm import LoraSettings, is_hub_id, parse_target_modules
 from utils import checkpoint as ckpt
@@ -214,8 +214,7 @@ class Trainer:
         if args.gradient_checkpointing:
             self.model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.vlm.enable_input_require_grads()
-        if resolve_compile_sam(args.compile_sam, self.device):  # default: on CUDA
-            compile_image_encoder(self.model.sam.image_encoder)
+        compile_image_encoder_as_asked(self.model.sam.image_encoder, args.compile_sam, self.device)  # default: on CUDA
         # SAM's image encoder is frozen: a picture seen again can reuse its embedding.
         self.sam_features = FeatureCache(args.sam_feature_cache, training=True).attach(self.model) if args.sam_feature_cache else None
         self.backend = training_backend(args, dist_info, self.model, self.accumulation, self.total_steps)
