@@ -60,8 +60,8 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=None,
                         help="batch: requests answered together as one batch (default: 8 on CUDA, 1 on a CPU; on an "
                         "H200, 8 requests of 32 tokens took 0.64 s as one batch against 2.4 s one at a time). A batch "
-                        "that fails, e.g. out of memory, is answered one request at a time; on a card that the 7B "
-                        "nearly fills (24 GB), --batch_size 1 avoids paying for that")
+                        "that fails is answered one request at a time; one that ran out of GPU memory also halves "
+                        "the batch size for the lines after it")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="text",
                         help="text: answers for people; json: one JSON object per request on stdout, one line each "
                         "(batch lines are always JSON)")

@@ -1083,3 +1083,32 @@ def test_batch_size_defaults_to_a_batch_on_cuda_only():
     assert resolve_batch_size(None, torch.device("cpu")) == 1
     assert resolve_batch_size(3, torch.device("cpu")) == 3
     assert resolve_batch_size(1, torch.device("cuda")) == 1
+
+
+def test_a_batch_out_of_gpu_memory_halves_the_batches_after_it(session, monkeypatch, tmp_path, caplog):
+    """--batch_size 8 is the CUDA default; on a card too small for it, the first batch that runs
+    out of memory is answered one request at a time and the lines after it go in halved batches,
+    instead of every batch failing first."""
+    always_answer(monkeypatch, session, TWO_MASKS)
+    tried = []
+    answer_batch = session.ask_batch
+
+    def small_memory(images, prompts):
+        tried.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return answer_batch(images, prompts)
+
+    monkeypatch.setattr(session, "ask_batch", small_memory)
+    shutil.copy(DOG, tmp_path / "dog.jpg")
+    (tmp_path / "requests.jsonl").write_text(
+        "".join(json.dumps({"image": "dog.jpg", "prompt": f"Where is dog {k}?", "id": k}) + "\n" for k in range(9))
+    )
+    with caplog.at_level("WARNING"):
+        summary = run_batch(session, tmp_path / "requests.jsonl", tmp_path / "out.jsonl", progress=False, batch_size=4)
+    assert (summary.succeeded, summary.failed) == (9, 0)
+    assert tried == [4, 2, 2]  # lines 0-3 fail together (then one by one), 4-5 and 6-7 as pairs, 8 alone
+    assert "a batch of 4 requests ran out of GPU memory; answering the next lines in batches of 2" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == list(range(9)) and all(r["error"] is None for r in records)
+    assert [r["text"] for r in records[:4]] == [TWO_MASKS] * 4  # answered one at a time, by ask

@@ -230,8 +230,9 @@ def run_batch(
     ``image_root`` (default: the directory of ``input_jsonl``).
 
     ``batch_size``: consecutive requests answered as one batch (:meth:`InferenceSession.ask_batch`);
-    should the batch fail as a whole (out of memory), its requests are answered one at a time, so
-    that each error is its own line's.
+    should the batch fail as a whole, its requests are answered one at a time, so that each error
+    is its own line's. A batch that ran out of GPU memory also halves the batch size for the lines
+    after it (logged), so that a card too small for the default does not fail every batch.
 
     Raises:
         InputError: see :func:`read_batch_lines`.
@@ -249,7 +250,8 @@ def run_batch(
         total=len(requests), desc="segmenting", unit="request", disable=not progress
     ) as bar:
         try:
-            for start in range(0, len(requests), batch_size):
+            start = 0
+            while start < len(requests):
                 records, pending = [], []
                 for number, line in requests[start : start + batch_size]:
                     record: dict[str, Any] = {"line": number}
@@ -263,7 +265,13 @@ def run_batch(
                                         check_prompt(request["prompt"])))
                     except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
                         record["error"] = err
-                for (record, _, _), answer in zip(pending, _answer_together(session, pending)):
+                start += batch_size
+                answers, out_of_memory = _answer_together(session, pending)
+                if out_of_memory and batch_size > 1:
+                    batch_size = max(1, len(pending) // 2)
+                    logger.warning("a batch of %d requests ran out of GPU memory; answering the next lines in "
+                                   "batches of %d (--batch_size sets it)", len(pending), batch_size)
+                for (record, _, _), answer in zip(pending, answers):
                     if isinstance(answer, Exception):
                         record["error"] = answer
                     else:
@@ -278,12 +286,17 @@ def run_batch(
     return summary
 
 
-def _answer_together(session: InferenceSession, pending: list[tuple[dict, Any, str]]) -> list:
-    """Per pending request (record, image, prompt), its Answer or the Exception it raised."""
+def _answer_together(session: InferenceSession, pending: list[tuple[dict, Any, str]]) -> tuple[list, bool]:
+    """(per pending request (record, image, prompt), its Answer or the Exception it raised;
+    whether the batch as a whole ran out of GPU memory)."""
+    import torch
+
+    out_of_memory = False
     if len(pending) > 1:
         try:
-            return session.ask_batch([image for _, image, _ in pending], [prompt for _, _, prompt in pending])
-        except Exception:  # noqa: BLE001 - e.g. out of memory: one at a time tells whose fault it is
+            return session.ask_batch([image for _, image, _ in pending], [prompt for _, _, prompt in pending]), False
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: one at a time tells whose fault it is
+            out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
             logger.exception("a batch of %d requests failed; answering them one at a time", len(pending))
     answers: list = []
     for _, image, prompt in pending:
@@ -291,7 +304,7 @@ def _answer_together(session: InferenceSession, pending: list[tuple[dict, Any, s
             answers.append(session.ask(image, prompt))
         except Exception as err:  # noqa: BLE001 - one bad line must not stop the batch
             answers.append(err)
-    return answers
+    return answers, out_of_memory
 
 
 def _write_line(out, record: dict, summary: BatchSummary, bar) -> None:
