@@ -364,7 +364,8 @@ class StopFlags:
 
     On a CPU the answer is read at once. On CUDA, reading it at once would stall the decoding: the
     host would wait for the device to finish the step, then the device for the host to launch the
-    next one (on an H200 about a millisecond of idle device per check, measured 2026-11-30). So
+    next one (launching a compiled step takes the host about a millisecond on the H200 machine:
+    dynamo's guards, the CUDA-graph replay, the loop's own operations; profiled 2026-11-30). So
     each step copies its flag to pinned host memory behind an event, and the loop reads the flag
     of the step before, after launching this one: the device always has a step queued, and the
     decoding runs one step past the last stop (the callers cut each row at its first stop token,

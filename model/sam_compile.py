@@ -16,9 +16,10 @@ abs difference of 0.078 on values up to 4.1).
 
 Measured on one H200 (2026-11-30, SAM ViT-H, bf16, torch 2.11;
 ``docs/benchmarks/2026-11-30-h200-*.json``): 19.7 ms per 1024x1024 image compiled against 32.4 ms
-eager (SDPA; floor 7.6 ms), after a compile of 7.6 s (21 s as the process's first compile); a ``train_ddp.py`` step at batch 2, 0.263 s
-against 0.315 s, peak 25.9 against 27.0 GB. Hence :func:`resolve_compile_sam`: on by default on
-CUDA, off on a CPU and for a process that answers one request.
+eager (SDPA; floor 7.6 ms), after a compile of 7.6 s (21 s as the process's first compile); a
+``train_ddp.py`` step at batch 2, 0.263 s against 0.315 s, peak 25.9 against 27.0 GB. Hence
+:func:`resolve_compile_sam`: on by default on CUDA, off on a CPU and for a process that answers
+one request.
 """
 
 from __future__ import annotations
