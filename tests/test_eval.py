@@ -77,6 +77,7 @@ def test_teacher_forced_and_generated_reports_are_complete(single_run, tiny_segm
     result, report, out = single_run
     assert report["checkpoint"] == str(tiny_segmenter_dir().resolve())
     assert report["model"]["kind"] == "standalone" and report["model"]["vlm_family"] == "qwen2_5_vl"
+    assert report["model"]["sam_encoder_compiled"] is False  # --compile_sam auto: off on a CPU
     assert set(report["protocols"]) == set(PROTOCOLS) and "giou" in report["metric_definitions"]
     assert report["run"]["world_size"] == 1 and report["run"]["reason_seg_queries"] == "first"
     results = results_by_key(report)

@@ -178,7 +178,7 @@ def load_model(
         )
     except (ModelLoadError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    compile_image_encoder_as_asked(model.sam.image_encoder, args.compile_sam, device)  # default: on CUDA
+    sam_compiled = compile_image_encoder_as_asked(model.sam.image_encoder, args.compile_sam, device)  # default: CUDA
     kind = "training checkpoint (LoRA adapter on a base model)" if config.adapter_path else "standalone model"
     limits = pixel_limits(model.processor)
     dtype = str(next(model.vlm.parameters()).dtype).removeprefix("torch.")
@@ -194,6 +194,7 @@ def load_model(
         "sam_checkpoint": model.config.sam_checkpoint,
         "dtype": dtype,
         "device": str(device),
+        "sam_encoder_compiled": sam_compiled,  # --compile_sam, resolved (auto: on CUDA)
         # What the model sees of an image (flags, else the checkpoint's values capped at the default).
         "min_pixels": limits.min_pixels,
         "max_pixels": limits.max_pixels,
