@@ -273,7 +273,7 @@ def measure_inference(
             **common, **check, "new_tokens": long, "ours_s": ours_long, "published_s": published_long,
             "times_ours_s": times["ours_long"], "times_published_s": times["published_long"],
             "published_is": "generate(use_cache=False), then a second full forward for the [SEG] states "
-                            "(SAM's encoder the same as ours: compiled on CUDA, so the ratio slightly favours it)"}
+                            "(SAM's encoder the same as ours: compiled on CUDA, so the ratio slightly understates ours)"}
 
     def follow_ups() -> None:
         # One session for every round, warmed up first, as the app and the interactive loop hold
