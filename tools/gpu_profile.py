@@ -100,7 +100,9 @@ def per_token(long: dict[str, Any], short: dict[str, Any], tokens: int) -> dict[
 
 def profile_inference(spec, sam_variant: str, device: torch.device, say) -> dict[str, Any]:
     from model.batch import vlm_inputs
-    from tools.bench.common import QUESTIONS, answer_script, default_qwen25_processor, request_batch, scene, scripted
+    from tools.bench.common import (
+        QUESTIONS, answer_script, default_qwen25_processor, free_memory, request_batch, scene, scripted,
+    )
     from tools.bench.real_size import build_real_size_segmenter
     from utils.trainer import training_dtype
 
@@ -126,8 +128,8 @@ def profile_inference(spec, sam_variant: str, device: torch.device, say) -> dict
             pixels, sizes = batch["sam_pixel_values"][:1], batch["sam_input_size"][:1]
             out["sam_encode"] = profiled(lambda: model.encode_images(pixels, sizes), device)
     finally:
-        model = None
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        model = None  # the lambdas above hold it through this name
+        free_memory(device)
     return out
 
 
