@@ -115,6 +115,7 @@ class ModelInputSizes:
             and max(smaller) >= min(self.sam_side, max(whole))
         )
 
+
 MAX_ASPECT_RATIO = 200
 """Qwen-VL's image processors refuse a longer side more than this many times the shorter."""
 
